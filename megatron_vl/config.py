@@ -1,0 +1,424 @@
+"""One configuration system for every entry point.
+
+Each setting is a dataclass field declared once with its help text; the command-line flag
+(Megatron's name: ``num_layers`` -> ``--num-layers``), the YAML key (``section.field``) and
+the DeepSpeed JSON entries are all derived from these declarations. Precedence is
+defaults < YAML file (``--config``) < flags; a user's ``--deepspeed_config`` JSON is merged
+into the derived one and any disagreement is an error naming both values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which settings disagree and why."""
+
+
+def opt(default: Any = None, help: str = "", *, flag: Optional[str] = None,
+        choices: Optional[Sequence[Any]] = None, factory=None):
+    """Declares a config field: its default, its help text (shown by --help) and,
+    where Megatron's flag name is not the field name with dashes, that flag."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = opt(2, "Number of transformer layers.")
+    hidden_size: int = opt(64, "Transformer hidden size.")
+    ffn_hidden_size: int = opt(176, "Width of the SwiGLU MLP's inner projection.")
+    num_attention_heads: int = opt(4, "Number of attention (query) heads.")
+    num_query_groups: Optional[int] = opt(
+        None, "Number of key/value heads for grouped-query attention; default: one per query head.")
+    seq_length: int = opt(512, "Tokens per training sample (packed).")
+    max_position_embeddings: Optional[int] = opt(
+        None, "Longest position the rotary tables cover; default: --seq-length.")
+    vocab_size: int = opt(1000, "True vocabulary size (before padding for tensor parallelism).")
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad the vocabulary to a multiple of this times the tensor-parallel size; padded "
+        "entries are never predicted.")
+    rotary_base: float = opt(10000.0, "RoPE base (theta).")
+    rope_scaling_type: Optional[str] = opt(
+        None, "RoPE frequency scaling: none, or 'llama3' (LLaMA-3.1 style).", choices=[None, "llama3"])
+    rope_scaling_factor: float = opt(8.0, "llama3 RoPE scaling: factor.")
+    rope_low_freq_factor: float = opt(1.0, "llama3 RoPE scaling: low-frequency factor.")
+    rope_high_freq_factor: float = opt(4.0, "llama3 RoPE scaling: high-frequency factor.")
+    rope_original_max_position_embeddings: int = opt(
+        8192, "llama3 RoPE scaling: context length the base model was trained at.")
+    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon (added inside the rsqrt, as in HF LLaMA).")
+    untie_embeddings_and_output_weights: bool = opt(
+        True, "Separate input embedding and LM head weights (LLaMA); --no-... ties them.")
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
+    hidden_dropout: float = opt(0.0, "Dropout on attention and MLP outputs before the residual add.")
+    init_method_std: float = opt(0.02, "Std of the normal initialisation of weights.")
+    fused_kernels: str = opt(
+        "auto", "Kernel choice per op: 'auto' (fused on CUDA when importable, torch otherwise) "
+        "or 'torch' (always the torch reference).", choices=["auto", "torch"])
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages).")
+    zero_stage: int = opt(1, "DeepSpeed ZeRO stage 0-3. Stages 2 and 3 cannot be combined with "
+                          "pipeline parallelism.", choices=[0, 1, 2, 3])
+    distributed_backend: str = opt(
+        "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.",
+        choices=["auto", "nccl", "gloo"])
+
+
+@dataclass
+class DataConfig:
+    data_path: List[str] = opt(
+        help="Dataset prefixes, optionally weighted: '0.5 mmc4 0.3 obelics 0.2 pairs'.",
+        factory=list)
+    split: str = opt("98,2,0", "Train/validation/test split weights.")
+    data_cache_path: Optional[str] = opt(None, "Where sample-order index files are cached; "
+                                         "default: beside the data.")
+    tokenizer_type: str = opt("sentencepiece", "Tokenizer kind.", choices=["sentencepiece", "hf"])
+    tokenizer_model: Optional[str] = opt(None, "Sentencepiece .model file or HF tokenizer directory.")
+    reset_attention_mask: bool = opt(False, "Keep attention inside each document of a packed sample.")
+    reset_position_ids: bool = opt(False, "Restart position ids at each document boundary.")
+    num_workers: int = opt(2, "Data loader worker processes.")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = opt(2e-4, "Peak learning rate.")
+    min_lr: float = opt(0.0, "Learning rate at the end of the decay.")
+    lr_decay_style: str = opt("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
+    lr_warmup_iters: int = opt(0, "Linear warmup iterations.")
+    lr_decay_iters: Optional[int] = opt(None, "Iterations over which lr decays; default: --train-iters.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (never applied to norms and biases).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.95, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(1.0, "Global gradient-norm clip; 0 turns clipping off.")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = opt(1, "Samples per rank per forward/backward.")
+    global_batch_size: Optional[int] = opt(
+        None, "Samples per optimizer step across all data-parallel ranks; must equal "
+        "micro batch x accumulation steps x data-parallel size. Default: micro x dp.")
+    train_iters: int = opt(100, "Optimizer steps to train.")
+    bf16: bool = opt(False, "Train in bfloat16 mixed precision.")
+    fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
+    seed: int = opt(1234, "Random seed.")
+    recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
+    eval_interval: int = opt(1000, "Iterations between held-out evaluations.")
+    eval_iters: int = opt(10, "Batches per evaluation.")
+    deepspeed_config: Optional[str] = opt(
+        None, "A DeepSpeed JSON to merge into the derived one; conflicting values are an error.",
+        flag="--deepspeed_config")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = opt(None, "Directory to save checkpoints to.")
+    load: Optional[str] = opt(None, "Directory to load a checkpoint from.")
+    save_interval: Optional[int] = opt(None, "Iterations between checkpoints.")
+    keep_last: Optional[int] = opt(None, "Keep only this many newest checkpoints.")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = opt(10, "Iterations between console log lines.")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.")
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project (when wandb is installed).")
+
+
+@dataclass
+class LoraConfig:
+    lora_rank: int = opt(0, "LoRA rank; 0 trains the full model.")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / rank).")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: List[str] = opt(
+        help="Projections that get LoRA adapters.",
+        factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Dict[str, Any]], source: str = "<dict>") -> "Config":
+        cfg = cls()
+        apply_nested(cfg, data, source)
+        return cfg
+
+    def validate(self, world_size: int) -> None:
+        validate(self, world_size)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _section_types():
+    hints = get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _base_type(tp):
+    """Optional[X] -> X; List[X] stays a list type."""
+    if get_origin(tp) is not None and type(None) in get_args(tp):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+def _coerce(value: Any, tp, where: str):
+    base = _base_type(tp)
+    if value is None:
+        return None
+    if get_origin(base) in (list, List):
+        if isinstance(value, str):
+            value = value.split()
+        item = get_args(base)[0]
+        return [_coerce(v, item, where) for v in value]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:
+        if base is float and isinstance(value, (int, float, str)):
+            return float(value)
+        if base is int and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected {base.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_nested(cfg: Config, data: Dict[str, Any], source: str) -> None:
+    """Applies a {section: {field: value}} mapping (the YAML layout) onto cfg."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections {SECTIONS}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}; known: {SECTIONS}")
+        obj = getattr(cfg, section)
+        hints = get_type_hints(type(obj))
+        for key, value in (values or {}).items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key}")
+            setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser] = None
+                 ) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field, grouped by section. Defaults are
+    suppressed so that only flags the user typed override the YAML file."""
+    parser = parser or argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file with {section: {field: value}}; flags override it.")
+    # The deepspeed launcher appends --local_rank=N; accept and ignore it (env LOCAL_RANK wins).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for section, section_type in _section_types().items():
+        group = parser.add_argument_group(section)
+        hints = get_type_hints(section_type)
+        defaults = section_type()
+        for f in dataclasses.fields(section_type):
+            tp = _base_type(hints[f.name])
+            kwargs: Dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                                          help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif get_origin(tp) in (list, List):
+                kwargs["nargs"] = "*"
+                kwargs["type"] = get_args(tp)[0]
+            else:
+                kwargs["type"] = tp
+                choices = f.metadata.get("choices")
+                if choices:
+                    kwargs["choices"] = [c for c in choices if c is not None] + (
+                        ["none"] if None in choices else [])
+                    if None in choices:
+                        kwargs["type"] = lambda s: None if s == "none" else s
+            group.add_argument(flag_name(f), **kwargs)
+    return parser
+
+
+def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
+                parser: Optional[argparse.ArgumentParser] = None):
+    """Parses flags (and the YAML they name) into a Config. Returns (config, namespace) so an
+    entry script can read its own extra flags from the namespace."""
+    parser = parser or build_parser(description)
+    ns = parser.parse_args(argv)
+    cfg = Config()
+    if ns.config:
+        with open(ns.config) as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{ns.config}: not valid YAML: {exc}") from None
+        apply_nested(cfg, data, ns.config)
+    overrides: Dict[str, Dict[str, Any]] = {}
+    for dest, value in vars(ns).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            overrides.setdefault(section, {})[key] = value
+    apply_nested(cfg, overrides, "command line")
+    return cfg, ns
+
+
+def save_yaml(cfg: Config, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    t = cfg.training
+    dp = data_parallel_size(cfg, world_size)
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    return gbs // (t.micro_batch_size * dp)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Refuses settings that cannot run, before any process-group work is done."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    errors = []
+    if tp < 1 or pp < 1:
+        errors.append(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1")
+    elif world_size % (tp * pp):
+        errors.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
+                      f"x --pipeline-model-parallel-size ({pp})")
+    if m.hidden_size % m.num_attention_heads:
+        errors.append(f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
+                      f"({m.num_attention_heads})")
+    if m.num_attention_heads % tp:
+        errors.append(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    if m.kv_heads % tp:
+        errors.append(f"--num-query-groups ({m.kv_heads}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    if m.num_attention_heads % m.kv_heads:
+        errors.append(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
+                      f"--num-query-groups ({m.kv_heads})")
+    if m.ffn_hidden_size % tp:
+        errors.append(f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    if m.num_layers % pp:
+        errors.append(f"--num-layers ({m.num_layers}) must be divisible by "
+                      f"--pipeline-model-parallel-size ({pp})")
+    if p.zero_stage >= 2 and pp > 1:
+        errors.append(f"--zero-stage {p.zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed "
+                      "cannot combine ZeRO-2/3 with pipeline parallelism (it partitions gradients that "
+                      "the pipeline engine accumulates across micro-batches). Use --zero-stage 1 with "
+                      "pipelines, or --pipeline-model-parallel-size 1 with ZeRO-3.")
+    if t.bf16 and t.fp16:
+        errors.append("--bf16 and --fp16 are mutually exclusive")
+    if m.rope_scaling_type not in (None, "llama3"):
+        errors.append(f"--rope-scaling-type {m.rope_scaling_type!r}: expected none or llama3")
+    if not errors and tp * pp <= world_size:
+        dp = data_parallel_size(cfg, world_size)
+        gbs = t.global_batch_size
+        if gbs is not None and gbs % (t.micro_batch_size * dp):
+            errors.append(
+                f"--global-batch-size ({gbs}) must equal --micro-batch-size ({t.micro_batch_size}) x "
+                f"gradient accumulation steps x data-parallel size ({dp}); {gbs} is not a multiple of "
+                f"{t.micro_batch_size * dp}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON derived from cfg, merged with the user's --deepspeed_config.
+    Every key we derive is written explicitly (DeepSpeed's own defaults differ from ours,
+    e.g. it clips gradients at 1.0 when gradient_clipping is absent)."""
+    validate(cfg, world_size)
+    t, o, p = cfg.training, cfg.optimizer, cfg.parallel
+    dp = data_parallel_size(cfg, world_size)
+    gas = gradient_accumulation_steps(cfg, world_size)
+    derived: Dict[str, Any] = {
+        "train_batch_size": t.micro_batch_size * gas * dp,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": o.clip_grad,
+        "steps_per_print": cfg.logging.log_interval,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": t.bf16},
+        "fp16": {"enabled": t.fp16},
+        "wall_clock_breakdown": False,
+    }
+    if t.fp16:
+        derived["fp16"].update({"loss_scale": 0, "initial_scale_power": 16,
+                                "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
+    if not t.deepspeed_config:
+        return derived
+    try:
+        with open(t.deepspeed_config) as fh:
+            user = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--deepspeed_config {t.deepspeed_config}: {exc}") from None
+    return merge_deepspeed(derived, user, t.deepspeed_config)
+
+
+def merge_deepspeed(derived: Dict[str, Any], user: Dict[str, Any], source: str,
+                    prefix: str = "") -> Dict[str, Any]:
+    merged = dict(derived)
+    for key, value in user.items():
+        path = f"{prefix}{key}"
+        if key not in derived:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(derived[key], dict):
+            merged[key] = merge_deepspeed(derived[key], value, source, path + ".")
+        elif value == "auto" or value == derived[key]:
+            merged[key] = derived[key]
+        else:
+            raise ConfigError(
+                f"{source}: {path} = {value!r} conflicts with the value derived from the flags "
+                f"({derived[key]!r}); change the flag or remove the key from the JSON")
+    return merged

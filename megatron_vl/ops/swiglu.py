@@ -1,0 +1,42 @@
+"""SwiGLU on a fused gate/up projection: silu(gate) * up."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import fused_available
+
+
+class _SwiGLU(torch.autograd.Function):
+    """Keeps only the gate/up input for backward (two activation-sized tensors fewer than
+    autograd through silu and mul would keep)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_up = grad * silu
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return torch.cat([grad_gate, grad_up], dim=-1)
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    if fused_available(gate_up, impl, "liger_kernel.ops.swiglu"):
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        gate, up = gate_up.chunk(2, dim=-1)
+        return LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
+    return _SwiGLU.apply(gate_up)

