@@ -137,8 +137,10 @@ class LlamaHead(nn.Module):
         return self.output(hidden)
 
     def loss(self, local_logits, labels):
-        """Per-position cross-entropy; labels == -100 are ignored."""
-        return ops.cross_entropy(local_logits, labels, self.tp_group, self.vocab_size, impl=self.impl)
+        """Per-position cross-entropy; labels == -100 are ignored. Consumes local_logits
+        (its buffer becomes the softmax)."""
+        return ops.cross_entropy(local_logits, labels, self.tp_group, self.vocab_size, impl=self.impl,
+                                 inplace=True)
 
     def full_logits(self, local_logits):
         """Logits over the real vocabulary (padding stripped), gathered from every TP rank."""

@@ -13,8 +13,9 @@ from ._dispatch import fused_available
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
                   vocab_size: Optional[int] = None, ignore_index: int = -100,
-                  label_smoothing: float = 0.0, impl: str = "auto") -> torch.Tensor:
-    """Per-position loss, shape of target (0 where target == ignore_index)."""
+                  label_smoothing: float = 0.0, impl: str = "auto", inplace: bool = False) -> torch.Tensor:
+    """Per-position loss, shape of target (0 where target == ignore_index). inplace: the
+    logits buffer may be overwritten (see vocab_parallel_cross_entropy)."""
     unpadded = vocab_size is None or vocab_size == logits.shape[-1]
     if tp_group is None and unpadded and fused_available(logits, impl, "liger_kernel.ops.cross_entropy"):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
@@ -22,4 +23,5 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), None, ignore_index,
             0.0, label_smoothing, "none")[0]
         return flat.view(target.shape)
-    return vocab_parallel_cross_entropy(logits, target, tp_group, vocab_size, ignore_index, label_smoothing)
+    return vocab_parallel_cross_entropy(logits, target, tp_group, vocab_size, ignore_index, label_smoothing,
+                                        inplace)

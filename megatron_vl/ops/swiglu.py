@@ -22,11 +22,12 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad):
         (gate_up,) = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_up = grad * silu
-        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
-        return torch.cat([grad_gate, grad_up], dim=-1)
+        grad_in = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_in.chunk(2, dim=-1)
+        # Written straight into the halves of one buffer: no concatenation pass.
+        torch.mul(grad, F.silu(gate), out=grad_up)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        return grad_in
 
 
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,17 @@ from .mappings import all_reduce, group_rank
 class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing):
+    def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, inplace):
         local_vocab = logits.shape[-1]
         vocab_start = group_rank(group) * local_vocab
         valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
 
         shifted = logits.float()
-        if shifted is logits:
+        if shifted is logits and not inplace:
             shifted = shifted.clone()
         if valid_local < local_vocab:
             shifted[..., valid_local:] = float("-inf")
-        row_max = shifted.max(dim=-1).values
+        row_max = shifted.amax(dim=-1)
         all_reduce(row_max, group, dist.ReduceOp.MAX)
         shifted.sub_(row_max.unsqueeze(-1))
 
@@ -70,15 +70,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if eps > 0:
             grad[..., :ctx.valid_local] -= eps / ctx.vocab_size
         grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None,
                                  vocab_size: Optional[int] = None, ignore_index: int = -100,
-                                 label_smoothing: float = 0.0) -> torch.Tensor:
+                                 label_smoothing: float = 0.0, inplace: bool = False) -> torch.Tensor:
     """Per-position loss, shape of `target`. logits: [..., local_vocab] (this rank's slice of
-    the padded vocabulary); vocab_size: the real vocabulary (default: no padding)."""
+    the padded vocabulary); vocab_size: the real vocabulary (default: no padding).
+    inplace=True reuses the logits' memory for the softmax (the caller's logits tensor is
+    overwritten): pass it when nothing else reads the logits, as the LM head's loss path
+    does; copying a [tokens, vocab] buffer costs as much as the softmax itself."""
     world = 1 if group is None else dist.get_world_size(group)
     if vocab_size is None:
         vocab_size = logits.shape[-1] * world
-    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing,
+                                            inplace)
