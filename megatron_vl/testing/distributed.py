@@ -66,6 +66,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             try:
                 rank, status, value = results.get(timeout=min(remaining, 1.0))
                 outcome[rank] = (status, value)
+                if status == "error":
+                    # Its peers may block forever in a collective: a short grace, then kill.
+                    deadline = min(deadline, time.monotonic() + 15.0)
             except queue.Empty:
                 dead = [i for i, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)
                         and i not in outcome]
@@ -87,7 +90,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     failures = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
     missing = [r for r in range(world_size) if r not in outcome]
     if missing:
-        failures.append(f"ranks {missing} did not finish within {timeout:.0f}s (killed)")
+        why = "after a peer failed" if failures else f"within {timeout:.0f}s"
+        failures.append(f"ranks {missing} did not finish {why} (killed)")
     if failures:
         raise DistributedFailure("distributed run failed:\n" + "\n".join(failures))
     return [outcome[r][1] for r in range(world_size)]
