@@ -37,7 +37,9 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if fused_available(gate_up, impl, "liger_kernel.ops.swiglu"):
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.ops import swiglu as liger
+        if hasattr(liger, "LigerFusedGateUpSiLUMulFunction"):  # liger >= 0.8: no chunk copies
+            return liger.LigerFusedGateUpSiLUMulFunction.apply(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
+        return liger.LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
     return _SwiGLU.apply(gate_up)
