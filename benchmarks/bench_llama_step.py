@@ -55,15 +55,18 @@ def main():
         # labels=ids: HF shifts internally, the same targets as `labels` above.
         hf_model(input_ids=ids, labels=ids).loss.backward()
 
-    def step_ours():
-        loss = ours(ids, labels=labels)
-        (loss.sum() / (labels != -100).sum()).backward()
+    # Our training path: the chunked fused LM head, mean over target tokens as HF.
+    loss_weights = (labels != -100).float() / (labels != -100).sum()
 
-    # Same loss and gradients first: a benchmark of two different computations means nothing.
+    def step_ours():
+        ours(ids, labels=labels, loss_weights=loss_weights)[0].backward()
+
+    # Same loss first (gradients are compared in tests/test_llama_hf.py): timing two different
+    # computations would mean nothing.
     hf_model.zero_grad(set_to_none=True)
     ours.zero_grad(set_to_none=True)
     loss_hf = hf_model(input_ids=ids, labels=ids).loss
-    loss_ours = ours(ids, labels=labels).sum() / (labels != -100).sum()
+    loss_ours = ours(ids, labels=labels, loss_weights=loss_weights)[0]
     print(f"losses: HF {loss_hf.item():.6f}  ours {loss_ours.item():.6f}")
 
     times = {"hf": [], "ours": []}

@@ -18,6 +18,23 @@ def _ours(hf, **cfg_overrides):
                            hf_to_shards(hf.state_dict(), cfg, 1, 1)[(0, 0)])
 
 
+def _fused_loss_matches(hf, ours, cfg, ids, labels, tol=1e-5):
+    """The chunked fused head (training path): weighted mean loss and gradients vs HF."""
+    hf.zero_grad()
+    ours.zero_grad()
+    count = (labels != -100).sum()
+    ref = F.cross_entropy(hf(ids).logits.reshape(-1, cfg.vocab_size), labels.reshape(-1)) * 3.0
+    ref.backward()
+    total, per_token = ours(ids, labels=labels, loss_weights=torch.full(labels.shape, 3.0) / count)
+    assert abs(total.item() - ref.item()) <= tol
+    assert per_token.shape == labels.shape and not per_token.requires_grad
+    total.backward()
+    grads = shards_to_hf({(0, 0): local_to_global({n: p.grad for n, p in ours.named_parameters()}, 0)}, cfg, 1, 1)
+    for name, p in hf.named_parameters():
+        diff = (grads[name] - p.grad).abs().max().item()
+        assert diff <= tol, f"fused-head gradient of {name} differs by {diff:.3e}"
+
+
 def _compare(hf, ours, cfg, seq=40, tol=1e-5):
     ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(3))
     labels = shifted_labels(ids)
@@ -32,6 +49,7 @@ def _compare(hf, ours, cfg, seq=40, tol=1e-5):
     for name, p in hf.named_parameters():
         diff = (grads[name] - p.grad).abs().max().item()
         assert diff <= tol, f"gradient of {name} differs by {diff:.3e}"
+    _fused_loss_matches(hf, ours, cfg, ids, labels, tol)
 
 
 def test_llama_matches_transformers_gqa_odd_vocab():

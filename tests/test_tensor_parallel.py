@@ -97,6 +97,24 @@ def _check_cross_entropy(state):
         assert torch.isfinite(loss).all()
         assert (loss[0, :3] == 0).all() and (local.grad[0, :3] == 0).all()
 
+    # The chunked fused LM head (chunks of 7 over 24 positions: a ragged last chunk).
+    from megatron_vl.parallel.cross_entropy import fused_lm_head_loss
+    from megatron_vl.parallel.layers import shard_parts
+    hidden = (torch.randn(4, 6, 8, generator=gen) * 3).requires_grad_()
+    weight = torch.randn(padded, 8, generator=gen)
+    local_w = shard_parts(weight, [padded], rank, 2).requires_grad_()
+    loss_weights = torch.rand(4, 6, generator=gen)
+    total, per_pos = fused_lm_head_loss(hidden, local_w, target, loss_weights, g, vocab_size=real, chunk_size=7)
+    (total * 0.5).backward()
+    ref_h, ref_w = hidden.detach().clone().requires_grad_(), weight[:real].clone().requires_grad_()
+    ref_per = F.cross_entropy((ref_h @ ref_w.t()).reshape(-1, real), target.reshape(-1), reduction="none").view(4, 6)
+    ((ref_per * loss_weights).sum() * 0.5).backward()
+    _close(per_pos, ref_per.detach(), "fused head per-position loss", tol=1e-5)
+    _close(total, (ref_per * loss_weights).sum(), "fused head weighted total", tol=1e-5)
+    _close(hidden.grad, ref_h.grad, "fused head hidden grad", tol=1e-5)
+    full_w_grad = torch.cat([ref_w.grad, torch.zeros(padded - real, 8)])
+    _close(local_w.grad, shard_parts(full_w_grad, [padded], rank, 2), "fused head weight grad", tol=1e-5)
+
 
 def _check_llama_against_hf(state):
     from helpers import shifted_labels, tiny_hf_model

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import ModelConfig
+from ..parallel.cross_entropy import fused_lm_head_loss
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
 from ..parallel.mappings import copy_to_group, gather_from_group
 from ..parallel.random import RNGStatesTracker
@@ -132,8 +133,7 @@ class LlamaHead(nn.Module):
     def logits(self, hidden):
         hidden = self.final_norm(hidden)
         if self._tied is not None:
-            return torch.nn.functional.linear(copy_to_group(hidden, self.tp_group),
-                                              self._tied[0].word_embeddings.weight)
+            return torch.nn.functional.linear(copy_to_group(hidden, self.tp_group), self.output_weight())
         return self.output(hidden)
 
     def loss(self, local_logits, labels):
@@ -141,6 +141,15 @@ class LlamaHead(nn.Module):
         (its buffer becomes the softmax)."""
         return ops.cross_entropy(local_logits, labels, self.tp_group, self.vocab_size, impl=self.impl,
                                  inplace=True)
+
+    def output_weight(self):
+        return self._tied[0].word_embeddings.weight if self._tied is not None else self.output.weight
+
+    def fused_loss(self, hidden, labels, loss_weights):
+        """(sum_i w_i * CE_i, per-position CE) straight from the hidden states, chunked over
+        tokens so the full logits are never stored (see fused_lm_head_loss)."""
+        return fused_lm_head_loss(self.final_norm(hidden), self.output_weight(), labels, loss_weights,
+                                  self.tp_group, self.vocab_size)
 
     def full_logits(self, local_logits):
         """Logits over the real vocabulary (padding stripped), gathered from every TP rank."""
@@ -150,9 +159,11 @@ class LlamaHead(nn.Module):
 class LlamaModel(nn.Module):
     """The layers one pipeline stage holds (all of them when pp = 1).
 
-    forward(input_ids | hidden_states, position_ids, segment_ids, labels):
-    first stage takes token ids, later stages hidden states; the last stage returns
-    per-position loss when labels are given, else this rank's vocabulary slice of the logits.
+    forward(input_ids | hidden_states, position_ids, segment_ids, labels, loss_weights):
+    first stage takes token ids, later stages hidden states. The last stage returns this
+    rank's vocabulary slice of the logits; with labels, the per-position loss; with labels
+    and loss_weights, (sum_i w_i * loss_i, per-position loss) from the chunked fused head,
+    which never stores the full logits (the training path).
     """
 
     def __init__(self, cfg: ModelConfig, state: Optional[ParallelState] = None,
@@ -180,7 +191,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg)),
                              persistent=False)
 
-    def forward(self, input_ids=None, hidden_states=None, position_ids=None, segment_ids=None, labels=None):
+    def forward(self, input_ids=None, hidden_states=None, position_ids=None, segment_ids=None, labels=None,
+                loss_weights=None):
         x = self.embedding(input_ids) if self.pre_process else hidden_states
         b, s = x.shape[:2]
         if position_ids is None:
@@ -193,6 +205,8 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin, segment_ids)
         if not self.post_process:
             return x
+        if labels is not None and loss_weights is not None:
+            return self.head.fused_loss(x, labels, loss_weights)
         logits = self.head.logits(x)
         return logits if labels is None else self.head.loss(logits, labels)
 

@@ -17,60 +17,68 @@ import torch.distributed as dist
 from .mappings import all_reduce, group_rank
 
 
+def _softmax_loss_(logits, target, group, vocab_size, ignore_index, label_smoothing):
+    """Per-position loss; turns `logits` (float32, this rank's vocabulary slice) into the
+    softmax in place. Returns (loss, what _softmax_to_grad_ needs besides the softmax)."""
+    local_vocab = logits.shape[-1]
+    vocab_start = group_rank(group) * local_vocab
+    valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
+    if valid_local < local_vocab:
+        logits[..., valid_local:] = float("-inf")
+    row_max = logits.amax(dim=-1)
+    all_reduce(row_max, group, dist.ReduceOp.MAX)
+    logits.sub_(row_max.unsqueeze(-1))
+
+    ignored = target == ignore_index
+    local_target = target - vocab_start
+    outside = (local_target < 0) | (local_target >= local_vocab) | ignored
+    local_target = local_target.masked_fill(outside, 0)
+    target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+    target_logit = all_reduce(target_logit.masked_fill(outside, 0.0), group)
+
+    if label_smoothing > 0:
+        logit_sum = all_reduce(logits[..., :valid_local].sum(dim=-1), group)
+    exp = logits.exp_()
+    sum_exp = all_reduce(exp.sum(dim=-1), group)
+    log_sum_exp = sum_exp.log()
+    loss = log_sum_exp - target_logit
+    if label_smoothing > 0:
+        mean_log_prob = logit_sum / vocab_size - log_sum_exp
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_prob
+    exp.div_(sum_exp.unsqueeze(-1))
+    return loss.masked_fill(ignored, 0.0), (local_target, outside, ignored, valid_local)
+
+
+def _softmax_to_grad_(softmax, local_target, outside, ignored, row_scale, valid_local, vocab_size,
+                      label_smoothing):
+    """d loss_i / d logits, scaled per row by row_scale, written over the softmax."""
+    hit = (~outside).to(softmax.dtype) * (1.0 - label_smoothing)
+    softmax.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
+    if label_smoothing > 0:
+        softmax[..., :valid_local] -= label_smoothing / vocab_size  # padding stays out
+    return softmax.mul_(row_scale.masked_fill(ignored, 0.0).unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group, vocab_size, ignore_index, label_smoothing, inplace):
-        local_vocab = logits.shape[-1]
-        vocab_start = group_rank(group) * local_vocab
-        valid_local = max(0, min(local_vocab, vocab_size - vocab_start))
-
-        shifted = logits.float()
-        if shifted is logits and not inplace:
-            shifted = shifted.clone()
-        if valid_local < local_vocab:
-            shifted[..., valid_local:] = float("-inf")
-        row_max = shifted.amax(dim=-1)
-        all_reduce(row_max, group, dist.ReduceOp.MAX)
-        shifted.sub_(row_max.unsqueeze(-1))
-
-        ignored = target == ignore_index
-        local_target = target - vocab_start
-        outside = (local_target < 0) | (local_target >= local_vocab) | ignored
-        local_target = local_target.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
-        target_logit = all_reduce(target_logit.masked_fill(outside, 0.0), group)
-
-        if label_smoothing > 0:
-            logit_sum = all_reduce(shifted[..., :valid_local].sum(dim=-1), group)
-        exp = shifted.exp_()
-        sum_exp = all_reduce(exp.sum(dim=-1), group)
-        log_sum_exp = sum_exp.log()
-        loss = log_sum_exp - target_logit
-        if label_smoothing > 0:
-            mean_log_prob = logit_sum / vocab_size - log_sum_exp
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_prob
-        loss = loss.masked_fill(ignored, 0.0)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, outside, ignored)
-        ctx.label_smoothing = label_smoothing
-        ctx.valid_local = valid_local
-        ctx.vocab_size = vocab_size
-        ctx.in_dtype = logits.dtype
+        work = logits.float()
+        if work is logits and not inplace:
+            work = work.clone()
+        loss, (local_target, outside, ignored, valid_local) = _softmax_loss_(
+            work, target, group, vocab_size, ignore_index, label_smoothing)
+        ctx.save_for_backward(work, local_target, outside, ignored)
+        ctx.args = (valid_local, vocab_size, label_smoothing, logits.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, local_target, outside, ignored = ctx.saved_tensors
-        grad = softmax  # ctx is used once: its buffer becomes the gradient
-        eps = ctx.label_smoothing
-        hit = (~outside).to(grad.dtype) * (1.0 - eps)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -hit.unsqueeze(-1))
-        if eps > 0:
-            grad[..., :ctx.valid_local] -= eps / ctx.vocab_size
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None, None, None, None
+        valid_local, vocab_size, label_smoothing, in_dtype = ctx.args
+        grad = _softmax_to_grad_(softmax, local_target, outside, ignored, grad_loss, valid_local, vocab_size,
+                                 label_smoothing)
+        return grad.to(in_dtype), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None,
@@ -86,3 +94,59 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
         vocab_size = logits.shape[-1] * world
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index, label_smoothing,
                                             inplace)
+
+
+class _FusedLMHeadLoss(torch.autograd.Function):
+    """sum_i w_i * CE(h_i W^T, y_i), computed over token chunks: the [tokens, vocab] logits
+    never exist in full, and each chunk's gradients (w.r.t. h and W) are formed in forward
+    while its softmax is at hand. backward only scales them by the incoming scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, loss_weights, group, vocab_size, ignore_index, chunk_size):
+        n = hidden.shape[0]
+        needs_grad = hidden.requires_grad or weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        losses = hidden.new_empty(n, dtype=torch.float32)
+        buf = hidden.new_empty(min(chunk_size, n), weight.shape[0])  # reused: no fresh pages per chunk
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end]
+            logits = torch.mm(h, weight.t(), out=buf[:end - start]).float()
+            loss, state = _softmax_loss_(logits, target[start:end], group, vocab_size, ignore_index, 0.0)
+            losses[start:end] = loss
+            if needs_grad:
+                local_target, outside, ignored, valid_local = state
+                g = _softmax_to_grad_(logits, local_target, outside, ignored, loss_weights[start:end].float(),
+                                      valid_local, vocab_size, 0.0)
+                g = g.to(hidden.dtype)
+                torch.mm(g, weight, out=grad_hidden[start:end])
+                grad_weight.addmm_(g.t(), h)
+        if needs_grad:
+            # Every TP rank holds all of h but only its vocabulary slice: sum their parts.
+            all_reduce(grad_hidden, group)
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(losses)
+        return (losses * loss_weights.float()).sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_losses):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None
+
+
+def fused_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                       loss_weights: torch.Tensor, group=None, vocab_size: Optional[int] = None,
+                       ignore_index: int = -100, chunk_size: int = 1024):
+    """Weighted cross-entropy of the LM head without materialising all logits.
+
+    hidden [..., h] (replicated over the TP group), weight [local_vocab, h] (this rank's
+    vocabulary slice), target and loss_weights shaped like hidden[..., 0]. Returns
+    (sum_i w_i * loss_i, per-position losses detached). Typical weights: 1/num_targets."""
+    world = 1 if group is None else dist.get_world_size(group)
+    if vocab_size is None:
+        vocab_size = weight.shape[0] * world
+    h = hidden.reshape(-1, hidden.shape[-1])
+    total, losses = _FusedLMHeadLoss.apply(h, weight, target.reshape(-1), loss_weights.reshape(-1), group,
+                                           vocab_size, ignore_index, chunk_size)
+    return total, losses.view(target.shape)
