@@ -68,6 +68,8 @@ def main():
     loss_hf = hf_model(input_ids=ids, labels=ids).loss
     loss_ours = ours(ids, labels=labels, loss_weights=loss_weights)[0]
     print(f"losses: HF {loss_hf.item():.6f}  ours {loss_ours.item():.6f}")
+    if abs(loss_hf.item() - loss_ours.item()) > 1e-4:
+        sys.exit("the two models disagree: not benchmarking different computations")
 
     times = {"hf": [], "ours": []}
     steps = {"hf": step_hf, "ours": step_ours}
