@@ -1,0 +1,229 @@
+"""Readers of the raw corpora. Each yields ``RawDocument``s: the text as a list of sentences
+and each image attached to the sentence it belongs to. Anything malformed is counted in
+the ``Report`` under a reason, with the first place it happened (file:line or file:row);
+nothing is dropped silently.
+
+Formats:
+- ``mmc4``: MMC4 jsonl, or its distributed ``*.jsonl.zip`` shards. Images are files under
+  the image root named by ``image_name``; each is attached to ``matched_text_index``;
+  ``min_sim`` drops images whose ``matched_sim`` is below it.
+- ``obelics``: OBELICS parquet (``texts`` / ``images`` aligned lists, one of the two None at
+  each position). An image is either bytes in the row (a bytes list or a struct with a
+  ``bytes`` field, as HF datasets stores images) or a URL whose file lies under the image
+  root named ``sha1(url).hexdigest()`` (any extension). It is attached to the next text
+  in the row (the previous one when it is last).
+- ``wds-pairs``: img2dataset webdataset tars (``NNNNN.jpg`` + ``.txt`` + ``.json``).
+- ``jsonl-text``: Megatron-style jsonl, text only, under ``json_key``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class ImageRef:
+    name: str                      # where it came from, for reports
+    path: Optional[str] = None
+    data: Optional[bytes] = None
+
+
+@dataclass
+class RawDocument:
+    source: str                    # file:line / file:row / tar:key
+    sentences: List[str]
+    images: List[Tuple[int, ImageRef]] = field(default_factory=list)  # (sentence index, image)
+
+
+@dataclass
+class Report:
+    documents_read: int = 0
+    documents_written: int = 0
+    images_placed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_seen: Dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, where: str, strict: bool = False) -> None:
+        if strict:
+            raise ValueError(f"{where}: {reason} (--strict turns skips into errors)")
+        self.skipped[reason] += 1
+        self.first_seen.setdefault(reason, where)
+
+    def merge(self, other: "Report") -> None:
+        self.documents_read += other.documents_read
+        self.documents_written += other.documents_written
+        self.images_placed += other.images_placed
+        self.skipped.update(other.skipped)
+        for k, v in other.first_seen.items():
+            self.first_seen.setdefault(k, v)
+
+    def to_dict(self) -> Dict:
+        return {"documents_read": self.documents_read, "documents_written": self.documents_written,
+                "images_placed": self.images_placed, "skipped": dict(self.skipped),
+                "first_seen": self.first_seen}
+
+    def format(self) -> str:
+        lines = [f"documents read: {self.documents_read}", f"documents written: {self.documents_written}",
+                 f"images placed: {self.images_placed}"]
+        for reason in sorted(self.skipped):
+            lines.append(f"skipped ({reason}): {self.skipped[reason]}  first at {self.first_seen[reason]}")
+        return "\n".join(lines)
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    files: List[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
+        if not matched:
+            raise FileNotFoundError(f"--input {pattern}: no such file")
+        files.extend(matched)
+    return files
+
+
+def _jsonl_lines(path: str) -> Iterator[Tuple[str, str]]:
+    """(where, line) pairs from a .jsonl or a .jsonl.zip (every member of the zip)."""
+    if path.endswith(".zip"):
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                with zf.open(member) as fh:
+                    for i, raw in enumerate(io.TextIOWrapper(fh, encoding="utf-8"), 1):
+                        yield f"{path}!{member}:{i}", raw
+    else:
+        with open(path, encoding="utf-8") as fh:
+            for i, raw in enumerate(fh, 1):
+                yield f"{path}:{i}", raw
+
+
+def _parse_json(where: str, raw: str, report: Report, strict: bool) -> Optional[dict]:
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        report.skip("malformed JSON line", f"{where} ({exc.msg})", strict)
+        return None
+    if not isinstance(obj, dict):
+        report.skip("malformed JSON line", f"{where} (not an object)", strict)
+        return None
+    return obj
+
+
+def read_mmc4(path: str, image_root: str, min_sim: float, report: Report, strict: bool) -> Iterator[RawDocument]:
+    for where, raw in _jsonl_lines(path):
+        doc = _parse_json(where, raw, report, strict)
+        if doc is None:
+            continue
+        texts = doc.get("text_list")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            report.skip("record without a text_list of strings", where, strict)
+            continue
+        images = []
+        for info in doc.get("image_info") or []:
+            idx = info.get("matched_text_index")
+            if not isinstance(idx, int) or not 0 <= idx < len(texts):
+                report.skip("matched_text_index out of range", f"{where} (index {idx}, {len(texts)} sentences)", strict)
+                continue
+            if info.get("matched_sim") is not None and info["matched_sim"] < min_sim:
+                report.skip("image below --min-sim", where)
+                continue
+            name = info.get("image_name")
+            images.append((idx, ImageRef(name=f"{where} {name}", path=os.path.join(image_root, str(name)))))
+        yield RawDocument(where, texts, images)
+
+
+def _obelics_image(item, url_root: Optional[str]) -> Optional[ImageRef]:
+    if isinstance(item, (bytes, bytearray)):
+        return ImageRef(name="<bytes>", data=bytes(item))
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        return ImageRef(name=item.get("path") or "<bytes>", data=item["bytes"])
+    if isinstance(item, str):
+        key = hashlib.sha1(item.encode("utf-8")).hexdigest()
+        candidates = [os.path.join(url_root or "", key)] + \
+            [os.path.join(url_root or "", f"{key}.{e}") for e in IMAGE_EXTENSIONS]
+        path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+        return ImageRef(name=item, path=path)
+    return None
+
+
+def read_obelics(path: str, image_root: Optional[str], report: Report, strict: bool) -> Iterator[RawDocument]:
+    import pyarrow.parquet as pq
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:
+        raise ValueError(f"{path}: unreadable parquet file: {exc}") from None
+    missing = {"texts", "images"} - set(table.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{path}: parquet lacks column(s) {sorted(missing)}")
+    row = 0
+    for batch in table.iter_batches(columns=["texts", "images"], batch_size=256):
+        for texts, images in zip(batch.column("texts").to_pylist(), batch.column("images").to_pylist()):
+            where = f"{path}:row {row}"
+            row += 1
+            if texts is None or images is None or len(texts) != len(images):
+                report.skip("texts/images lists differ in length", where, strict)
+                continue
+            sentences, pending, attached = [], [], []
+            for text, image in zip(texts, images):
+                if text is not None:
+                    sentences.append(text)
+                    attached.extend((len(sentences) - 1, ref) for ref in pending)
+                    pending = []
+                elif image is not None:
+                    ref = _obelics_image(image, image_root)
+                    if ref is None:
+                        report.skip("image entry of unknown type", where, strict)
+                    else:
+                        pending.append(ref)
+            if pending and sentences:   # trailing images go after the last sentence
+                attached.extend((len(sentences) - 1, ref) for ref in pending)
+            elif pending:
+                report.skip("image without any text in its document", where, strict)
+            yield RawDocument(where, sentences, attached)
+
+
+def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocument]:
+    import webdataset as wds
+    dataset = wds.WebDataset(path, shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        where = f"{path}:{sample.get('__key__')}"
+        caption = sample.get("txt")
+        image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
+        if caption is None or image_key is None:
+            report.skip("pair without caption or image", where, strict)
+            continue
+        text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        yield RawDocument(where, [text.strip()], [(0, ImageRef(name=where, data=sample[image_key]))])
+
+
+def read_jsonl_text(path: str, key: str, report: Report, strict: bool) -> Iterator[RawDocument]:
+    for where, raw in _jsonl_lines(path):
+        doc = _parse_json(where, raw, report, strict)
+        if doc is None:
+            continue
+        if not isinstance(doc.get(key), str):
+            report.skip(f"record without a string '{key}'", where, strict)
+            continue
+        yield RawDocument(where, [doc[key]])
+
+
+def read_documents(fmt: str, path: str, report: Report, *, image_root: Optional[str] = None,
+                   min_sim: float = 0.0, json_key: str = "text", strict: bool = False) -> Iterator[RawDocument]:
+    if fmt == "mmc4":
+        return read_mmc4(path, image_root or "", min_sim, report, strict)
+    if fmt == "obelics":
+        return read_obelics(path, image_root, report, strict)
+    if fmt == "wds-pairs":
+        return read_wds_pairs(path, report, strict)
+    if fmt == "jsonl-text":
+        return read_jsonl_text(path, json_key, report, strict)
+    raise ValueError(f"unknown --input-format {fmt!r}")

@@ -1,0 +1,228 @@
+"""Megatron's MMIDIDX indexed binaries (``.bin`` + ``.idx``), byte-compatible with
+Megatron-LM's ``IndexedDataset``, and a fixed-shape float16 feature store of the same family.
+
+``.idx`` layout (little-endian): magic ``MMIDIDX\\x00\\x00``, version u64 (1), dtype code u8,
+sequence count u64, document count u64 (document boundaries, including the leading 0),
+int32 sequence lengths, int64 byte pointers into ``.bin``, int64 document indices.
+``.bin`` is the sequences' elements back to back.
+
+Writers write ``name.tmp<pid>`` files and rename them into place only when complete, so a
+reader never sees a half-written dataset; readers check every size against the header and
+name the file, the expected and the found size when they disagree.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_HEADER = len(MAGIC) + 8 + 1 + 8 + 8
+
+FEATURE_MAGIC = b"MVLFEAT\x00\x00"
+
+
+class IndexedDataError(ValueError):
+    pass
+
+
+def optimal_token_dtype(vocab_size: int):
+    """Megatron's choice: uint16 when every id fits below 65,500, int32 otherwise."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def _tmp(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
+
+
+class IndexedDatasetWriter:
+    """Appends sequences (and document boundaries) to ``prefix.bin/.idx``; ``finalize``
+    writes the index and renames both files into place."""
+
+    def __init__(self, prefix: str, dtype=np.int32):
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF:
+            raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
+        self._bin = open(_tmp(bin_path(prefix)), "wb")
+        self.lengths: List[int] = []
+        self.document_indices: List[int] = [0]
+
+    def add_item(self, values: Sequence) -> None:
+        arr = np.asarray(values, dtype=self.dtype)
+        self._bin.write(arr.tobytes(order="C"))
+        self.lengths.append(arr.size)
+
+    def end_document(self) -> None:
+        self.document_indices.append(len(self.lengths))
+
+    def add_document(self, sequences: Iterable[Sequence]) -> None:
+        for seq in sequences:
+            self.add_item(seq)
+        self.end_document()
+
+    def append_dataset(self, other_prefix: str) -> None:
+        """Copies every sequence and document of another dataset (for merging partitions)."""
+        other = IndexedDataset(other_prefix)
+        if other.dtype != self.dtype:
+            raise IndexedDataError(f"{idx_path(other_prefix)}: dtype {other.dtype} differs from {self.dtype}")
+        offset = len(self.lengths)
+        self.lengths.extend(int(x) for x in other.lengths)
+        self.document_indices.extend(int(d) + offset for d in other.document_indices[1:])
+        with open(bin_path(other_prefix), "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                self._bin.write(chunk)
+
+    def finalize(self) -> None:
+        self._bin.close()
+        lengths = np.asarray(self.lengths, dtype=np.int32)
+        pointers = np.zeros(len(lengths), dtype=np.int64)
+        if len(lengths) > 1:
+            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        with open(_tmp(idx_path(self.prefix)), "wb") as fh:
+            fh.write(MAGIC)
+            fh.write(struct.pack("<Q", VERSION))
+            fh.write(struct.pack("<B", CODE_OF[self.dtype]))
+            fh.write(struct.pack("<Q", len(lengths)))
+            fh.write(struct.pack("<Q", len(self.document_indices)))
+            fh.write(lengths.tobytes(order="C"))
+            fh.write(pointers.tobytes(order="C"))
+            fh.write(np.asarray(self.document_indices, dtype=np.int64).tobytes(order="C"))
+        os.replace(_tmp(bin_path(self.prefix)), bin_path(self.prefix))
+        os.replace(_tmp(idx_path(self.prefix)), idx_path(self.prefix))
+
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (_tmp(bin_path(self.prefix)), _tmp(idx_path(self.prefix))):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+class IndexedDataset:
+    """Memory-mapped reader. ``ds[i]`` is sequence i; ``ds.document(d)`` the list of
+    sequences of document d."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for p in (ipath, bpath):
+            if not os.path.isfile(p):
+                raise IndexedDataError(f"{p}: file not found")
+        size = os.path.getsize(ipath)
+        if size < _HEADER:
+            raise IndexedDataError(f"{ipath}: truncated index: expected at least {_HEADER} bytes, found {size}")
+        with open(ipath, "rb") as fh:
+            header = fh.read(_HEADER)
+        if header[:len(MAGIC)] != MAGIC:
+            raise IndexedDataError(f"{ipath}: not an MMIDIDX index (magic {header[:len(MAGIC)]!r})")
+        version, code, n_seq, n_doc = struct.unpack("<QBQQ", header[len(MAGIC):])
+        if version != VERSION:
+            raise IndexedDataError(f"{ipath}: version {version}, this reader reads {VERSION}")
+        if code not in DTYPE_CODES:
+            raise IndexedDataError(f"{ipath}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        expected = _HEADER + n_seq * (4 + 8) + n_doc * 8
+        if size != expected:
+            raise IndexedDataError(f"{ipath}: index size mismatch: expected {expected} bytes for {n_seq} sequences "
+                                   f"and {n_doc} document boundaries, found {size}")
+        idx = np.memmap(ipath, mode="r", dtype=np.uint8)
+        off = _HEADER
+        self.lengths = np.frombuffer(idx, dtype=np.int32, count=n_seq, offset=off)
+        off += n_seq * 4
+        self.pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=off)
+        off += n_seq * 8
+        self.document_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc, offset=off)
+        expected_bin = int(self.lengths.astype(np.int64).sum()) * self.dtype.itemsize
+        found_bin = os.path.getsize(bpath)
+        if found_bin != expected_bin:
+            raise IndexedDataError(f"{bpath}: data size mismatch: the index describes {expected_bin} bytes, "
+                                   f"found {found_bin}")
+        self._bin = np.memmap(bpath, mode="r", dtype=self.dtype) if expected_bin else np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self._bin[start:start + int(self.lengths[i])]
+
+    def document(self, d: int) -> List[np.ndarray]:
+        return [self[i] for i in range(int(self.document_indices[d]), int(self.document_indices[d + 1]))]
+
+
+# --- feature store ------------------------------------------------------------------------
+
+class FeatureStoreWriter:
+    """Appends fixed-shape float16 [N, d] blocks (one per image) to ``prefix.bin`` with a
+    ``prefix.idx`` header (magic, version, count, N, d); renamed into place on finalize."""
+
+    def __init__(self, prefix: str, num_tokens: int, dim: int):
+        self.prefix, self.shape, self.count = prefix, (num_tokens, dim), 0
+        self._bin = open(_tmp(bin_path(prefix)), "wb")
+
+    def add(self, features: np.ndarray) -> None:
+        arr = np.asarray(features, dtype=np.float16)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.shape[1:] != self.shape:
+            raise IndexedDataError(f"{self.prefix}: feature block of shape {arr.shape[1:]}, store holds {self.shape}")
+        self._bin.write(np.ascontiguousarray(arr).tobytes())
+        self.count += arr.shape[0]
+
+    def finalize(self) -> None:
+        self._bin.close()
+        with open(_tmp(idx_path(self.prefix)), "wb") as fh:
+            fh.write(FEATURE_MAGIC + struct.pack("<QQQQ", VERSION, self.count, *self.shape))
+        os.replace(_tmp(bin_path(self.prefix)), bin_path(self.prefix))
+        os.replace(_tmp(idx_path(self.prefix)), idx_path(self.prefix))
+
+
+class FeatureStore:
+    """Memory-mapped [count, N, d] float16 features."""
+
+    def __init__(self, prefix: str, expected_count: Optional[int] = None):
+        ipath, bpath = idx_path(prefix), bin_path(prefix)
+        for p in (ipath, bpath):
+            if not os.path.isfile(p):
+                raise IndexedDataError(f"{p}: file not found")
+        with open(ipath, "rb") as fh:
+            raw = fh.read()
+        if len(raw) != len(FEATURE_MAGIC) + 32 or raw[:len(FEATURE_MAGIC)] != FEATURE_MAGIC:
+            raise IndexedDataError(f"{ipath}: not a feature-store index ({len(raw)} bytes)")
+        version, count, n, d = struct.unpack("<QQQQ", raw[len(FEATURE_MAGIC):])
+        expected = count * n * d * 2
+        found = os.path.getsize(bpath)
+        if found != expected:
+            raise IndexedDataError(f"{bpath}: feature data size mismatch: expected {expected} bytes "
+                                   f"({count} x [{n}, {d}] float16), found {found}")
+        if expected_count is not None and count < expected_count:
+            raise IndexedDataError(f"{bpath}: feature store holds {count} images, the image table has "
+                                   f"{expected_count}")
+        self.count, self.shape = count, (n, d)
+        self.features = np.memmap(bpath, mode="r", dtype=np.float16, shape=(count, n, d)) if count else \
+            np.zeros((0, n, d), np.float16)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        return self.features[i]

@@ -1,0 +1,223 @@
+"""Raw documents -> tokenized indexed binaries (Megatron's layout) plus the multimodal sidecars.
+
+For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's naming):
+
+- ``P.bin/.idx``              text tokens, one sequence per document (MMIDIDX; uint16 when the
+                              vocabulary fits, int32 otherwise) — what Megatron's tools read
+- ``P_images.bin/.idx``       int64 MMIDIDX, one sequence per document: (start, end, image)
+                              triples — the token span of the sentence an image belongs to
+                              and its row in the image table
+- ``P_image_table.bin/.idx``  uint8 MMIDIDX, one sequence per image: its encoded bytes
+- ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report
+- ``P_image_features.*``      written later by tools/extract_image_features.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .formats import RawDocument, Report, read_documents
+from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
+from .tokenizer import Tokenizer
+
+META_VERSION = 1
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def sidecar(prefix: str, kind: str) -> str:
+    return {"images": f"{prefix}_images", "table": f"{prefix}_image_table",
+            "features": f"{prefix}_image_features", "meta": f"{prefix}.meta.json"}[kind]
+
+
+def _init_worker(kind: str, model: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(kind, model)
+
+
+def _image_bytes(ref) -> Tuple[Optional[bytes], Optional[str]]:
+    """(bytes, None) for a decodable image, else (None, reason)."""
+    from PIL import Image
+    data = ref.data
+    if data is None:
+        if not ref.path or not os.path.isfile(ref.path):
+            return None, "image file missing"
+        with open(ref.path, "rb") as fh:
+            data = fh.read()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception:
+        return None, "image unreadable"
+    return data, None
+
+
+def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Tokenizer] = None):
+    """(tokens, [(start, end, image bytes)], [(reason, where)]) for one document; tokens is
+    None when the document is skipped."""
+    tok = tokenizer or _worker_tokenizer
+    tokens: List[int] = []
+    spans = []
+    for sentence in doc.sentences:
+        start = len(tokens)
+        tokens.extend(tok.encode(sentence))
+        spans.append((start, len(tokens)))
+    if not tokens:
+        return None, [], [("empty document", doc.source)]
+    skips, images = [], []
+    for sentence_index, ref in doc.images:
+        data, why = _image_bytes(ref)
+        if why:
+            skips.append((why, ref.name if ref.path is None else f"{doc.source} {ref.path}"))
+            continue
+        start, end = spans[sentence_index]
+        images.append((start, end, data))
+    if append_eod:
+        tokens.append(tok.eod_id)
+    return tokens, images, skips
+
+
+def _encode_task(args):
+    doc, append_eod = args
+    return encode_document(doc, append_eod)
+
+
+class DatasetWriter:
+    """The four files of one dataset prefix, written together and renamed into place."""
+
+    def __init__(self, prefix: str, tokenizer_meta: Dict, multimodal: bool):
+        self.prefix, self.meta, self.multimodal = prefix, tokenizer_meta, multimodal
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.tokens = IndexedDatasetWriter(prefix, optimal_token_dtype(tokenizer_meta["vocab_size"]))
+        self.images = IndexedDatasetWriter(sidecar(prefix, "images"), np.int64) if multimodal else None
+        self.table = IndexedDatasetWriter(sidecar(prefix, "table"), np.uint8) if multimodal else None
+        self.num_images = 0
+
+    def add(self, tokens, images) -> None:
+        self.tokens.add_item(tokens)
+        self.tokens.end_document()
+        if self.multimodal:
+            triples = []
+            for start, end, data in images:
+                self.table.add_item(np.frombuffer(data, dtype=np.uint8))
+                self.table.end_document()
+                triples.extend((start, end, self.num_images))
+                self.num_images += 1
+            self.images.add_item(triples)
+            self.images.end_document()
+
+    def writers(self):
+        return [w for w in (self.tokens, self.images, self.table) if w is not None]
+
+    def finalize(self, report: Report, extra: Dict) -> None:
+        for w in self.writers():
+            w.finalize()
+        meta = {"version": META_VERSION, "multimodal": self.multimodal, "tokenizer": self.meta,
+                "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
+                "report": report.to_dict(), **extra}
+        tmp = sidecar(self.prefix, "meta") + f".tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh, indent=2)
+        os.replace(tmp, sidecar(self.prefix, "meta"))
+
+    def abort(self) -> None:
+        for w in self.writers():
+            w.abort()
+
+
+def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: str, tokenizer_model: str, *,
+                     image_root: Optional[str] = None, min_sim: float = 0.0, json_key: str = "text",
+                     append_eod: bool = False, workers: int = 1, strict: bool = False,
+                     progress: bool = True) -> Report:
+    """Tokenizes every document of `files` into the dataset `prefix`. Returns the report."""
+    from tqdm import tqdm
+    tokenizer = Tokenizer(tokenizer_type, tokenizer_model)
+    multimodal = fmt != "jsonl-text"
+    report = Report()
+    writer = DatasetWriter(prefix, tokenizer.meta(), multimodal)
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_type, tokenizer_model)) \
+        if workers > 1 else None
+    bar = tqdm(desc=f"preprocess {os.path.basename(prefix)}", unit="doc", disable=not progress, smoothing=0.1)
+    try:
+        for path in files:
+            docs = read_documents(fmt, path, report, image_root=image_root, min_sim=min_sim,
+                                  json_key=json_key, strict=strict)
+            tasks = ((doc, append_eod) for doc in docs)
+            results = pool.imap(_encode_task, tasks, chunksize=16) if pool else \
+                (encode_document(doc, append_eod, tokenizer) for doc, _ in tasks)
+            for tokens, images, skips in results:
+                report.documents_read += 1
+                bar.update(1)
+                for reason, where in skips:
+                    report.skip(reason, where, strict)
+                if tokens is None:
+                    continue
+                writer.add(tokens, images)
+                report.documents_written += 1
+                report.images_placed += len(images)
+        writer.finalize(report, {"format": fmt, "inputs": files, "append_eod": append_eod})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    return report
+
+
+def read_meta(prefix: str) -> Dict:
+    path = sidecar(prefix, "meta")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: dataset metadata missing (was {prefix} written by "
+                                f"tools/preprocess_data.py?)") from None
+
+
+def merge_datasets(inputs: List[str], output: str) -> Dict:
+    """Concatenates datasets (e.g. partitions) in order; image ids are renumbered."""
+    metas = [read_meta(p) for p in inputs]
+    for p, m in zip(inputs[1:], metas[1:]):
+        if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"]:
+            raise ValueError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
+    writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"])
+    report = Report()
+    try:
+        for p, m in zip(inputs, metas):
+            writer.tokens.append_dataset(p)
+            if writer.multimodal:
+                spans = IndexedDataset(sidecar(p, "images"))
+                for d in range(spans.num_documents):
+                    seq = np.array(spans[d], dtype=np.int64)
+                    seq[2::3] += writer.num_images
+                    writer.images.add_item(seq)
+                    writer.images.end_document()
+                writer.table.append_dataset(sidecar(p, "table"))
+                writer.num_images += m["num_images"]
+            r = Report(m["report"]["documents_read"], m["report"]["documents_written"], m["report"]["images_placed"])
+            r.skipped.update(m["report"]["skipped"])
+            r.first_seen.update(m["report"]["first_seen"])
+            report.merge(r)
+        writer.finalize(report, {"format": metas[0].get("format"), "inputs": [i for m in metas for i in m.get("inputs", [])],
+                                 "append_eod": metas[0].get("append_eod"), "merged_from": inputs})
+    except BaseException:
+        writer.abort()
+        raise
+    return read_meta(output)
+
+
+def remove_dataset(prefix: str) -> None:
+    for base in (prefix, sidecar(prefix, "images"), sidecar(prefix, "table")):
+        for ext in (".bin", ".idx"):
+            if os.path.exists(base + ext):
+                os.remove(base + ext)
+    if os.path.exists(sidecar(prefix, "meta")):
+        os.remove(sidecar(prefix, "meta"))
+

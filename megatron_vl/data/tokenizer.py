@@ -1,0 +1,58 @@
+"""Text tokenizers for preprocessing: sentencepiece ``.model`` files or HF tokenizer
+directories, with the image delimiters ``[IMG]`` / ``[/IMG]`` added as special tokens."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+IMG, IMG_END = "[IMG]", "[/IMG]"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, kind: str, model: str):
+        if not model:
+            raise TokenizerError("--tokenizer-model is required")
+        self.kind, self.model = kind, model
+        if kind == "sentencepiece":
+            import sentencepiece as spm
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=model)
+            except Exception as exc:
+                raise TokenizerError(f"{model}: cannot load sentencepiece model: {exc}") from None
+            base = self._sp.get_piece_size()
+            unk = self._sp.unk_id()
+            ids = [self._sp.piece_to_id(p) for p in (IMG, IMG_END)]
+            # A model trained with the delimiters as user symbols keeps its ids; otherwise
+            # they are appended after the vocabulary (the LM's embedding grows by two rows).
+            if all(i != unk for i in ids):
+                self.img_id, self.img_end_id, self.vocab_size = ids[0], ids[1], base
+            else:
+                self.img_id, self.img_end_id, self.vocab_size = base, base + 1, base + 2
+            self.eod_id = self._sp.eos_id()
+            self._encode = lambda text: self._sp.encode_as_ids(text)
+        elif kind == "hf":
+            from transformers import AutoTokenizer
+            try:
+                self._hf = AutoTokenizer.from_pretrained(model)
+            except Exception as exc:
+                raise TokenizerError(f"{model}: cannot load HF tokenizer: {exc}") from None
+            self._hf.add_special_tokens({"additional_special_tokens": [IMG, IMG_END]})
+            self.img_id, self.img_end_id = self._hf.convert_tokens_to_ids([IMG, IMG_END])
+            self.vocab_size = len(self._hf)
+            self.eod_id = self._hf.eos_token_id
+            self._encode = lambda text: self._hf(text, add_special_tokens=False)["input_ids"]
+        else:
+            raise TokenizerError(f"unknown --tokenizer-type {kind!r} (sentencepiece or hf)")
+        if self.eod_id is None or self.eod_id < 0:
+            raise TokenizerError(f"{model}: tokenizer has no end-of-document (eos) token")
+
+    def encode(self, text: str) -> List[int]:
+        return list(self._encode(text))
+
+    def meta(self) -> Dict:
+        return {"type": self.kind, "model": self.model, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
+                "image_token_ids": {IMG: self.img_id, IMG_END: self.img_end_id}}

@@ -1,0 +1,76 @@
+"""Tokenize raw corpora into Megatron indexed binaries plus megatron-vl's image sidecars.
+
+    python tools/preprocess_data.py --input-format mmc4 --input 'mmc4/docs_shard_*_v2.jsonl.zip' \
+        --image-root mmc4/images --min-sim 0.24 --output-prefix data/mmc4 \
+        --tokenizer-type sentencepiece --tokenizer-model llama/tokenizer.model --append-eod --workers 16
+    python tools/preprocess_data.py --input-format obelics --input 'obelics/*.parquet' --image-root obelics/images ...
+    python tools/preprocess_data.py --input-format wds-pairs --input 'cc3m/{00000..00331}.tar' ...
+    python tools/preprocess_data.py --input-format jsonl-text --input corpus.jsonl --json-keys text ...
+
+Writes {output-prefix}_{key}_document.bin/.idx (key: text, or each --json-keys key), and for
+image formats the _images / _image_table sidecars and a .meta.json with the report.
+--partitions K processes the inputs in K groups and merges them (tools/merge_datasets.py).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.data.formats import Report, expand_inputs  # noqa: E402
+from megatron_vl.data.preprocess import merge_datasets, preprocess_files, remove_dataset  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
+    p.add_argument("--input-format", required=True, choices=["mmc4", "obelics", "wds-pairs", "jsonl-text"])
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-type", default="sentencepiece", choices=["sentencepiece", "hf"])
+    p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file or HF tokenizer directory")
+    p.add_argument("--image-root", help="directory holding the image files (mmc4; obelics URLs)")
+    p.add_argument("--min-sim", type=float, default=0.0, help="mmc4: drop images whose matched_sim is lower")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl-text: keys to tokenize")
+    p.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos id to each document")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    p.add_argument("--partitions", type=int, default=1, help="process the inputs in this many groups, then merge")
+    p.add_argument("--strict", action="store_true", help="any skipped record is an error")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        files = expand_inputs(args.input)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    keys = args.json_keys if args.input_format == "jsonl-text" else ["text"]
+    parts = max(1, min(args.partitions, len(files)))
+    for key in keys:
+        prefix = f"{args.output_prefix}_{key}_document"
+        groups = [files[i::parts] for i in range(parts)]
+        targets = [prefix] if parts == 1 else [f"{prefix}_part{i}" for i in range(parts)]
+        report = Report()
+        try:
+            for group, target in zip(groups, targets):
+                r = preprocess_files(group, target, args.input_format, args.tokenizer_type, args.tokenizer_model,
+                                     image_root=args.image_root, min_sim=args.min_sim, json_key=key,
+                                     append_eod=args.append_eod, workers=args.workers, strict=args.strict,
+                                     progress=not args.no_progress)
+                report.merge(r)
+            if parts > 1:
+                merge_datasets(targets, prefix)
+                for t in targets:
+                    remove_dataset(t)
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"== {prefix}\n{report.format()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
