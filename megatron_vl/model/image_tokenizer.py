@@ -1,0 +1,111 @@
+"""The image tokenizer (architecture only): a frozen CLIP vision tower followed by a causal
+transformer that reads the patch features and N learned queries and emits N visual
+embeddings of width d. Saved as a directory: ``config.json`` + ``model.safetensors`` (our
+weights) + ``clip/`` (the vision tower, transformers format) + the image processor config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "image_tokenizer_config.json"
+
+
+@dataclass
+class ImageTokenizerConfig:
+    num_tokens: int = 32
+    """N: visual embeddings per image."""
+    embed_dim: int = 4096
+    """d: width of each visual embedding (the LM's visual input / regression target)."""
+    num_layers: int = 2
+    """Depth of the causal transformer after CLIP."""
+    num_heads: int = 8
+    """Attention heads of that transformer (must divide the CLIP width)."""
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, cfg: ImageTokenizerConfig, clip):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = clip.eval()
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        width = clip.config.hidden_size
+        if width % cfg.num_heads:
+            raise ValueError(f"CLIP width {width} is not divisible by num_heads {cfg.num_heads}")
+        self.queries = nn.Parameter(torch.randn(cfg.num_tokens, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, cfg.num_heads, 4 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.transformer = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, cfg.embed_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen: never in training mode
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[b, 3, H, W] -> [b, N, d]."""
+        with torch.no_grad():
+            patches = self.clip(pixel_values=pixel_values).last_hidden_state
+        b = patches.shape[0]
+        x = torch.cat([patches.to(self.queries.dtype), self.queries.unsqueeze(0).expand(b, -1, -1)], dim=1)
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)
+        out = self.transformer(x, mask=mask, is_causal=True)[:, -self.cfg.num_tokens:]
+        return self.proj(self.norm(out))
+
+    # --- directory format -------------------------------------------------------------
+
+    def own_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def save_pretrained(self, path: str, image_processor=None) -> None:
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        self.clip.save_pretrained(os.path.join(path, "clip"))
+        if image_processor is not None:
+            image_processor.save_pretrained(os.path.join(path, "clip"))
+        save_file({k: v.contiguous() for k, v in self.own_state_dict().items()},
+                  os.path.join(path, "model.safetensors"))
+        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+            json.dump(dataclasses.asdict(self.cfg), fh, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ImageTokenizer":
+        from safetensors.torch import load_file
+        from transformers import CLIPVisionModel
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: not an image tokenizer directory ({CONFIG_NAME} missing)")
+        with open(cfg_path) as fh:
+            cfg = ImageTokenizerConfig(**json.load(fh))
+        model = cls(cfg, CLIPVisionModel.from_pretrained(os.path.join(path, "clip")))
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
+        missing = [k for k in missing if not k.startswith("clip.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        return model
+
+    @classmethod
+    def from_clip(cls, clip_dir: str, cfg: ImageTokenizerConfig, seed: int = 0) -> "ImageTokenizer":
+        """An untrained tokenizer on a CLIP vision tower (before stage-1 training exists)."""
+        from transformers import CLIPVisionModel
+        clip = CLIPVisionModel.from_pretrained(clip_dir)
+        torch.manual_seed(seed)
+        return cls(cfg, clip)
+
+
+def load_image_processor(path: str):
+    """The CLIP image processor saved beside the vision tower (path or path/clip)."""
+    from transformers import CLIPImageProcessor
+    for d in (os.path.join(path, "clip"), path):
+        if os.path.isfile(os.path.join(d, "preprocessor_config.json")):
+            return CLIPImageProcessor.from_pretrained(d)
+    raise FileNotFoundError(f"{path}: no preprocessor_config.json (save the CLIP image processor with the model)")
