@@ -1,0 +1,221 @@
+"""Packed multimodal datasets, their cached sample order, blends and the resumable sampler.
+
+Sample order is built once per (data, split, seq length, N, max images, seed, sample count)
+and cached as ``.npy`` beside the data (or under ``--data-cache-path``): document order
+(a fresh shuffle per epoch), sample starts, sample shuffle. With torch.distributed up, rank
+0 builds while the others wait. ``dataset[i]`` depends only on i: any rank, any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .indexed import FeatureStore, IndexedDataError, IndexedDataset
+from .packing import PackingConfig, build_sample_starts, materialize
+from .preprocess import read_meta, sidecar
+from .tokenizer import IMG, IMG_END
+
+INDEX_VERSION = 1
+
+
+def split_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
+    """Megatron's --split "98,2,0": contiguous document ranges for train/valid/test."""
+    weights = [float(x) for x in split.replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"--split {split!r}: weights must be non-negative with a positive sum")
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + int(round(w / total * num_documents)))
+    bounds[-1] = num_documents
+    return [(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def _is_rank0_and_barrier():
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank() == 0, dist.barrier
+    except ImportError:
+        pass
+    return True, lambda: None
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+class PackedDataset:
+    """Fixed-length packed samples from one preprocessed dataset prefix."""
+
+    def __init__(self, prefix: str, cfg: PackingConfig, num_samples: Optional[int] = None,
+                 doc_range: Optional[Tuple[int, int]] = None, cache_dir: Optional[str] = None,
+                 require_features: bool = True):
+        self.prefix, self.cfg = prefix, cfg
+        meta = read_meta(prefix)
+        ids = meta["tokenizer"].get("image_token_ids") or {}
+        if IMG not in ids or IMG_END not in ids:
+            raise ValueError(f"{prefix}.meta.json: tokenizer lacks the {IMG} / {IMG_END} special tokens; "
+                             f"re-run tools/preprocess_data.py")
+        self.img_id, self.img_end_id = ids[IMG], ids[IMG_END]
+        self.text = IndexedDataset(prefix)
+        self.multimodal = bool(meta["multimodal"])
+        self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
+        num_images = meta.get("num_images", 0)
+        if self.multimodal and num_images and require_features:
+            self.features = FeatureStore(sidecar(prefix, "features"), expected_count=num_images)
+            if self.features.shape[0] != cfg.num_image_tokens:
+                raise IndexedDataError(f"{sidecar(prefix, 'features')}: {self.features.shape[0]} visual tokens per "
+                                       f"image, the run expects N = {cfg.num_image_tokens}")
+        else:
+            self.features = np.zeros((0, cfg.num_image_tokens, 1), np.float16)
+        di = self.text.document_indices
+        lengths = self.text.lengths.astype(np.int64)
+        csum = np.concatenate([[0], np.cumsum(lengths)])
+        self.doc_tokens = csum[di[1:]] - csum[di[:-1]]
+        lo, hi = doc_range or (0, self.text.num_documents)
+        self.documents = np.arange(lo, hi, dtype=np.int64)
+        if not len(self.documents):
+            raise ValueError(f"{prefix}: no documents in range {lo}:{hi}")
+        self.doc_order, self.starts, self.shuffle = self._load_or_build_index(num_samples, cache_dir)
+
+    # --- index -----------------------------------------------------------------------------
+
+    def _doc_spans(self, d: int) -> np.ndarray:
+        return np.asarray(self.spans[d], np.int64) if self.spans is not None else np.zeros(0, np.int64)
+
+    def _index_key(self, num_samples) -> str:
+        desc = {"version": INDEX_VERSION, "prefix": os.path.abspath(self.prefix),
+                "docs": [int(self.documents[0]), int(self.documents[-1]) + 1], "seq_length": self.cfg.seq_length,
+                "num_image_tokens": self.cfg.num_image_tokens, "max_images": self.cfg.max_images,
+                "seed": self.cfg.seed, "num_samples": num_samples, "index_size": os.path.getsize(self.prefix + ".idx")}
+        return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+    def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
+        rng = np.random.RandomState(self.cfg.seed % 2**32)
+        order_parts: List[np.ndarray] = []
+        target = num_samples if num_samples is not None else None
+        while True:
+            order_parts.append(rng.permutation(self.documents))
+            order = np.concatenate(order_parts)
+            starts = build_sample_starts(order, self.doc_tokens, self._doc_spans, self.cfg,
+                                         target if target is not None else 1 << 62)
+            if target is None:
+                # One epoch: the last, partial sample is dropped (its end is not a real start).
+                return order, starts
+            if len(starts) > target:
+                return order, starts
+            if len(order_parts) > 10_000:
+                raise ValueError(f"{self.prefix}: cannot make {target} samples (documents too short?)")
+
+    def _load_or_build_index(self, num_samples, cache_dir):
+        base = os.path.join(cache_dir or os.path.dirname(os.path.abspath(self.prefix)),
+                            f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}")
+        paths = [f"{base}_doc.npy", f"{base}_sample.npy", f"{base}_shuffle.npy"]
+        is_rank0, barrier = _is_rank0_and_barrier()
+        if is_rank0 and not all(os.path.isfile(p) for p in paths):
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            order, starts = self._build(num_samples)
+            n = len(starts) - 1
+            shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(n).astype(np.int64)
+            for p, arr in zip(paths, (order, starts, shuffle)):
+                _save_npy(p, arr)
+        barrier()
+        return tuple(np.load(p, mmap_mode="r") for p in paths)
+
+    # --- samples ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.shuffle)
+
+    def _get_doc(self, d: int):
+        lo, hi = int(self.text.document_indices[d]), int(self.text.document_indices[d + 1])
+        toks = self.text[lo] if hi - lo == 1 else np.concatenate([self.text[i] for i in range(lo, hi)])
+        return np.asarray(toks, np.int64), self._doc_spans(d)
+
+    def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
+        j = int(self.shuffle[i % len(self.shuffle)])
+        return materialize(self.starts[j], self.starts[j + 1], self.doc_order, self._get_doc, self.features.features
+                           if isinstance(self.features, FeatureStore) else self.features, self.cfg, self.img_id,
+                           self.img_end_id)
+
+
+def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], List[float]]:
+    """Megatron's --data-path: 'A' or '0.5 A 0.3 B 0.2 C'."""
+    items = list(data_path)
+    if len(items) == 1:
+        return items, [1.0]
+    if len(items) % 2:
+        raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
+    try:
+        weights = [float(w) for w in items[0::2]]
+    except ValueError:
+        raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs") from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--data-path: weights must be non-negative with a positive sum, got {weights}")
+    total = sum(weights)
+    return items[1::2], [w / total for w in weights]
+
+
+class BlendedDataset:
+    """Interleaves datasets so that every prefix of the order matches the weights as closely
+    as possible (sample m of dataset j sits at key (m + 0.5) / w_j)."""
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float], size: int):
+        keys, owner, local = [], [], []
+        for j, (ds, w) in enumerate(zip(datasets, weights)):
+            if w <= 0:
+                continue
+            m = np.arange(int(np.ceil(w * size)) + 1)
+            keys.append((m + 0.5) / w)
+            owner.append(np.full(len(m), j))
+            local.append(m)
+        keys, owner, local = np.concatenate(keys), np.concatenate(owner), np.concatenate(local)
+        order = np.argsort(keys, kind="stable")[:size]
+        self.dataset_index, self.sample_index = owner[order], local[order]
+        self.datasets = list(datasets)
+
+    def __len__(self):
+        return len(self.dataset_index)
+
+    def __getitem__(self, i):
+        return self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
+
+
+class PretrainingSampler:
+    """Micro-batches of dataset indices for one data-parallel rank, starting after
+    `consumed_samples`: global batch g covers indices [g*B, (g+1)*B) with B = micro x dp,
+    and rank r takes its slice. The global order is the same for any dp size, so a resumed
+    run (any dp) continues with exactly the next samples."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"data-parallel rank {dp_rank} outside [0, {dp_size})")
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro, self.rank, self.dp = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self):
+        return (self.total - self.consumed) // (self.micro * self.dp)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.micro * self.dp
+        for g in range(self.consumed, self.total - step + 1, step):
+            yield list(range(g + self.rank * self.micro, g + (self.rank + 1) * self.micro))
+
+
+def collate(samples: List[Dict[str, np.ndarray]]):
+    """Stacks numpy samples into torch tensors."""
+    import torch
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.as_tensor(np.stack(values)) if isinstance(values[0], np.ndarray) else torch.tensor(values)
+    return out

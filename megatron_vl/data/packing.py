@@ -1,0 +1,195 @@
+"""Packing documents into fixed-length samples.
+
+A document is its text tokens plus images, each attached to the token span of its sentence.
+Laid out, each image becomes a block ``[IMG] v_0 .. v_{N-1} [/IMG]`` placed immediately
+before or after its sentence; the coin for that choice is a hash of (seed, position of the
+document in the global order, image number), so a document occurrence always lays out the
+same way, whoever reads it and whenever.
+
+Samples are cut from the stream of laid-out documents: exactly ``seq_length`` positions
+each, never splitting an image block, at most ``max_images`` blocks per sample (a sample
+that cannot take the next block ends there and is padded). Text may continue into the
+next sample, as in Megatron.
+
+The one rule for targets: the output at position t predicts element t+1 — cross-entropy
+when t+1 is a text token (``[IMG]`` and ``[/IMG]`` included), MSE against the stored
+embedding when t+1 is a visual position. The last position's target is the first element
+of the next sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+IGNORE = -100
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class PackingConfig:
+    seq_length: int = 512
+    num_image_tokens: int = 32
+    max_images: int = 5
+    seed: int = 1234
+    reset_position_ids: bool = False
+
+
+def coin_after(seed: int, doc_position: np.ndarray, image_number: np.ndarray) -> np.ndarray:
+    """True where the image goes after its sentence: splitmix64 of (seed, position, image)."""
+    with np.errstate(over="ignore"):
+        x = (np.uint64(seed & _MASK64) * np.uint64(0x9E3779B97F4A7C15)
+             + np.asarray(doc_position, np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+             + np.asarray(image_number, np.uint64) * np.uint64(0x94D049BB133111EB))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(63)).astype(bool)
+
+
+def image_inserts(spans: np.ndarray, seed: int, doc_position: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(insert positions, image ids) sorted by position (stable): spans is the flat
+    (start, end, image) int64 triples of one document."""
+    triples = np.asarray(spans, np.int64).reshape(-1, 3)
+    if not len(triples):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    after = coin_after(seed, np.full(len(triples), doc_position), np.arange(len(triples)))
+    pos = np.where(after, triples[:, 1], triples[:, 0])
+    order = np.argsort(pos, kind="stable")
+    return pos[order], triples[order, 2]
+
+
+def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans: Callable[[int], np.ndarray],
+                        cfg: PackingConfig, num_samples: int) -> np.ndarray:
+    """[num_samples + 1, 2] (position in doc_order, element offset in that laid-out
+    document) where each sample starts; the last row is where the next would start.
+    doc_tokens[d] is document d's token count. Stops early if the order runs out."""
+    S, block = cfg.seq_length, cfg.num_image_tokens + 2
+    if block > S:
+        raise ValueError(f"an image block ({block} positions) does not fit in --seq-length {S}")
+    starts: List[Tuple[int, int]] = [(0, 0)]
+    fill, images = 0, 0
+    for k, d in enumerate(doc_order):
+        n_tok = int(doc_tokens[d])
+        inserts, _ = image_inserts(doc_spans(d), cfg.seed, k)
+        offset, prev = 0, 0   # offset: laid-out position in this document; prev: tokens consumed
+        for pos in list(inserts) + [None]:
+            text = (n_tok if pos is None else int(pos)) - prev
+            while text > 0:
+                take = min(text, S - fill)
+                fill, text, offset, prev = fill + take, text - take, offset + take, prev + take
+                if fill == S:
+                    starts.append((k, offset))
+                    fill, images = 0, 0
+                    if len(starts) > num_samples:
+                        return np.asarray(starts, np.int64)
+            if pos is None:
+                break
+            if fill + block > S or images == cfg.max_images:
+                starts.append((k, offset))   # this sample ends padded before the block
+                fill, images = 0, 0
+                if len(starts) > num_samples:
+                    return np.asarray(starts, np.int64)
+            fill, images, offset = fill + block, images + 1, offset + block
+            if fill == S:
+                starts.append((k, offset))
+                fill, images = 0, 0
+                if len(starts) > num_samples:
+                    return np.asarray(starts, np.int64)
+    return np.asarray(starts, np.int64)
+
+
+def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig, doc_position: int,
+                      img_id: int, img_end_id: int):
+    """(element tokens, image id per element or -1, visual index per element or -1)."""
+    inserts, images = image_inserts(spans, cfg.seed, doc_position)
+    N = cfg.num_image_tokens
+    toks, imgs, vis = [], [], []
+    prev = 0
+    block_vis = np.concatenate([[-1], np.arange(N), [-1]]).astype(np.int64)
+    for pos, image in zip(inserts, images):
+        seg = tokens[prev:pos]
+        toks += [seg, np.concatenate([[img_id], np.zeros(N, np.int64), [img_end_id]])]
+        imgs += [np.full(len(seg), -1), np.concatenate([[-1], np.full(N, image), [-1]])]
+        vis += [np.full(len(seg), -1), block_vis]
+        prev = pos
+    seg = tokens[prev:]
+    toks.append(seg)
+    imgs.append(np.full(len(seg), -1))
+    vis.append(np.full(len(seg), -1))
+    return (np.concatenate(toks).astype(np.int64), np.concatenate(imgs).astype(np.int64),
+            np.concatenate(vis).astype(np.int64))
+
+
+def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray, get_doc: Callable,
+                features, cfg: PackingConfig, img_id: int, img_end_id: int) -> dict:
+    """One sample: the laid-out elements from `start` up to `end` (exclusive), and the
+    element at `end` as the last position's target. get_doc(d) -> (tokens, spans)."""
+    S, N = cfg.seq_length, cfg.num_image_tokens
+    layout = lambda k: laid_out_document(*get_doc(int(doc_order[k])), cfg, k, img_id, img_end_id)  # noqa: E731
+    tokens = np.zeros(S, np.int64)
+    elem_img = np.full(S, -1, np.int64)
+    elem_vis = np.full(S, -1, np.int64)
+    segment = np.zeros(S, np.int64)
+    position = np.zeros(S, np.int64)
+    fill, seg_no = 0, 0
+    k, off = int(start[0]), int(start[1])
+    end_k, end_off = int(end[0]), int(end[1])
+    doc = None
+    while k <= end_k and k < len(doc_order):
+        doc = layout(k)
+        stop = end_off if k == end_k else len(doc[0])
+        n = stop - off
+        if n > 0:
+            sl = slice(fill, fill + n)
+            tokens[sl], elem_img[sl], elem_vis[sl] = doc[0][off:stop], doc[1][off:stop], doc[2][off:stop]
+            segment[sl] = seg_no
+            position[sl] = np.arange(n) if cfg.reset_position_ids else np.arange(fill, fill + n)
+            fill, seg_no = fill + n, seg_no + 1
+        if k == end_k:
+            break
+        k, off = k + 1, 0
+    # The element at `end`; when `end` is the very end of its document, the next one's first.
+    next_token, nk, noff = IGNORE, end_k, end_off
+    while nk < len(doc_order):
+        toks = doc[0] if (doc is not None and nk == k) else layout(nk)[0]
+        if noff < len(toks):
+            next_token = int(toks[noff])
+            break
+        nk, noff = nk + 1, 0
+    if fill < S:   # padding: a segment of its own, no targets
+        segment[fill:] = seg_no
+        position[fill:] = np.arange(S - fill) if cfg.reset_position_ids else np.arange(fill, S)
+    visual = elem_img >= 0
+    labels = np.full(S, IGNORE, np.int64)
+    if fill >= 2:
+        labels[:fill - 1] = np.where(visual[1:fill], IGNORE, tokens[1:fill])
+    if fill >= 1:
+        labels[fill - 1] = next_token
+    regression = np.zeros(S, bool)
+    regression[:S - 1] = visual[1:]
+    # Features in order of appearance; each visual position names its slot in that list.
+    first = visual & (elem_vis == 0)
+    image_ids = elem_img[first]
+    feats = np.zeros((cfg.max_images, N, features.shape[-1]), np.float16)
+    for j, image in enumerate(image_ids):
+        feats[j] = features[int(image)]
+    slot = np.cumsum(first) - 1
+    return {"tokens": np.where(visual, 0, tokens), "labels": labels, "visual_mask": visual,
+            "regression_mask": regression, "visual_slot": np.where(visual, slot, -1),
+            "visual_index": elem_vis, "features": feats, "num_images": len(image_ids),
+            "image_ids": np.concatenate([image_ids, np.full(cfg.max_images - len(image_ids), -1)]),
+            "segment_ids": segment, "position_ids": position}
+
+
+def visual_sequence(sample: dict) -> np.ndarray:
+    """[S, d] float32: the visual embedding at each visual position, zeros elsewhere (the
+    model's visual input; shifted by one, its regression target)."""
+    S = len(sample["tokens"])
+    d = sample["features"].shape[-1]
+    out = np.zeros((S, d), np.float32)
+    m = sample["visual_mask"]
+    out[m] = sample["features"][sample["visual_slot"][m], sample["visual_index"][m]]
+    return out
