@@ -37,28 +37,31 @@ class PackingConfig:
     reset_position_ids: bool = False
 
 
-def coin_after(seed: int, doc_position: np.ndarray, image_number: np.ndarray) -> np.ndarray:
-    """True where the image goes after its sentence: splitmix64 of (seed, position, image)."""
-    with np.errstate(over="ignore"):
-        x = (np.uint64(seed & _MASK64) * np.uint64(0x9E3779B97F4A7C15)
-             + np.asarray(doc_position, np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-             + np.asarray(image_number, np.uint64) * np.uint64(0x94D049BB133111EB))
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(63)).astype(bool)
+def _splitmix_bit(seed: int, doc_position: int, image_number: int) -> bool:
+    x = (seed * 0x9E3779B97F4A7C15 + doc_position * 0xBF58476D1CE4E5B9 + image_number * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return bool((x ^ (x >> 31)) >> 63)
+
+
+def coin_after(seed: int, doc_position, image_number) -> np.ndarray:
+    """True where the image goes after its sentence: a splitmix64 hash of (seed, position of
+    the document in the global order, image number). Plain integers: documents hold a few
+    images, where numpy's per-call overhead would dominate."""
+    pos = np.broadcast_to(np.asarray(doc_position), np.shape(image_number)).ravel()
+    img = np.asarray(image_number).ravel()
+    return np.array([_splitmix_bit(seed, int(p), int(i)) for p, i in zip(pos, img)], dtype=bool)
 
 
 def image_inserts(spans: np.ndarray, seed: int, doc_position: int) -> Tuple[np.ndarray, np.ndarray]:
     """(insert positions, image ids) sorted by position (stable): spans is the flat
     (start, end, image) int64 triples of one document."""
-    triples = np.asarray(spans, np.int64).reshape(-1, 3)
-    if not len(triples):
+    flat = [int(x) for x in spans]
+    if not flat:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    after = coin_after(seed, np.full(len(triples), doc_position), np.arange(len(triples)))
-    pos = np.where(after, triples[:, 1], triples[:, 0])
-    order = np.argsort(pos, kind="stable")
-    return pos[order], triples[order, 2]
+    items = sorted(((e if _splitmix_bit(seed, doc_position, n) else s), n, img)
+                   for n, (s, e, img) in enumerate(zip(flat[0::3], flat[1::3], flat[2::3])))
+    return np.array([it[0] for it in items], np.int64), np.array([it[2] for it in items], np.int64)
 
 
 def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans: Callable[[int], np.ndarray],
@@ -105,22 +108,23 @@ def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig,
                       img_id: int, img_end_id: int):
     """(element tokens, image id per element or -1, visual index per element or -1)."""
     inserts, images = image_inserts(spans, cfg.seed, doc_position)
-    N = cfg.num_image_tokens
-    toks, imgs, vis = [], [], []
-    prev = 0
-    block_vis = np.concatenate([[-1], np.arange(N), [-1]]).astype(np.int64)
-    for pos, image in zip(inserts, images):
-        seg = tokens[prev:pos]
-        toks += [seg, np.concatenate([[img_id], np.zeros(N, np.int64), [img_end_id]])]
-        imgs += [np.full(len(seg), -1), np.concatenate([[-1], np.full(N, image), [-1]])]
-        vis += [np.full(len(seg), -1), block_vis]
+    N, block = cfg.num_image_tokens, cfg.num_image_tokens + 2
+    total = len(tokens) + block * len(inserts)
+    toks = np.zeros(total, np.int64)
+    imgs = np.full(total, -1, np.int64)
+    vis = np.full(total, -1, np.int64)
+    prev, out = 0, 0
+    for pos, image in zip(inserts.tolist(), images.tolist()):
+        n = pos - prev
+        toks[out:out + n] = tokens[prev:pos]
+        out += n
+        toks[out], toks[out + block - 1] = img_id, img_end_id
+        imgs[out + 1:out + 1 + N] = image
+        vis[out + 1:out + 1 + N] = np.arange(N)
+        out += block
         prev = pos
-    seg = tokens[prev:]
-    toks.append(seg)
-    imgs.append(np.full(len(seg), -1))
-    vis.append(np.full(len(seg), -1))
-    return (np.concatenate(toks).astype(np.int64), np.concatenate(imgs).astype(np.int64),
-            np.concatenate(vis).astype(np.int64))
+    toks[out:] = tokens[prev:]
+    return toks, imgs, vis
 
 
 def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray, get_doc: Callable,
