@@ -16,14 +16,8 @@ def run_tool(*args, expect=0):
 
 
 def make_tiny_clip(path):
-    import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8)
-    CLIPVisionModel(cfg).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return path
+    from megatron_vl.testing.tiny_models import save_tiny_clip
+    return save_tiny_clip(path)
 
 
 INPUTS = {"mmc4": ("mmc4/docs_shard_0_v2.jsonl.zip", ["--image-root", "{d}/mmc4/images"]),

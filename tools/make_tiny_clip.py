@@ -1,0 +1,29 @@
+"""Write a small random CLIP vision tower (transformers format, with its image processor), to
+run feature extraction without downloading CLIP-L/14.
+
+    python tools/make_tiny_clip.py --save out/tiny-clip [--image-size 32 --width 32 --layers 2]
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.testing.tiny_models import save_tiny_clip  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--save", required=True)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    args = p.parse_args(argv)
+    save_tiny_clip(args.save, args.image_size, args.width, args.layers)
+    print(f"wrote {args.save}: random CLIPVisionModel ({args.layers} layers, width {args.width}, "
+          f"{args.image_size}px) + CLIPImageProcessor")
+
+
+if __name__ == "__main__":
+    main()
