@@ -148,7 +148,7 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
             docs = read_documents(fmt, path, report, image_root=image_root, min_sim=min_sim,
                                   json_key=json_key, strict=strict)
             tasks = ((doc, append_eod) for doc in docs)
-            results = pool.imap(_encode_task, tasks, chunksize=16) if pool else \
+            results = pool.imap(_encode_task, tasks, chunksize=64) if pool else \
                 (encode_document(doc, append_eod, tokenizer) for doc, _ in tasks)
             for tokens, images, skips in results:
                 report.documents_read += 1
