@@ -138,3 +138,59 @@ def test_packed_samples_follow_the_rules(pipeline, fmt, tmp_path):
     assert len(os.listdir(tmp_path)) == 3
     for i in (0, 7, 39):
         assert all(np.array_equal(ds[i][k], again[i][k]) for k in ds[i])
+
+
+def test_train_valid_test_blend(pipeline, tmp_path):
+    from megatron_vl.data.dataset import build_train_valid_test
+    p = pipeline["prefix"]
+    cfg = PackingConfig(seq_length=64, num_image_tokens=N, max_images=5, seed=9, embed_dim=24)
+    train, valid, test = build_train_valid_test(["0.5", p["mmc4"], "0.3", p["wds-pairs"], "0.2", p["jsonl-text"]],
+                                                "80,20,0", cfg, (30, 6, 0), cache_dir=str(tmp_path))
+    assert test is None and len(train) == 30 and len(valid) == 6
+    assert list(np.bincount(train.dataset_index, minlength=3)) == [15, 9, 6]
+    shapes = {train[i]["features"].shape for i in range(30)}
+    assert shapes == {(5, N, 24)}   # text-only samples carry zero features of the same width
+    # valid reads documents train never sees: the last 20% of each dataset.
+    assert train.datasets[0].documents.max() < valid.datasets[0].documents.min()
+
+
+def test_obelics_images_as_files_named_by_url_sha1_and_hf_tokenizer(pipeline, tmp_path):
+    import hashlib
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    images = tmp_path / "images"
+    images.mkdir()
+    jpeg = (pipeline["sample"] / "mmc4" / "images" / sorted(os.listdir(pipeline["sample"] / "mmc4" / "images"))[0])
+    url = "http://example.invalid/a.jpg"
+    (images / (hashlib.sha1(url.encode()).hexdigest() + ".jpg")).write_bytes(jpeg.read_bytes())
+    pq.write_table(pa.table({"texts": [["a red circle above a blue square", None, "the end"]],
+                             "images": [[None, url, None]]}), tmp_path / "rows.parquet")
+    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(["a red circle above a blue square", "the end"] * 20,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    hf_dir = tmp_path / "hf_tok"
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(hf_dir)
+    out = run_tool("tools/preprocess_data.py", "--input-format", "obelics", "--input", str(tmp_path / "rows.parquet"),
+                   "--image-root", str(images), "--output-prefix", str(tmp_path / "ob"), "--tokenizer-type", "hf",
+                   "--tokenizer-model", str(hf_dir), "--append-eod", "--no-progress")
+    assert "images placed: 1" in out
+    meta = json.load(open(tmp_path / "ob_text_document.meta.json"))
+    ids = meta["tokenizer"]["image_token_ids"]
+    assert ids["[IMG]"] == raw.get_vocab_size() and ids["[/IMG]"] == ids["[IMG]"] + 1
+    assert meta["tokenizer"]["eod_id"] == 2 and meta["tokenizer"]["vocab_size"] == raw.get_vocab_size() + 2
+    spans = IndexedDataset(str(tmp_path / "ob_text_document_images"))[0]
+    n_first = len(IndexedDataset(str(tmp_path / "ob_text_document"))[0]) - 1 - 2   # minus eod, "the end"
+    assert list(spans) == [n_first, n_first + 2, 0]   # attached to the next text: "the end"
+
+
+def test_merge_tool(pipeline, tmp_path):
+    p = pipeline["prefix"]["wds-pairs"]
+    out = run_tool("tools/merge_datasets.py", "--input", p, p, "--output-prefix", str(tmp_path / "merged"))
+    assert "80 documents, 80 images" in out
+    merged = IndexedDataset(str(tmp_path / "merged"))
+    spans = IndexedDataset(str(tmp_path / "merged_images"))
+    assert np.array_equal(merged[40], IndexedDataset(p)[0])
+    assert spans[40][2] == 40   # image ids renumbered after the first part's 40 images

@@ -75,8 +75,11 @@ class PackedDataset:
             if self.features.shape[0] != cfg.num_image_tokens:
                 raise IndexedDataError(f"{sidecar(prefix, 'features')}: {self.features.shape[0]} visual tokens per "
                                        f"image, the run expects N = {cfg.num_image_tokens}")
+            if cfg.embed_dim is not None and self.features.shape[1] != cfg.embed_dim:
+                raise IndexedDataError(f"{sidecar(prefix, 'features')}: features of width {self.features.shape[1]}, "
+                                       f"the run expects d = {cfg.embed_dim}")
         else:
-            self.features = np.zeros((0, cfg.num_image_tokens, 1), np.float16)
+            self.features = np.zeros((0, cfg.num_image_tokens, cfg.embed_dim or 1), np.float16)
         di = self.text.document_indices
         lengths = self.text.lengths.astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(lengths)])
@@ -166,6 +169,30 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], List[float]]:
         raise ValueError(f"--data-path: weights must be non-negative with a positive sum, got {weights}")
     total = sum(weights)
     return items[1::2], [w / total for w in weights]
+
+
+def build_train_valid_test(data_path: Sequence[str], split: str, cfg: PackingConfig,
+                           num_samples: Tuple[int, int, int], cache_dir: Optional[str] = None):
+    """Megatron's recipe: each prefix split into train/valid/test document ranges by --split,
+    each part sized to its share of the blend (plus slack so rounding never runs short),
+    then blended to exactly num_samples[i]. A part asked for 0 samples is None."""
+    prefixes, weights = parse_blend(data_path)
+    out = []
+    for part, size in enumerate(num_samples):
+        if not size:
+            out.append(None)
+            continue
+        datasets = []
+        for prefix, weight in zip(prefixes, weights):
+            n_docs = IndexedDataset(prefix).num_documents
+            lo, hi = split_ranges(split, n_docs)[part]
+            if hi <= lo:
+                raise ValueError(f"{prefix}: --split {split} leaves no documents for the "
+                                 f"{['train', 'valid', 'test'][part]} part")
+            share = int(np.ceil(weight * size * 1.005)) + 1
+            datasets.append(PackedDataset(prefix, cfg, share, (lo, hi), cache_dir))
+        out.append(BlendedDataset(datasets, weights, size))
+    return out
 
 
 class BlendedDataset:

@@ -20,7 +20,7 @@ of the next sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class PackingConfig:
     max_images: int = 5
     seed: int = 1234
     reset_position_ids: bool = False
+    embed_dim: Optional[int] = None
+    """d of the stored features; text-only datasets emit zero features of this width so they
+    blend with image datasets (default: read from the feature store, 1 without one)."""
 
 
 def _splitmix_bit(seed: int, doc_position: int, image_number: int) -> bool:
