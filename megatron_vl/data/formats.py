@@ -118,27 +118,34 @@ def _parse_json(where: str, raw: str, report: Report, strict: bool) -> Optional[
     return obj
 
 
-def read_mmc4(path: str, image_root: str, min_sim: float, report: Report, strict: bool) -> Iterator[RawDocument]:
-    for where, raw in _jsonl_lines(path):
-        doc = _parse_json(where, raw, report, strict)
-        if doc is None:
+@dataclass
+class LineRecord:
+    """One raw jsonl line, parsed where it is encoded (in a worker), not in the reader."""
+    where: str
+    raw: str
+
+
+def mmc4_document(rec: LineRecord, image_root: str, min_sim: float, report: Report,
+                  strict: bool) -> Optional[RawDocument]:
+    doc = _parse_json(rec.where, rec.raw, report, strict)
+    if doc is None:
+        return None
+    where, texts = rec.where, doc.get("text_list")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        report.skip("record without a text_list of strings", where, strict)
+        return None
+    images = []
+    for info in doc.get("image_info") or []:
+        idx = info.get("matched_text_index")
+        if not isinstance(idx, int) or not 0 <= idx < len(texts):
+            report.skip("matched_text_index out of range", f"{where} (index {idx}, {len(texts)} sentences)", strict)
             continue
-        texts = doc.get("text_list")
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            report.skip("record without a text_list of strings", where, strict)
+        if info.get("matched_sim") is not None and info["matched_sim"] < min_sim:
+            report.skip("image below --min-sim", where)
             continue
-        images = []
-        for info in doc.get("image_info") or []:
-            idx = info.get("matched_text_index")
-            if not isinstance(idx, int) or not 0 <= idx < len(texts):
-                report.skip("matched_text_index out of range", f"{where} (index {idx}, {len(texts)} sentences)", strict)
-                continue
-            if info.get("matched_sim") is not None and info["matched_sim"] < min_sim:
-                report.skip("image below --min-sim", where)
-                continue
-            name = info.get("image_name")
-            images.append((idx, ImageRef(name=f"{where} {name}", path=os.path.join(image_root, str(name)))))
-        yield RawDocument(where, texts, images)
+        name = info.get("image_name")
+        images.append((idx, ImageRef(name=f"{where} {name}", path=os.path.join(image_root, str(name)))))
+    return RawDocument(where, texts, images)
 
 
 def _obelics_image(item, url_root: Optional[str]) -> Optional[ImageRef]:
@@ -205,25 +212,33 @@ def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocum
         yield RawDocument(where, [text.strip()], [(0, ImageRef(name=where, data=sample[image_key]))])
 
 
-def read_jsonl_text(path: str, key: str, report: Report, strict: bool) -> Iterator[RawDocument]:
-    for where, raw in _jsonl_lines(path):
-        doc = _parse_json(where, raw, report, strict)
-        if doc is None:
-            continue
-        if not isinstance(doc.get(key), str):
-            report.skip(f"record without a string '{key}'", where, strict)
-            continue
-        yield RawDocument(where, [doc[key]])
+def jsonl_text_document(rec: LineRecord, key: str, report: Report, strict: bool) -> Optional[RawDocument]:
+    doc = _parse_json(rec.where, rec.raw, report, strict)
+    if doc is None:
+        return None
+    if not isinstance(doc.get(key), str):
+        report.skip(f"record without a string '{key}'", rec.where, strict)
+        return None
+    return RawDocument(rec.where, [doc[key]])
 
 
-def read_documents(fmt: str, path: str, report: Report, *, image_root: Optional[str] = None,
-                   min_sim: float = 0.0, json_key: str = "text", strict: bool = False) -> Iterator[RawDocument]:
-    if fmt == "mmc4":
-        return read_mmc4(path, image_root or "", min_sim, report, strict)
+def read_records(fmt: str, path: str, report: Report, *, image_root: Optional[str] = None,
+                 json_key: str = "text", strict: bool = False) -> Iterator:
+    """What the reader hands to the encoders: raw lines for the jsonl formats (so parsing
+    runs in the workers), whole documents for the formats read through a library."""
+    if fmt in ("mmc4", "jsonl-text"):
+        return (LineRecord(where, raw) for where, raw in _jsonl_lines(path))
     if fmt == "obelics":
         return read_obelics(path, image_root, report, strict)
     if fmt == "wds-pairs":
         return read_wds_pairs(path, report, strict)
-    if fmt == "jsonl-text":
-        return read_jsonl_text(path, json_key, report, strict)
     raise ValueError(f"unknown --input-format {fmt!r}")
+
+
+def record_document(fmt: str, record, report: Report, *, image_root: Optional[str] = None, min_sim: float = 0.0,
+                    json_key: str = "text", strict: bool = False) -> Optional[RawDocument]:
+    if not isinstance(record, LineRecord):
+        return record
+    if fmt == "mmc4":
+        return mmc4_document(record, image_root or "", min_sim, report, strict)
+    return jsonl_text_document(record, json_key, report, strict)

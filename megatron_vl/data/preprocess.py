@@ -14,6 +14,7 @@ For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's namin
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing as mp
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .formats import RawDocument, Report, read_documents
+from .formats import RawDocument, Report, read_records, record_document
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
 from .tokenizer import Tokenizer
 
@@ -82,9 +83,19 @@ def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Toke
     return tokens, images, skips
 
 
-def _encode_task(args):
-    doc, append_eod = args
-    return encode_document(doc, append_eod)
+def _encode_task(args, tokenizer: Optional[Tokenizer] = None):
+    """Record -> (is a document, tokens, images, this record's report). Runs in a worker:
+    JSON parsing, tokenization and the image checks all happen here."""
+    fmt, record, opts, append_eod = args
+    report = Report()
+    doc = record_document(fmt, record, report, **opts)
+    if doc is None:
+        return False, None, [], report
+    tokens, images, skips = encode_document(doc, append_eod, tokenizer)
+    for reason, where in skips:
+        report.skip(reason, where, opts["strict"])
+    # Most records are clean: send no report back for them (less to pickle per record).
+    return True, tokens, images, report if report.skipped else None
 
 
 class DatasetWriter:
@@ -142,19 +153,21 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
     writer = DatasetWriter(prefix, tokenizer.meta(), multimodal)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_type, tokenizer_model)) \
         if workers > 1 else None
+    opts = {"image_root": image_root, "min_sim": min_sim, "json_key": json_key, "strict": strict}
     bar = tqdm(desc=f"preprocess {os.path.basename(prefix)}", unit="doc", disable=not progress, smoothing=0.1)
     try:
         for path in files:
-            docs = read_documents(fmt, path, report, image_root=image_root, min_sim=min_sim,
-                                  json_key=json_key, strict=strict)
-            tasks = ((doc, append_eod) for doc in docs)
+            records = read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
+            tasks = ((fmt, record, opts, append_eod) for record in records)
             results = pool.imap(_encode_task, tasks, chunksize=64) if pool else \
-                (encode_document(doc, append_eod, tokenizer) for doc, _ in tasks)
-            for tokens, images, skips in results:
+                map(functools.partial(_encode_task, tokenizer=tokenizer), tasks)
+            for is_document, tokens, images, record_report in results:
+                if record_report is not None:
+                    report.merge(record_report)
+                if not is_document:
+                    continue
                 report.documents_read += 1
                 bar.update(1)
-                for reason, where in skips:
-                    report.skip(reason, where, strict)
                 if tokens is None:
                     continue
                 writer.add(tokens, images)
