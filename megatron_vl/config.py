@@ -106,6 +106,8 @@ class DataConfig:
     tokenizer_model: Optional[str] = opt(None, "Sentencepiece .model file or HF tokenizer directory.")
     reset_attention_mask: bool = opt(False, "Keep attention inside each document of a packed sample.")
     reset_position_ids: bool = opt(False, "Restart position ids at each document boundary.")
+    num_image_tokens: int = opt(32, "N: visual embeddings per image (must match the feature store).")
+    max_images_per_sample: int = opt(5, "Most image blocks in one packed sample.")
     num_workers: int = opt(2, "Data loader worker processes.")
 
 

@@ -159,3 +159,12 @@ def test_blend_follows_weights_and_megatron_syntax():
 def test_split_ranges():
     assert split_ranges("98,2,0", 100) == [(0, 98), (98, 100), (100, 100)]
     assert split_ranges("1", 10) == [(0, 10), (10, 10), (10, 10)]
+
+
+def test_packing_config_from_flags():
+    from megatron_vl.config import load_config
+    from megatron_vl.data.packing import packing_config
+    cfg, _ = load_config(["--seq-length", "256", "--num-image-tokens", "16", "--max-images-per-sample", "3",
+                          "--seed", "9", "--reset-position-ids"])
+    assert packing_config(cfg) == PackingConfig(seq_length=256, num_image_tokens=16, max_images=3, seed=9,
+                                                reset_position_ids=True)

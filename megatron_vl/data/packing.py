@@ -40,6 +40,13 @@ class PackingConfig:
     blend with image datasets (default: read from the feature store, 1 without one)."""
 
 
+def packing_config(cfg) -> PackingConfig:
+    """The packing settings of a run's Config (megatron_vl.config.Config)."""
+    return PackingConfig(seq_length=cfg.model.seq_length, num_image_tokens=cfg.data.num_image_tokens,
+                         max_images=cfg.data.max_images_per_sample, seed=cfg.training.seed,
+                         reset_position_ids=cfg.data.reset_position_ids)
+
+
 def _splitmix_bit(seed: int, doc_position: int, image_number: int) -> bool:
     x = (seed * 0x9E3779B97F4A7C15 + doc_position * 0xBF58476D1CE4E5B9 + image_number * 0x94D049BB133111EB) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
