@@ -152,7 +152,9 @@ class IndexedDataset:
         if found_bin != expected_bin:
             raise IndexedDataError(f"{bpath}: data size mismatch: the index describes {expected_bin} bytes, "
                                    f"found {found_bin}")
-        self._bin = np.memmap(bpath, mode="r", dtype=self.dtype) if expected_bin else np.zeros(0, self.dtype)
+        # A plain ndarray over the map: np.memmap's subclass hooks cost more than the read.
+        self._bin = np.memmap(bpath, mode="r", dtype=self.dtype).view(np.ndarray) if expected_bin \
+            else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -218,8 +220,8 @@ class FeatureStore:
             raise IndexedDataError(f"{bpath}: feature store holds {count} images, the image table has "
                                    f"{expected_count}")
         self.count, self.shape = count, (n, d)
-        self.features = np.memmap(bpath, mode="r", dtype=np.float16, shape=(count, n, d)) if count else \
-            np.zeros((0, n, d), np.float16)
+        self.features = np.memmap(bpath, mode="r", dtype=np.float16, shape=(count, n, d)).view(np.ndarray) \
+            if count else np.zeros((0, n, d), np.float16)
 
     def __len__(self):
         return self.count

@@ -187,9 +187,10 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
     # Features in order of appearance; each visual position names its slot in that list.
     first = visual & (elem_vis == 0)
     image_ids = elem_img[first]
-    feats = np.zeros((cfg.max_images, N, features.shape[-1]), np.float16)
-    for j, image in enumerate(image_ids):
-        feats[j] = features[int(image)]
+    feats = np.empty((cfg.max_images, N, features.shape[-1]), np.float16)
+    for j, image in enumerate(image_ids.tolist()):
+        feats[j] = features[image]
+    feats[len(image_ids):] = 0
     slot = np.cumsum(first) - 1
     return {"tokens": np.where(visual, 0, tokens), "labels": labels, "visual_mask": visual,
             "regression_mask": regression, "visual_slot": np.where(visual, slot, -1),
