@@ -1,7 +1,6 @@
 """Every bad input: a clear error naming file and record, or a counted, reported skip; and
 no output left behind that a reader would take as complete."""
 
-import io
 import json
 import os
 import zipfile

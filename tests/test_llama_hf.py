@@ -102,6 +102,27 @@ def test_recompute_gives_identical_gradients():
         assert torch.equal(a.grad, b.grad), name
 
 
+def test_recompute_replays_tensor_parallel_dropout():
+    """Attention dropout draws from the TP tracker's stream; recomputation must replay it."""
+    from megatron_vl.config import ModelConfig
+    from megatron_vl.model.llama import LlamaModel
+    from megatron_vl.parallel.random import seed_everything
+    cfg = ModelConfig(vocab_size=200, attention_dropout=0.3, hidden_dropout=0.2)
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = LlamaModel(cfg, rng_tracker=None, recompute=recompute)
+        model.rng_tracker = tracker = seed_everything(5)
+        for layer in model.layers:
+            layer.attention.rng_tracker = tracker
+        model.train()
+        model(ids, labels=ids).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_document_segments_isolate_attention():
     """With segment ids, each document's logits equal running that document alone, with
     positions restarted (Megatron's --reset-attention-mask / --reset-position-ids)."""

@@ -9,6 +9,7 @@ makes every collective a no-op.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -178,6 +179,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("dropout with tensor parallelism needs an rng_tracker (seed_everything)")
         self.cfg = cfg
         self.recompute = recompute
+        self.rng_tracker = rng_tracker
         self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
         self.layer_offset = state.stage_layers(cfg.num_layers).start
         self.embedding = LlamaEmbedding(cfg, state) if self.pre_process else None
@@ -200,7 +202,8 @@ class LlamaModel(nn.Module):
         cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for layer in self.layers:
             if self.recompute and self.training:
-                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False,
+                               context_fn=self._recompute_contexts)
             else:
                 x = layer(x, cos, sin, segment_ids)
         if not self.post_process:
@@ -212,3 +215,22 @@ class LlamaModel(nn.Module):
 
     def full_logits(self, local_logits):
         return self.head.full_logits(local_logits)
+
+    def _recompute_contexts(self):
+        """torch's checkpoint replays the default RNG; the TP dropout stream lives in our
+        tracker, so the recomputation must start from the tracker state the forward saw."""
+        tracker = self.rng_tracker
+        saved = tracker.state_dict() if tracker is not None else None
+
+        @contextlib.contextmanager
+        def recompute():
+            if tracker is None:
+                yield
+                return
+            after_forward = tracker.state_dict()
+            tracker.load_state_dict(saved)
+            try:
+                yield
+            finally:
+                tracker.load_state_dict(after_forward)
+        return contextlib.nullcontext(), recompute()
