@@ -71,3 +71,15 @@ def test_harness_reports_failures_and_kills_hangs():
         run_distributed(_fails_on_rank_one, 2, timeout=60)
     with pytest.raises(DistributedFailure, match=r"did not finish within 8s \(killed\)"):
         run_distributed(_hangs, 2, timeout=8)
+
+
+def _single_world_mpu(rank, world):
+    state = ParallelState.build()
+    mpu = state.as_mpu()
+    for group in (mpu.get_data_parallel_group(), mpu.get_model_parallel_group(),
+                  mpu.get_pipeline_model_parallel_group()):
+        assert group is not None and dist.get_world_size(group) == 1
+
+
+def test_mpu_has_real_groups_in_a_one_process_world():
+    run_distributed(_single_world_mpu, 1, timeout=60)

@@ -107,6 +107,8 @@ class ParallelState:
         dp = world_size // (tp * pp)
         state = cls(tp=tp, pp=pp, dp=dp, rank=rank, groups=group_ranks(tp, pp, dp))
         if world_size == 1:
+            if dist.is_initialized():   # DeepSpeed still wants real groups from the mpu
+                state.self_group = dist.new_group([0])
             return state
         for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"), ("mp", "mp_group")):
             for ranks in state.groups[kind]:
