@@ -194,3 +194,10 @@ def test_merge_tool(pipeline, tmp_path):
     spans = IndexedDataset(str(tmp_path / "merged_images"))
     assert np.array_equal(merged[40], IndexedDataset(p)[0])
     assert spans[40][2] == 40   # image ids renumbered after the first part's 40 images
+    merged_features = FeatureStore(str(tmp_path / "merged_image_features"))
+    original = FeatureStore(p + "_image_features")
+    assert len(merged_features) == 80 and np.array_equal(merged_features[40], original[0])
+    cfg = PackingConfig(seq_length=64, num_image_tokens=N, seed=1)
+    ds = PackedDataset(str(tmp_path / "merged"), cfg, num_samples=5, cache_dir=str(tmp_path))
+    with pytest.raises(IndexError, match="sample 5 of a 5-sample dataset"):
+        ds[5]

@@ -105,6 +105,13 @@ def test_image_block_longer_than_sample_is_refused(tmp_path):
         PackedDataset(prefix, PackingConfig(seq_length=5, num_image_tokens=4), num_samples=2, cache_dir=str(tmp_path))
 
 
+def test_zero_images_per_sample_is_refused(tmp_path):
+    prefix = write_dataset(tmp_path / "hand")
+    with pytest.raises(ValueError, match="max images per sample must be >= 1, got 0"):
+        PackedDataset(prefix, PackingConfig(seq_length=16, num_image_tokens=2, max_images=0), num_samples=2,
+                      cache_dir=str(tmp_path))
+
+
 def test_reset_position_ids_restart_per_document(tmp_path):
     prefix = write_dataset(tmp_path / "hand")
     cfg = PackingConfig(seq_length=40, num_image_tokens=2, seed=2, reset_position_ids=True)

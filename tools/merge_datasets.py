@@ -1,4 +1,6 @@
-"""Concatenate preprocessed datasets (e.g. partitions written on different machines).
+"""Concatenate preprocessed datasets (e.g. partitions written on different machines): tokens,
+image spans (image ids renumbered), image tables, and the feature stores when every input
+with images has one.
 
     python tools/merge_datasets.py --input data/mmc4_part0_text_document data/mmc4_part1_text_document \
         --output-prefix data/mmc4_text_document

@@ -145,7 +145,9 @@ class PackedDataset:
         return np.asarray(toks, np.int64), self._doc_spans(d)
 
     def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
-        return self.sample_in_order(int(self.shuffle[i % len(self.shuffle)]))
+        if not 0 <= i < len(self.shuffle):
+            raise IndexError(f"sample {i} of a {len(self.shuffle)}-sample dataset ({self.prefix})")
+        return self.sample_in_order(int(self.shuffle[i]))
 
     def sample_in_order(self, j: int) -> Dict[str, np.ndarray]:
         """The j-th sample of the stream before the sample shuffle."""

@@ -80,6 +80,8 @@ def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans
     document) where each sample starts; the last row is where the next would start.
     doc_tokens[d] is document d's token count. Stops early if the order runs out."""
     S, block = cfg.seq_length, cfg.num_image_tokens + 2
+    if cfg.max_images < 1:
+        raise ValueError(f"max images per sample must be >= 1, got {cfg.max_images}")
     if block > S:
         raise ValueError(f"an image block ({block} positions) does not fit in --seq-length {S}")
     starts: List[Tuple[int, int]] = [(0, 0)]

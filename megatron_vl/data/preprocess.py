@@ -223,7 +223,23 @@ def merge_datasets(inputs: List[str], output: str) -> Dict:
     except BaseException:
         writer.abort()
         raise
+    _merge_features(inputs, metas, output)
     return read_meta(output)
+
+
+def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
+    """Concatenates the feature stores too when every input with images has one."""
+    from .indexed import FeatureStore, FeatureStoreWriter
+    with_images = [(p, m) for p, m in zip(inputs, metas) if m.get("num_images")]
+    if not with_images or not all(os.path.isfile(sidecar(p, "features") + ".idx") for p, _ in with_images):
+        return
+    stores = [FeatureStore(sidecar(p, "features"), expected_count=m["num_images"]) for p, m in with_images]
+    if len({s.shape for s in stores}) != 1:
+        raise ValueError(f"feature stores of {[p for p, _ in with_images]} differ in shape; cannot merge")
+    out = FeatureStoreWriter(sidecar(output, "features"), *stores[0].shape)
+    for store in stores:
+        out.add(store.features)
+    out.finalize()
 
 
 def remove_dataset(prefix: str) -> None:
