@@ -161,3 +161,17 @@ def test_tied_with_pipeline_is_refused():
     cfg = ModelConfig(untie_embeddings_and_output_weights=False)
     with pytest.raises(ValueError, match="tied embeddings with pipeline parallelism"):
         LlamaModel(cfg, ParallelState(pp=2))
+
+
+def test_pipeline_stages_chained_equal_transformers():
+    """The two stages of a PP=2 import, run one after the other, equal the HF model."""
+    hf = tiny_hf_model(seed=8, num_hidden_layers=4)
+    cfg = model_config_from_hf(hf.config.to_dict())
+    shards = hf_to_shards(hf.state_dict(), cfg, 1, 2)
+    stages = [load_llama(cfg, ParallelState(tp=1, pp=2, dp=1, rank=r), shards[(0, r)]) for r in range(2)]
+    assert [len(s.layers) for s in stages] == [2, 2] and stages[1].layer_offset == 2
+    assert stages[0].head is None and stages[1].embedding is None
+    ids = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = stages[1].full_logits(stages[1](hidden_states=stages[0](ids)))
+        assert (logits - hf(ids).logits).abs().max().item() <= 1e-5
