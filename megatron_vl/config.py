@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .atomic import atomic_open
 
 
 class ConfigError(ValueError):
@@ -309,10 +310,8 @@ def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
 
 
 def save_yaml(cfg: Config, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with atomic_open(path) as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

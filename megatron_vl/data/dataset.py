@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..atomic import atomic_open
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
 from .packing import PackingConfig, build_sample_starts, materialize
 from .preprocess import read_meta, sidecar
@@ -48,9 +49,8 @@ def _is_rank0_and_barrier():
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
 
 
 class PackedDataset:

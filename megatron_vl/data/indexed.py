@@ -19,6 +19,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..atomic import temp_name
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -46,10 +48,6 @@ def bin_path(prefix: str) -> str:
     return prefix + ".bin"
 
 
-def _tmp(path: str) -> str:
-    return f"{path}.tmp{os.getpid()}"
-
-
 class IndexedDatasetWriter:
     """Appends sequences (and document boundaries) to ``prefix.bin/.idx``; ``finalize``
     writes the index and renames both files into place."""
@@ -59,7 +57,7 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
-        self._bin = open(_tmp(bin_path(prefix)), "wb")
+        self._bin = open(temp_name(bin_path(prefix)), "wb")
         self.lengths: List[int] = []
         self.document_indices: List[int] = [0]
 
@@ -94,7 +92,7 @@ class IndexedDatasetWriter:
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        with open(_tmp(idx_path(self.prefix)), "wb") as fh:
+        with open(temp_name(idx_path(self.prefix)), "wb") as fh:
             fh.write(MAGIC)
             fh.write(struct.pack("<Q", VERSION))
             fh.write(struct.pack("<B", CODE_OF[self.dtype]))
@@ -103,12 +101,12 @@ class IndexedDatasetWriter:
             fh.write(lengths.tobytes(order="C"))
             fh.write(pointers.tobytes(order="C"))
             fh.write(np.asarray(self.document_indices, dtype=np.int64).tobytes(order="C"))
-        os.replace(_tmp(bin_path(self.prefix)), bin_path(self.prefix))
-        os.replace(_tmp(idx_path(self.prefix)), idx_path(self.prefix))
+        os.replace(temp_name(bin_path(self.prefix)), bin_path(self.prefix))
+        os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
     def abort(self) -> None:
         self._bin.close()
-        for p in (_tmp(bin_path(self.prefix)), _tmp(idx_path(self.prefix))):
+        for p in (temp_name(bin_path(self.prefix)), temp_name(idx_path(self.prefix))):
             if os.path.exists(p):
                 os.remove(p)
 
@@ -179,7 +177,7 @@ class FeatureStoreWriter:
 
     def __init__(self, prefix: str, num_tokens: int, dim: int):
         self.prefix, self.shape, self.count = prefix, (num_tokens, dim), 0
-        self._bin = open(_tmp(bin_path(prefix)), "wb")
+        self._bin = open(temp_name(bin_path(prefix)), "wb")
 
     def add(self, features: np.ndarray) -> None:
         arr = np.asarray(features, dtype=np.float16)
@@ -192,10 +190,10 @@ class FeatureStoreWriter:
 
     def finalize(self) -> None:
         self._bin.close()
-        with open(_tmp(idx_path(self.prefix)), "wb") as fh:
+        with open(temp_name(idx_path(self.prefix)), "wb") as fh:
             fh.write(FEATURE_MAGIC + struct.pack("<QQQQ", VERSION, self.count, *self.shape))
-        os.replace(_tmp(bin_path(self.prefix)), bin_path(self.prefix))
-        os.replace(_tmp(idx_path(self.prefix)), idx_path(self.prefix))
+        os.replace(temp_name(bin_path(self.prefix)), bin_path(self.prefix))
+        os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
 
 class FeatureStore:

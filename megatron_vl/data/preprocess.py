@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..atomic import atomic_open
 from .formats import RawDocument, Report, read_records, record_document
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
 from .tokenizer import Tokenizer
@@ -131,10 +132,8 @@ class DatasetWriter:
         meta = {"version": META_VERSION, "multimodal": self.multimodal, "tokenizer": self.meta,
                 "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
                 "report": report.to_dict(), **extra}
-        tmp = sidecar(self.prefix, "meta") + f".tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
+        with atomic_open(sidecar(self.prefix, "meta")) as fh:
             json.dump(meta, fh, indent=2)
-        os.replace(tmp, sidecar(self.prefix, "meta"))
 
     def abort(self) -> None:
         for w in self.writers():
