@@ -70,16 +70,17 @@ class PackedDataset:
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
         num_images = meta.get("num_images", 0)
+        # [images, N, d] float16: the memory-mapped store, or an empty array of the run's shape.
+        self.features = np.zeros((0, cfg.num_image_tokens, cfg.embed_dim or 1), np.float16)
         if self.multimodal and num_images and require_features:
-            self.features = FeatureStore(sidecar(prefix, "features"), expected_count=num_images)
-            if self.features.shape[0] != cfg.num_image_tokens:
-                raise IndexedDataError(f"{sidecar(prefix, 'features')}: {self.features.shape[0]} visual tokens per "
+            store = FeatureStore(sidecar(prefix, "features"), expected_count=num_images)
+            if store.shape[0] != cfg.num_image_tokens:
+                raise IndexedDataError(f"{sidecar(prefix, 'features')}: {store.shape[0]} visual tokens per "
                                        f"image, the run expects N = {cfg.num_image_tokens}")
-            if cfg.embed_dim is not None and self.features.shape[1] != cfg.embed_dim:
-                raise IndexedDataError(f"{sidecar(prefix, 'features')}: features of width {self.features.shape[1]}, "
+            if cfg.embed_dim is not None and store.shape[1] != cfg.embed_dim:
+                raise IndexedDataError(f"{sidecar(prefix, 'features')}: features of width {store.shape[1]}, "
                                        f"the run expects d = {cfg.embed_dim}")
-        else:
-            self.features = np.zeros((0, cfg.num_image_tokens, cfg.embed_dim or 1), np.float16)
+            self.features = store.features
         di = self.text.document_indices
         lengths = self.text.lengths.astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(lengths)])
@@ -151,9 +152,8 @@ class PackedDataset:
 
     def sample_in_order(self, j: int) -> Dict[str, np.ndarray]:
         """The j-th sample of the stream before the sample shuffle."""
-        return materialize(self.starts[j], self.starts[j + 1], self.doc_order, self._get_doc, self.features.features
-                           if isinstance(self.features, FeatureStore) else self.features, self.cfg, self.img_id,
-                           self.img_end_id)
+        return materialize(self.starts[j], self.starts[j + 1], self.doc_order, self._get_doc, self.features,
+                           self.cfg, self.img_id, self.img_end_id)
 
 
 def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], List[float]]:
