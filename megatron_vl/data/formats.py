@@ -1,7 +1,9 @@
-"""Readers of the raw corpora. Each yields ``RawDocument``s: the text as a list of sentences
-and each image attached to the sentence it belongs to. Anything malformed is counted in
-the ``Report`` under a reason, with the first place it happened (file:line or file:row);
-nothing is dropped silently.
+"""Readers of the raw corpora, turning each record into a ``RawDocument``: the text as a list
+of sentences and each image attached to the sentence it belongs to. ``read_records`` yields
+raw lines for the jsonl formats (``record_document`` parses them, in the preprocessing
+workers) and whole documents for the formats read through a library. Anything malformed is
+counted in the ``Report`` under a reason, with the first place it happened (file:line,
+file:row N, tar:key); nothing is dropped silently.
 
 Formats:
 - ``mmc4``: MMC4 jsonl, or its distributed ``*.jsonl.zip`` shards. Images are files under
