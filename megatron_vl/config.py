@@ -63,6 +63,9 @@ class ModelConfig:
     attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
     hidden_dropout: float = opt(0.0, "Dropout on attention and MLP outputs before the residual add.")
     init_method_std: float = opt(0.02, "Std of the normal initialisation of weights.")
+    visual_embed_dim: int = opt(
+        64, "d: width of the stored visual embeddings (the image tokenizer's output); the visual "
+        "projection maps d -> hidden and the regression head hidden -> d.")
     fused_kernels: str = opt(
         "auto", "Kernel choice per op: 'auto' (fused on CUDA when importable, torch otherwise) "
         "or 'torch' (always the torch reference).", choices=["auto", "torch"])
@@ -137,6 +140,9 @@ class TrainingConfig:
     fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
     seed: int = opt(1234, "Random seed.")
     recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
+    visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
+    max_skipped_steps: int = opt(
+        10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.")
     eval_interval: int = opt(1000, "Iterations between held-out evaluations.")
     eval_iters: int = opt(10, "Batches per evaluation.")
     deepspeed_config: Optional[str] = opt(
@@ -150,6 +156,8 @@ class CheckpointConfig:
     load: Optional[str] = opt(None, "Directory to load a checkpoint from.")
     save_interval: Optional[int] = opt(None, "Iterations between checkpoints.")
     keep_last: Optional[int] = opt(None, "Keep only this many newest checkpoints.")
+    ckpt_step: Optional[int] = opt(None, "Load the checkpoint of this iteration instead of the one "
+                                   "'latest' names.")
 
 
 @dataclass
@@ -157,6 +165,9 @@ class LoggingConfig:
     log_interval: int = opt(10, "Iterations between console log lines.")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.")
     wandb_project: Optional[str] = opt(None, "Weights & Biases project (when wandb is installed).")
+    peak_tflops: Optional[float] = opt(
+        None, "Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU name "
+        "(A100/H100/H200 bf16), none on CPU.")
 
 
 @dataclass

@@ -10,6 +10,7 @@ makes every collective a no-op.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -196,16 +197,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids=None, hidden_states=None, position_ids=None, segment_ids=None, labels=None,
                 loss_weights=None):
         x = self.embedding(input_ids) if self.pre_process else hidden_states
-        b, s = x.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-        cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
-        for layer in self.layers:
-            if self.recompute and self.training:
-                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False,
-                               context_fn=self._recompute_contexts)
-            else:
-                x = layer(x, cos, sin, segment_ids)
+        x = self.run_layers(x, position_ids, segment_ids)
         if not self.post_process:
             return x
         if labels is not None and loss_weights is not None:
@@ -213,24 +205,38 @@ class LlamaModel(nn.Module):
         logits = self.head.logits(x)
         return logits if labels is None else self.head.loss(logits, labels)
 
+    def run_layers(self, x, position_ids=None, segment_ids=None):
+        """This stage's decoder layers on hidden states x [b, s, h]."""
+        b, s = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
+        cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        for layer in self.layers:
+            if self.recompute and self.training:
+                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False,
+                               context_fn=functools.partial(recompute_contexts, self.rng_tracker))
+            else:
+                x = layer(x, cos, sin, segment_ids)
+        return x
+
     def full_logits(self, local_logits):
         return self.head.full_logits(local_logits)
 
-    def _recompute_contexts(self):
-        """torch's checkpoint replays the default RNG; the TP dropout stream lives in our
-        tracker, so the recomputation must start from the tracker state the forward saw."""
-        tracker = self.rng_tracker
-        saved = tracker.state_dict() if tracker is not None else None
 
-        @contextlib.contextmanager
-        def recompute():
-            if tracker is None:
-                yield
-                return
-            after_forward = tracker.state_dict()
-            tracker.load_state_dict(saved)
-            try:
-                yield
-            finally:
-                tracker.load_state_dict(after_forward)
-        return contextlib.nullcontext(), recompute()
+def recompute_contexts(tracker: Optional[RNGStatesTracker]):
+    """torch's checkpoint replays the default RNG; the TP dropout stream lives in our
+    tracker, so the recomputation must start from the tracker state the forward saw."""
+    saved = tracker.state_dict() if tracker is not None else None
+
+    @contextlib.contextmanager
+    def recompute():
+        if tracker is None:
+            yield
+            return
+        after_forward = tracker.state_dict()
+        tracker.load_state_dict(saved)
+        try:
+            yield
+        finally:
+            tracker.load_state_dict(after_forward)
+    return contextlib.nullcontext(), recompute()

@@ -176,17 +176,32 @@ class DeepSpeedMPU:
         return self._world(self.state.pp_group)
 
 
-def init_distributed(backend: str = "auto") -> Tuple[int, int, int]:
+def init_distributed(backend: str = "auto", single_process_group: bool = False) -> Tuple[int, int, int]:
     """Initialises torch.distributed from the launcher's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR/PORT as torchrun and deepspeed set them). Returns
-    (rank, world_size, local_rank); a plain ``python script.py`` is one process."""
+    (rank, world_size, local_rank); a plain ``python script.py`` is one process, which gets a
+    one-rank process group only when single_process_group is set (DeepSpeed wants one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or single_process_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        init_method = None
+        if world_size == 1:
+            # DeepSpeed reads the launcher's variables even for one process.
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(key, value)
+            if "MASTER_ADDR" not in os.environ:
+                init_method = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=init_method)
     return rank, world_size, local_rank
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,106 @@
+"""VL-GPT as a DeepSpeed ``PipelineModule``, built from the same layer classes as VLGPTModel.
+
+What crosses a stage boundary is one tuple (hidden states, position ids, segment ids): the
+grad-carrying float first (DeepSpeed partitions the first tensor across TP ranks), integer
+tensors after it. Stage 0 reads (tokens, visual embeddings, visual mask, position ids,
+segment ids); the last stage's loss reads the labels tuple (text targets, visual targets,
+regression mask). Components of the loss are kept on the head for reporting.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional
+
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from ..config import ModelConfig
+from ..model.llama import LlamaDecoderLayer, _rope_scaling, recompute_contexts
+from ..model.vlgpt import VLGPTEmbedding, VLGPTHead
+from .random import RNGStatesTracker
+from .state import ParallelState
+
+
+class EmbeddingPipe(VLGPTEmbedding):
+    def forward(self, inputs):
+        tokens, visual_embeds, visual_mask, position_ids, segment_ids = inputs
+        return super().forward(tokens, visual_embeds, visual_mask), position_ids, segment_ids
+
+
+class DecoderLayerPipe(LlamaDecoderLayer):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, rng_tracker: Optional[RNGStatesTracker],
+                 recompute: bool, document_isolation: bool):
+        super().__init__(cfg, state, rng_tracker)
+        self.rng_tracker = rng_tracker
+        self.recompute = recompute
+        self.document_isolation = document_isolation
+        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg)),
+                             persistent=False)
+
+    def forward(self, inputs):
+        x, position_ids, segment_ids = inputs
+        cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        segments = segment_ids if self.document_isolation else None
+        if self.recompute and self.training:
+            x = checkpoint(super().forward, x, cos, sin, segments, use_reentrant=False,
+                           context_fn=functools.partial(recompute_contexts, self.rng_tracker))
+        else:
+            x = super().forward(x, cos, sin, segments)
+        return x, position_ids, segment_ids
+
+
+class HeadPipe(VLGPTHead):
+    """Forward passes the hidden states through; the loss function (set on the
+    PipelineModule) applies the heads, so the fused LM-head loss never stores logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reported: List = []
+
+    def forward(self, inputs):
+        return inputs[0]
+
+    def pipeline_loss(self, hidden, labels):
+        text_labels, visual_targets, regression_mask = labels
+        out = self.loss(hidden, text_labels, visual_targets, regression_mask)
+        self.reported.append((out.lm, out.visual))
+        return out.total
+
+
+def build_pipeline_module(cfg: ModelConfig, state: ParallelState, rng_tracker, recompute: bool,
+                          document_isolation: bool, visual_loss_weight: float):
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if not cfg.untie_embeddings_and_output_weights:
+        raise ValueError("tied embeddings with pipeline parallelism are not supported: the embedding and "
+                         "the LM head live on different stages")
+    specs = [LayerSpec(EmbeddingPipe, cfg, state)]
+    specs += [LayerSpec(DecoderLayerPipe, cfg, state, rng_tracker, recompute, document_isolation)
+              for _ in range(cfg.num_layers)]
+    specs.append(LayerSpec(HeadPipe, cfg, state, visual_loss_weight))
+    topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
+    module = PipelineModule(specs, topology=topology, partition_method="type:DecoderLayerPipe")
+    decoder = [i - 1 for i in range(module._local_start, module._local_stop) if 1 <= i <= cfg.num_layers]
+    expected = list(state.stage_layers(cfg.num_layers))
+    if decoder != expected:
+        raise RuntimeError(f"pipeline stage {state.pp_rank} got decoder layers {decoder}, expected {expected}")
+    heads = [m for m in module.forward_funcs if isinstance(m, HeadPipe)]
+    if heads:
+        module.loss_fn = heads[0].pipeline_loss
+    return module
+
+
+def pipeline_inputs(batch) -> tuple:
+    """(inputs, labels) tuples of a training batch for the pipeline engine."""
+    inputs = (batch["tokens"], batch["visual_embeds"], batch["visual_mask"], batch["position_ids"],
+              batch["segment_ids"])
+    labels = (batch["labels"], batch["visual_targets"], batch["regression_mask"])
+    return inputs, labels
+
+
+def pipe_head(module) -> Optional[HeadPipe]:
+    heads = [m for m in module.modules() if isinstance(m, HeadPipe)]
+    return heads[0] if heads else None
+

@@ -1,0 +1,92 @@
+"""The run's data: train/valid datasets from --data-path/--split, their loaders from the
+consumed-sample count, and the model-ready batch."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config, ConfigError, data_parallel_size, gradient_accumulation_steps
+from ..data.dataset import PretrainingSampler, build_train_valid_test, collate, parse_blend
+from ..data.indexed import FeatureStore
+from ..data.preprocess import read_meta, sidecar
+from ..data.packing import packing_config
+from ..data.tokenizer import IMG, IMG_END
+from ..model.vlgpt import regression_targets, visual_inputs
+
+
+@dataclass
+class RunData:
+    train: object
+    valid: Optional[object]
+    image_token_ids: tuple
+    global_batch: int
+
+
+def _dataset_facts(cfg: Config):
+    """(vocabulary size, [IMG]/[/IMG] ids, feature width) agreed by every prefix of the blend."""
+    prefixes, _ = parse_blend(cfg.data.data_path)
+    vocab, ids, width = 0, None, None
+    for prefix in prefixes:
+        tok = read_meta(prefix)["tokenizer"]
+        these = (tok["image_token_ids"][IMG], tok["image_token_ids"][IMG_END])
+        if ids is not None and these != ids:
+            raise ConfigError(f"{prefix}: [IMG]/[/IMG] ids {these} differ from the other datasets' {ids}; "
+                              "preprocess every dataset with the same tokenizer")
+        ids, vocab = these, max(vocab, tok["vocab_size"])
+        store = sidecar(prefix, "features")
+        if not os.path.isfile(store + ".idx"):
+            continue   # text-only dataset, or features not extracted yet (the dataset says which)
+        d = FeatureStore(store).shape[1]
+        if width is not None and d != width:
+            raise ConfigError(f"{store}: features of width {d}, other datasets have {width}")
+        width = d
+    return vocab, ids, width
+
+
+def build_data(cfg: Config, world_size: int) -> RunData:
+    """Every rank builds the datasets (index building synchronises over the default group)."""
+    if not cfg.data.data_path:
+        raise ConfigError("--data-path is required (a preprocessed prefix, or weighted prefixes)")
+    vocab, ids, width = _dataset_facts(cfg)
+    m = cfg.model
+    if vocab > m.vocab_size:
+        raise ConfigError(f"the datasets' tokenizer has {vocab} tokens (with [IMG]/[/IMG]) but --vocab-size is "
+                          f"{m.vocab_size}; set --vocab-size {vocab}")
+    if width is not None and width != m.visual_embed_dim:
+        raise ConfigError(f"the datasets' image features have width {width} but --visual-embed-dim is "
+                          f"{m.visual_embed_dim}")
+    dp = data_parallel_size(cfg, world_size)
+    t = cfg.training
+    gbs = t.micro_batch_size * gradient_accumulation_steps(cfg, world_size) * dp
+    evals = t.train_iters // t.eval_interval + 1 if t.eval_iters > 0 else 0
+    sizes = (t.train_iters * gbs, evals * t.eval_iters * gbs, 0)
+    split = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]
+    if len(split) < 2 or split[1] <= 0:
+        sizes = (sizes[0], 0, 0)
+    pack = replace(packing_config(cfg), embed_dim=m.visual_embed_dim)
+    train, valid, _ = build_train_valid_test(cfg.data.data_path, cfg.data.split, pack, sizes, cfg.data.data_cache_path)
+    return RunData(train, valid, ids, gbs)
+
+
+def loader(dataset, cfg: Config, consumed: int, dp_rank: int, dp: int, total: Optional[int] = None) -> Iterator:
+    sampler = PretrainingSampler(total if total is not None else len(dataset), consumed,
+                                 cfg.training.micro_batch_size, dp_rank, dp)
+    workers = cfg.data.num_workers
+    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                           persistent_workers=False, prefetch_factor=4 if workers else None))
+
+
+def model_batch(raw: Dict[str, torch.Tensor], cfg: Config, device, dtype) -> Dict[str, torch.Tensor]:
+    """The packed sample batch -> the model's inputs and targets on `device`."""
+    raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+    visual = visual_inputs(raw["features"], raw["visual_slot"], raw["visual_index"])
+    return {"tokens": raw["tokens"], "visual_embeds": visual.to(dtype), "visual_mask": raw["visual_mask"],
+            "position_ids": raw["position_ids"],
+            "segment_ids": raw["segment_ids"] if cfg.data.reset_attention_mask else None,
+            "labels": raw["labels"], "visual_targets": regression_targets(visual),
+            "regression_mask": raw["regression_mask"]}

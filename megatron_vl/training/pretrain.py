@@ -1,0 +1,291 @@
+"""The VL-GPT pretraining loop on a DeepSpeed engine (pretrain_vlgpt.py is its entry point)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError, build_parser, load_config, validate
+from ..parallel.pipeline import pipe_head, pipeline_inputs
+from ..parallel.random import seed_everything
+from ..parallel.state import ParallelState, init_distributed
+from . import checkpoint as ckpt
+from . import faults
+from .build import build_model, initialize_engine
+from .data import build_data, loader, model_batch
+from .metrics import Sinks, StepStats, format_line, throughput
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's preemption warning): finish the step, save, exit 0."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self, device) -> bool:
+        """True on every rank when any rank got a signal (one all-reduce per step)."""
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, state: ParallelState, engine, built, data, tracker, device, world: int):
+        self.cfg, self.state, self.engine, self.built, self.data = cfg, state, engine, built, data
+        self.tracker, self.device, self.world = tracker, device, world
+        self.pipeline = built.pipeline
+        self.head = pipe_head(engine.module) if self.pipeline else None
+        t = cfg.training
+        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        self.gas = engine.gradient_accumulation_steps()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.reporting = self.rank == world - 1      # the last stage holds the losses (Megatron's rule)
+        self.iteration = self.consumed = self.skipped_total = self.skipped_consecutive = 0
+        self.sinks = Sinks(cfg, self.reporting, self.log_all)
+
+    # --- logging ------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def log_all(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    # --- data ---------------------------------------------------------------------------
+    def _batches(self, dataset, consumed: int, total: Optional[int] = None):
+        for raw in loader(dataset, self.cfg, consumed, self.state.dp_rank, self.state.dp, total):
+            batch = model_batch(raw, self.cfg, self.device, self.dtype)
+            if self.pipeline:
+                inputs, labels = pipeline_inputs(batch)
+                if inputs[-1] is None:
+                    inputs = inputs[:-1] + (batch["position_ids"],)
+                yield inputs, labels
+            else:
+                yield batch
+
+    # --- one step -----------------------------------------------------------------------
+    def _mean_over_dp(self, values: List[float]) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.state.dp_group is not None:
+            dist.all_reduce(t, group=self.state.dp_group)
+            t /= self.state.dp
+        return t.tolist()
+
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0
+
+    def train_step(self, batches) -> Dict[str, float]:
+        engine, step_number = self.engine, self.iteration + 1
+        lr = engine.get_lr()[0]   # the rate this step's update uses (the scheduler moves after it)
+        if self.pipeline:
+            loss = engine.train_batch(data_iter=batches)
+            reported, self.head.reported = (self.head.reported if self.head else []), []
+            lm = sum(float(r[0]) for r in reported) / max(len(reported), 1)
+            vis = sum(float(r[1]) for r in reported) / max(len(reported), 1)
+            finite = self._all_finite(loss.detach().float().to(self.device))
+        else:
+            lm = vis = 0.0
+            finite = True
+            for micro in range(self.gas):
+                total, lm_part, vis_part = engine(next(batches))
+                if faults.nan_loss_at(step_number):
+                    total = total * float("nan")
+                finite = self._all_finite(total.detach()) and finite
+                if micro == self.gas - 1 and not finite and self.cfg.parallel.zero_stage == 0:
+                    engine.backward(total)
+                    for p in engine.module.parameters():   # ZeRO-0 has no overflow check: drop the grads
+                        p.grad = None
+                else:
+                    engine.backward(total)
+                engine.step()
+                lm += float(lm_part) / self.gas
+                vis += float(vis_part) / self.gas
+        applied = engine.was_step_applied() and finite
+        lm, vis = self._mean_over_dp([lm, vis]) if not self.pipeline or self.head is not None else (lm, vis)
+        if applied:
+            self.skipped_consecutive = 0
+        else:
+            self.skipped_total += 1
+            # fp16 loss-scale overflows are routine; only non-finite losses/norms count to the abort.
+            if not finite or not self.cfg.training.fp16:
+                self.skipped_consecutive += 1
+        norm = engine.get_global_grad_norm()
+        return {"lm": lm, "visual": vis, "applied": applied, "lr": lr,
+                "grad_norm": float(norm) if norm is not None and applied else None}
+
+    # --- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        if self.data.valid is None:
+            return
+        t = self.cfg.training
+        total = t.eval_iters * self.data.global_batch
+        batches = self._batches(self.data.valid, 0, total)
+        lm = vis = 0.0
+        self.engine.eval()
+        for _ in range(t.eval_iters):
+            if self.pipeline:
+                self.engine.eval_batch(data_iter=batches)
+                reported, self.head.reported = (self.head.reported if self.head else []), []
+                lm += sum(float(r[0]) for r in reported) / max(len(reported), 1) / t.eval_iters
+                vis += sum(float(r[1]) for r in reported) / max(len(reported), 1) / t.eval_iters
+            else:
+                for _ in range(self.gas):
+                    _, lm_part, vis_part = self.engine(next(batches))
+                    lm += float(lm_part) / (self.gas * t.eval_iters)
+                    vis += float(vis_part) / (self.gas * t.eval_iters)
+        self.engine.train()
+        lm, vis = self._mean_over_dp([lm, vis])
+        if self.reporting:
+            ppl = math.exp(min(lm, 20.0))
+            print(f"validation at iteration {self.iteration} | lm loss: {lm:.8E} | lm PPL: {ppl:.4E} | "
+                  f"visual loss: {vis:.8E}", flush=True)
+            self.sinks.scalars({"valid/lm_loss": lm, "valid/visual_loss": vis, "valid/lm_ppl": ppl}, self.iteration)
+
+    # --- checkpoints --------------------------------------------------------------------
+    def client_state(self) -> Dict:
+        return {"consumed_train_samples": self.consumed, "skipped_total": self.skipped_total,
+                "skipped_consecutive": self.skipped_consecutive}
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        tag = ckpt.save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
+                                   self.tracker, c.keep_last, self.log)
+        self.log(f"saved checkpoint {os.path.join(c.save, tag)} at iteration {self.iteration}")
+
+    def resume(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.load or self.built.loaded_from:
+            return
+        client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log)
+        if client is None:
+            return
+        self.iteration, self.consumed = client["iteration"], client["consumed_train_samples"]
+        self.skipped_total = client.get("skipped_total", 0)
+        self.skipped_consecutive = client.get("skipped_consecutive", 0)
+
+    # --- the loop -----------------------------------------------------------------------
+    def train(self, stop: StopRequest) -> int:
+        cfg, t = self.cfg, self.cfg.training
+        batches = self._batches(self.data.train, self.consumed)
+        window: List[Dict] = []
+        window_start = time.perf_counter()
+        while self.iteration < t.train_iters:
+            out = self.train_step(batches)
+            self.iteration += 1
+            self.consumed += self.data.global_batch
+            window.append(out)
+            if self.skipped_consecutive > t.max_skipped_steps:
+                raise TrainingAborted(
+                    f"iteration {self.iteration}: {self.skipped_consecutive} consecutive updates skipped for a "
+                    f"non-finite loss or gradient norm (--max-skipped-steps {t.max_skipped_steps}); aborting. "
+                    f"Lower --lr, check the data, or resume from an earlier checkpoint.")
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+                self._log_window(window, time.perf_counter() - window_start)
+                window, window_start = [], time.perf_counter()
+            if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
+                self.evaluate()
+            saved = False
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
+                    self.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+                saved = True
+            if stop.agreed(self.device):
+                if cfg.checkpoint.save and not saved:
+                    self.save()
+                self.log(f"stopping at iteration {self.iteration} on a termination signal"
+                         + ("" if cfg.checkpoint.save else " (no --save: nothing written)"))
+                return 0
+        self.evaluate()
+        if cfg.checkpoint.save and (not cfg.checkpoint.save_interval or self.iteration % cfg.checkpoint.save_interval):
+            self.save()
+        return 0
+
+    def _log_window(self, window: List[Dict], seconds: float) -> None:
+        applied = [w for w in window if w["applied"]] or window
+        lm = sum(w["lm"] for w in applied) / len(applied)
+        vis = sum(w["visual"] for w in applied) / len(applied)
+        norms = [w["grad_norm"] for w in applied if w["grad_norm"] is not None]
+        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.cfg.training.fp16 else None
+        stats = StepStats(self.iteration, self.cfg.training.train_iters, self.consumed, lm, vis,
+                          window[-1]["lr"], sum(norms) / len(norms) if norms else None,
+                          self.skipped_total, seconds / len(window), self.data.global_batch, scale)
+        rates = throughput(stats, self.cfg, self.world)
+        if self.reporting:
+            print(format_line(stats, rates), flush=True)
+            self.sinks.scalars({"train/lm_loss": lm, "train/visual_loss": vis, "train/lr": stats.lr,
+                                "train/grad_norm": stats.grad_norm or float("nan"),
+                                "train/skipped_total": self.skipped_total, **{f"perf/{k}": v for k, v in rates.items()}},
+                               self.iteration)
+
+
+def parser():
+    p = build_parser("Pretrain VL-GPT on packed interleaved image-text data (DeepSpeed).")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg, _ = load_config(argv, parser=parser())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)                 # refuse bad layouts before any process-group work
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)   # denormal exp() in the softmax tail is ~100x slower on CPU
+    rank, world, _ = init_distributed(cfg.parallel.distributed_backend, single_process_group=True)
+    p = cfg.parallel
+    state = ParallelState.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
+    data = build_data(cfg, world)
+    built = build_model(cfg, state, tracker, data.image_token_ids, log=print if rank == 0 else (lambda m: None))
+    if device.type == "cuda":
+        built.module.to(device)
+    engine, _ = initialize_engine(cfg, state, built, world)
+    trainer = Trainer(cfg, state, engine, built, data, tracker, device, world)
+    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, ZeRO-{p.zero_stage}, "
+                f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}, "
+                f"global batch {data.global_batch} (micro {cfg.training.micro_batch_size} x "
+                f"accumulation {trainer.gas} x dp {state.dp}); parameters on rank 0: "
+                f"{built.counts['trainable']:,} trainable, {built.counts['frozen']:,} frozen")
+    trainer.resume()
+    stop = StopRequest()
+    try:
+        code = trainer.train(stop)
+    except TrainingAborted as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    trainer.sinks.close()
+    if dist.is_initialized():
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """main() with configuration errors reported as one line, exit code 2."""
+    try:
+        return main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2

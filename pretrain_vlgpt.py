@@ -1,0 +1,29 @@
+"""Stage 2 of VL-GPT: multimodal pretraining of LLaMA (+ LoRA) on packed interleaved
+image-text samples, on a DeepSpeed engine (ZeRO 0-3, pipeline stages, TP layers).
+
+Launch it the way you launch Megatron-DeepSpeed (every flag: --help):
+
+    # 2 CPU processes, tiny model, ZeRO-3 + LoRA
+    deepspeed --num_gpus 2 pretrain_vlgpt.py --data-path data/mmc4_text_document \
+        --vocab-size 258 --visual-embed-dim 64 --seq-length 512 --zero-stage 3 --lora-rank 8 \
+        --micro-batch-size 2 --train-iters 50 --save ckpt --save-interval 25
+    # the same with torchrun, TP=2
+    torchrun --nproc_per_node 2 pretrain_vlgpt.py --data-path data/mmc4_text_document \
+        --vocab-size 258 --tensor-model-parallel-size 2 --train-iters 50 --save ckpt
+    # resume: the same command with --load ckpt (the checkpoint 'latest' names, or --ckpt-step N)
+
+Start from an HF LLaMA: tools/convert_checkpoint.py import-hf --hf-dir llama-7b --save llama-7b-mvl,
+then --load llama-7b-mvl (a release checkpoint: weights only; [IMG]/[/IMG] rows are added at the
+mean of the existing rows; the visual projection and regression head start fresh).
+SIGTERM or SIGUSR1 saves at the next step boundary and exits 0 (SLURM: --signal=USR1@120).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from megatron_vl.training.pretrain import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run())
