@@ -70,7 +70,11 @@ class HeadPipe(VLGPTHead):
 
 def build_pipeline_module(cfg: ModelConfig, state: ParallelState, rng_tracker, recompute: bool,
                           document_isolation: bool, visual_loss_weight: float):
+    import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule
+
+    # PipelineModule builds its grid through deepspeed.comm, which must wrap our process group.
+    deepspeed.init_distributed(dist_init_required=False)
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     if not cfg.untie_embeddings_and_output_weights:

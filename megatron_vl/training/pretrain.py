@@ -94,14 +94,21 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
+    def _take_reported(self):
+        """Mean (lm, visual) over the micro-batches the pipeline head saw since the last call
+        (zeros on stages without the head)."""
+        if self.head is None:
+            return 0.0, 0.0
+        reported, self.head.reported = self.head.reported, []
+        n = max(len(reported), 1)
+        return sum(float(r[0]) for r in reported) / n, sum(float(r[1]) for r in reported) / n
+
     def train_step(self, batches) -> Dict[str, float]:
         engine, step_number = self.engine, self.iteration + 1
         lr = engine.get_lr()[0]   # the rate this step's update uses (the scheduler moves after it)
         if self.pipeline:
             loss = engine.train_batch(data_iter=batches)
-            reported, self.head.reported = (self.head.reported if self.head else []), []
-            lm = sum(float(r[0]) for r in reported) / max(len(reported), 1)
-            vis = sum(float(r[1]) for r in reported) / max(len(reported), 1)
+            lm, vis = self._take_reported()
             finite = self._all_finite(loss.detach().float().to(self.device))
         else:
             lm = vis = 0.0
@@ -146,9 +153,9 @@ class Trainer:
         for _ in range(t.eval_iters):
             if self.pipeline:
                 self.engine.eval_batch(data_iter=batches)
-                reported, self.head.reported = (self.head.reported if self.head else []), []
-                lm += sum(float(r[0]) for r in reported) / max(len(reported), 1) / t.eval_iters
-                vis += sum(float(r[1]) for r in reported) / max(len(reported), 1) / t.eval_iters
+                lm_part, vis_part = self._take_reported()
+                lm += lm_part / t.eval_iters
+                vis += vis_part / t.eval_iters
             else:
                 for _ in range(self.gas):
                     _, lm_part, vis_part = self.engine(next(batches))
