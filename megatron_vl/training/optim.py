@@ -26,11 +26,24 @@ def parameter_groups(named: Iterable[Tuple[str, nn.Parameter]], weight_decay: fl
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+class AdamW(torch.optim.AdamW):
+    """torch AdamW that can drop one step. ZeRO >= 1 skips non-finite updates itself; under
+    ZeRO-0 DeepSpeed calls this optimizer directly, so the loop sets skip_next instead."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            self.skip_next = False
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> AdamW:
     groups = parameter_groups(model.named_parameters(), cfg.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
 def lr_at(step: int, cfg: OptimizerConfig, train_iters: int) -> float:

@@ -58,6 +58,8 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.reporting = self.rank == world - 1      # the last stage holds the losses (Megatron's rule)
         self.iteration = self.consumed = self.skipped_total = self.skipped_consecutive = 0
+        self.exit_code: Optional[int] = None
+        self.history: List[Dict] = []    # per iteration, for tests and tools: losses, samples, skips
         self.sinks = Sinks(cfg, self.reporting, self.log_all)
 
     # --- logging ------------------------------------------------------------------------
@@ -103,6 +105,19 @@ class Trainer:
         n = max(len(reported), 1)
         return sum(float(r[0]) for r in reported) / n, sum(float(r[1]) for r in reported) / n
 
+    def _skip_zero0_update(self) -> None:
+        """ZeRO-0 has no overflow check: the step runs (DeepSpeed's counters move, NaN
+        gradients are cleared) but the optimizer drops it and the schedule steps back."""
+        engine = self.engine
+        base = engine.optimizer
+        base.skip_next = True
+        lrs = [g["lr"] for g in base.param_groups]
+        engine.step()
+        engine.lr_scheduler.last_epoch -= 1
+        for g, lr in zip(base.param_groups, lrs):
+            g["lr"] = lr
+        self._zero0_skipped = True
+
     def train_step(self, batches) -> Dict[str, float]:
         engine, step_number = self.engine, self.iteration + 1
         lr = engine.get_lr()[0]   # the rate this step's update uses (the scheduler moves after it)
@@ -118,16 +133,15 @@ class Trainer:
                 if faults.nan_loss_at(step_number):
                     total = total * float("nan")
                 finite = self._all_finite(total.detach()) and finite
-                if micro == self.gas - 1 and not finite and self.cfg.parallel.zero_stage == 0:
-                    engine.backward(total)
-                    for p in engine.module.parameters():   # ZeRO-0 has no overflow check: drop the grads
-                        p.grad = None
-                else:
-                    engine.backward(total)
-                engine.step()
+                engine.backward(total)
                 lm += float(lm_part) / self.gas
                 vis += float(vis_part) / self.gas
-        applied = engine.was_step_applied() and finite
+                if micro == self.gas - 1 and not finite and self.cfg.parallel.zero_stage == 0:
+                    self._skip_zero0_update()
+                else:
+                    engine.step()
+        applied = engine.was_step_applied() and finite and not getattr(self, "_zero0_skipped", False)
+        self._zero0_skipped = False
         lm, vis = self._mean_over_dp([lm, vis]) if not self.pipeline or self.head is not None else (lm, vis)
         if applied:
             self.skipped_consecutive = 0
@@ -202,6 +216,7 @@ class Trainer:
             self.iteration += 1
             self.consumed += self.data.global_batch
             window.append(out)
+            self.history.append(dict(out, iteration=self.iteration, consumed=self.consumed))
             if self.skipped_consecutive > t.max_skipped_steps:
                 raise TrainingAborted(
                     f"iteration {self.iteration}: {self.skipped_consecutive} consecutive updates skipped for a "
@@ -251,14 +266,19 @@ def parser():
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
+    """Runs a whole pretraining job; returns the Trainer (exit_code, history)."""
     cfg, _ = load_config(argv, parser=parser())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)                 # refuse bad layouts before any process-group work
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    if device.type == "cpu" and cfg.training.fp16:
+        raise ConfigError("--fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no float16 "
+                          "training); use --bf16 on CPU")
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in the softmax tail is ~100x slower on CPU
+    owns_group = not dist.is_initialized()
     rank, world, _ = init_distributed(cfg.parallel.distributed_backend, single_process_group=True)
     p = cfg.parallel
     state = ParallelState.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
@@ -277,22 +297,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer.resume()
     stop = StopRequest()
     try:
-        code = trainer.train(stop)
+        trainer.exit_code = trainer.train(stop)
     except TrainingAborted as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = 1
+        trainer.exit_code = 1
     trainer.sinks.close()
-    if dist.is_initialized():
-        if code == 0:
+    if owns_group and dist.is_initialized():
+        if trainer.exit_code == 0:
             dist.barrier()
         dist.destroy_process_group()
-    return code
+    return trainer
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """main() with configuration errors reported as one line, exit code 2."""
+    """pretrain() with configuration errors reported as one line, exit code 2."""
     try:
-        return main(argv)
+        return pretrain(argv).exit_code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
