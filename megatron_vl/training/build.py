@@ -180,7 +180,7 @@ def initialize_engine(cfg: Config, state: ParallelState, built: BuiltModel, worl
     trainable parameters and the schedule; returns (engine, ds_config)."""
     import deepspeed
     ds_config = deepspeed_config(cfg, world_size)
-    optimizer = build_optimizer(built.module, cfg.optimizer)
+    optimizer = build_optimizer(built.module, cfg.optimizer, cfg.parallel.zero_stage)
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     engine, _, _, _ = deepspeed.initialize(
         model=built.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,

@@ -39,11 +39,13 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, zero_stage: int) -> torch.optim.AdamW:
     groups = parameter_groups(model.named_parameters(), cfg.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters")
-    return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    # ZeRO accepts only the optimizer classes it knows (a subclass is "untested").
+    cls = AdamW if zero_stage == 0 else torch.optim.AdamW
+    return cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
 def lr_at(step: int, cfg: OptimizerConfig, train_iters: int) -> float:

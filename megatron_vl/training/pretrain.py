@@ -283,6 +283,14 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
     p = cfg.parallel
     state = ParallelState.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
+    c = cfg.checkpoint
+    if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
+            ckpt.read_latest(c.load) == "release" and ckpt.read_latest(c.save) not in (None, "release"):
+        # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
+        if rank == 0:
+            print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
+                  f"pretrained weights in {c.load}", flush=True)
+        c.load = c.save
     data = build_data(cfg, world)
     built = build_model(cfg, state, tracker, data.image_token_ids, log=print if rank == 0 else (lambda m: None))
     if device.type == "cuda":
