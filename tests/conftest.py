@@ -17,3 +17,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def vl_data(tmp_path_factory):
+    """Dataset prefix of the tiny multimodal corpus the pretraining tests share."""
+    from pretrain_helpers import build_vl_data
+    return build_vl_data(str(tmp_path_factory.mktemp("vl_data")))

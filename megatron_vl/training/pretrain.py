@@ -59,6 +59,7 @@ class Trainer:
         self.reporting = self.rank == world - 1      # the last stage holds the losses (Megatron's rule)
         self.iteration = self.consumed = self.skipped_total = self.skipped_consecutive = 0
         self.exit_code: Optional[int] = None
+        self.batch_digest = 0
         self.history: List[Dict] = []    # per iteration, for tests and tools: losses, samples, skips
         self.sinks = Sinks(cfg, self.reporting, self.log_all)
 
@@ -71,8 +72,12 @@ class Trainer:
         print(msg, flush=True)
 
     # --- data ---------------------------------------------------------------------------
-    def _batches(self, dataset, consumed: int, total: Optional[int] = None):
+    def _batches(self, dataset, consumed: int, total: Optional[int] = None, digest: bool = True):
         for raw in loader(dataset, self.cfg, consumed, self.state.dp_rank, self.state.dp, total):
+            # A fingerprint of what this rank read, so a resumed run can show it read the same.
+            if digest:
+                self.batch_digest = (self.batch_digest * 1_000_003 + int(raw["image_ids"].sum())
+                                     + int((raw["tokens"] * torch.arange(1, raw["tokens"].shape[1] + 1)).sum())) % 2**61
             batch = model_batch(raw, self.cfg, self.device, self.dtype)
             if self.pipeline:
                 inputs, labels = pipeline_inputs(batch)
@@ -161,7 +166,7 @@ class Trainer:
             return
         t = self.cfg.training
         total = t.eval_iters * self.data.global_batch
-        batches = self._batches(self.data.valid, 0, total)
+        batches = self._batches(self.data.valid, 0, total, digest=False)
         lm = vis = 0.0
         self.engine.eval()
         for _ in range(t.eval_iters):
@@ -216,7 +221,9 @@ class Trainer:
             self.iteration += 1
             self.consumed += self.data.global_batch
             window.append(out)
-            self.history.append(dict(out, iteration=self.iteration, consumed=self.consumed))
+            self.history.append(dict(out, iteration=self.iteration, consumed=self.consumed,
+                                     batch_digest=self.batch_digest))
+            self.batch_digest = 0
             if self.skipped_consecutive > t.max_skipped_steps:
                 raise TrainingAborted(
                     f"iteration {self.iteration}: {self.skipped_consecutive} consecutive updates skipped for a "
