@@ -143,6 +143,8 @@ class TrainingConfig:
     visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
     max_skipped_steps: int = opt(
         10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.")
+    exit_interval: Optional[int] = opt(
+        None, "Exit (after saving, with --save) once the iteration is a multiple of this.")
     eval_interval: int = opt(1000, "Iterations between held-out evaluations.")
     eval_iters: int = opt(10, "Batches per evaluation.")
     deepspeed_config: Optional[str] = opt(

@@ -53,6 +53,7 @@ def script_env(**extra):
 
 
 def run_script(cmd, expect=0, timeout=240, **env):
+    cmd = [str(c) for c in cmd]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=script_env(**env))
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, f"{cmd[:4]} exited {proc.returncode}, expected {expect}:\n{out[-4000:]}"

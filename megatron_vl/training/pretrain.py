@@ -239,10 +239,12 @@ class Trainer:
                     self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
                 saved = True
-            if stop.agreed(self.device):
+            exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+            if stop.agreed(self.device) or exiting:
                 if cfg.checkpoint.save and not saved:
                     self.save()
-                self.log(f"stopping at iteration {self.iteration} on a termination signal"
+                why = f"--exit-interval {t.exit_interval}" if exiting else "a termination signal"
+                self.log(f"stopping at iteration {self.iteration} on {why}"
                          + ("" if cfg.checkpoint.save else " (no --save: nothing written)"))
                 return 0
         self.evaluate()

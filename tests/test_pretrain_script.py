@@ -1,0 +1,136 @@
+"""pretrain_vlgpt.py as users run it: under the deepspeed launcher and torchrun, stopped by
+SIGTERM, killed in the middle of a save, fed a NaN loss, given a layout it must refuse,
+and learning on the sample data."""
+
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from megatron_vl.testing.distributed import free_port
+from pretrain_helpers import PY, ROOT, VOCAB, logged_losses, run_script, script_env, tiny_args
+
+
+def _module_weights(ckpt_dir, tag):
+    sd = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+    return {k: v.clone() for k, v in sd.items()}
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_launcher_tp2_and_torchrun_zero3_lora_resume(vl_data, tmp_path):
+    out = run_script(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "pretrain_vlgpt.py",
+                      *tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--global-batch-size", 4)])
+    assert "world 2 = tp 2 x pp 1 x dp 1" in out
+    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
+
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "pretrain_vlgpt.py"]
+    args = tiny_args(vl_data, "--zero-stage", 3, "--lora-rank", 4, "--global-batch-size", 4,
+                     "--tensorboard-dir", tmp_path / "tb")
+    straight = logged_losses(run_script(torchrun + args + ["--save", str(tmp_path / "ck"), "--save-interval", 2]))
+    torchrun[4] = str(free_port())
+    resumed_out = run_script(torchrun + args + ["--load", str(tmp_path / "ck"), "--ckpt-step", 2])
+    resumed = logged_losses(resumed_out)
+    assert "loaded checkpoint" in resumed_out and sorted(resumed) == [3, 4]
+    assert {i: straight[i] for i in (3, 4)} == resumed
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_saves_exits_zero_and_resume_continues(vl_data, tmp_path):
+    """Two ranks started the SLURM way (environment only); rank 0 alone gets the signal."""
+    port = free_port()
+    args = tiny_args(vl_data, "--global-batch-size", 4, "--save", tmp_path, iters=500)
+    procs = [subprocess.Popen([PY, "pretrain_vlgpt.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=script_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                                             RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    try:
+        seen = []
+        for line in procs[1].stdout:
+            seen.append(line)
+            if line.startswith("iteration") and line.split("/")[0].split()[1] == "3":
+                procs[0].send_signal(signal.SIGTERM)
+                break
+        rest1, _ = procs[1].communicate(timeout=120)
+        out0, _ = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out1 = "".join(seen) + rest1
+    assert [p.returncode for p in procs] == [0, 0], out0[-3000:] + out1[-3000:]
+    tag = open(tmp_path / "latest").read()
+    stopped_at = int(tag.split("_")[1])
+    assert 3 <= stopped_at < 500
+    assert f"stopping at iteration {stopped_at} on a termination signal" in out0
+    straight = logged_losses(out1)
+    assert max(straight) == stopped_at
+
+    out = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "pretrain_vlgpt.py",
+                      *map(str, tiny_args(vl_data, "--global-batch-size", 4, "--load", tmp_path,
+                                          "--exit-interval", stopped_at + 2, iters=500))])
+    assert f"(iteration {stopped_at}, {4 * stopped_at} samples consumed)" in out
+    assert sorted(logged_losses(out)) == [stopped_at + 1, stopped_at + 2]
+
+
+@pytest.mark.timeout(200)
+def test_kill_during_save_leaves_previous_checkpoint(vl_data, tmp_path):
+    args = ["pretrain_vlgpt.py", *tiny_args(vl_data, "--save", tmp_path, "--save-interval", 2, iters=6)]
+    run_script([PY, *args], expect=-signal.SIGKILL, MEGATRON_VL_INJECT="kill_during_save@4")
+    assert open(tmp_path / "latest").read() == "iter_0000002"
+    assert os.path.isdir(tmp_path / "iter_0000004")       # the half-written one is there, but not named
+    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--load", tmp_path, iters=6)])
+    assert f"loaded checkpoint {tmp_path}/iter_0000002 (iteration 2, 4 samples consumed)" in out
+    assert sorted(logged_losses(out)) == [3, 4, 5, 6]
+
+
+@pytest.mark.timeout(200)
+def test_nan_loss_skips_update_counts_it_and_aborts_after_the_limit(vl_data, tmp_path):
+    args = tiny_args(vl_data, "--save", tmp_path, "--save-interval", 1, "--max-skipped-steps", 2, iters=8)
+    proc = subprocess.run([PY, "pretrain_vlgpt.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env=script_env(MEGATRON_VL_INJECT="nan_loss@2,4,5,6"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "error: iteration 6: 3 consecutive updates skipped for a non-finite loss or gradient norm " \
+           "(--max-skipped-steps 2); aborting" in out
+    skipped = {int(l.split("/")[0].split()[1]): int(l.split("skipped: ")[1].split()[0])
+               for l in out.splitlines() if l.startswith("iteration")}
+    assert skipped == {1: 0, 2: 1, 3: 1, 4: 2, 5: 3}
+    # The skipped update left the weights as they were; the next one changed them.
+    w1, w2, w3 = (_module_weights(tmp_path, f"iter_000000{i}") for i in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+@pytest.mark.timeout(60)
+def test_zero3_with_pipeline_is_refused_before_any_process_group(vl_data):
+    """WORLD_SIZE=2 with no peer and no MASTER_ADDR: any process-group work would hang or
+    fail differently; the refusal comes first."""
+    start = time.monotonic()
+    out = run_script([PY, "pretrain_vlgpt.py", *map(str, tiny_args(vl_data, "--zero-stage", 3,
+                                                                    "--pipeline-model-parallel-size", 2))],
+                     expect=2, WORLD_SIZE="2", RANK="0")
+    assert "--zero-stage 3 with --pipeline-model-parallel-size 2: DeepSpeed cannot combine ZeRO-2/3 with " \
+           "pipeline parallelism" in out
+    assert time.monotonic() - start < 50
+
+
+@pytest.mark.timeout(200)
+def test_loss_falls_on_the_sample_data_within_50_iterations(vl_data):
+    out = run_script([PY, "pretrain_vlgpt.py", *map(str, tiny_args(vl_data, "--eval-interval", 25,
+                                                                    iters=50))])
+    losses = logged_losses(out)
+    lm = [float(losses[i][1]) for i in sorted(losses)]
+    visual = [float(losses[i][2]) for i in sorted(losses)]
+    uniform = math.log(VOCAB)
+    # Starts near a uniform guess over the vocabulary, ends well below it.
+    assert abs(lm[0] - uniform) < 0.3
+    assert sum(lm[-5:]) / 5 < uniform - 0.5
+    assert sum(visual[-5:]) / 5 < 0.7 * sum(visual[:5]) / 5
+    valid = [float(l.split("lm loss: ")[1].split()[0]) for l in out.splitlines() if l.startswith("validation")]
+    assert len(valid) == 2 and valid[1] < valid[0]
