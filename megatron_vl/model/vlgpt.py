@@ -89,6 +89,9 @@ class VLGPTHead(nn.Module):
         normed = self.lm.final_norm(hidden)
         return self.lm.logits(hidden), self.regression(normed)
 
+    def full_logits(self, local_logits):
+        return self.lm.full_logits(local_logits)
+
     def loss(self, hidden, labels, visual_targets, regression_mask) -> VLGPTLoss:
         normed = self.lm.final_norm(hidden)
         text = labels != -100
