@@ -339,6 +339,14 @@ def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
     return gbs // (t.micro_batch_size * dp)
 
 
+def effective_zero_stage(cfg: Config) -> int:
+    """The ZeRO stage a run uses: pipelines run ZeRO-1 even when 0 is asked for (DeepSpeed's
+    pipeline engine computes the clip norm wrongly at ZeRO-0 and fails to load bf16
+    checkpoints there)."""
+    p = cfg.parallel
+    return 1 if p.pipeline_model_parallel_size > 1 and p.zero_stage == 0 else p.zero_stage
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Refuses settings that cannot run, before any process-group work is done."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
@@ -402,7 +410,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
         "gradient_accumulation_steps": gas,
         "gradient_clipping": o.clip_grad,
         "steps_per_print": cfg.logging.log_interval,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {"stage": effective_zero_stage(cfg)},
         "bf16": {"enabled": t.bf16},
         "fp16": {"enabled": t.fp16},
         "wall_clock_breakdown": False,

@@ -106,6 +106,8 @@ def test_deepspeed_json_is_derived():
     assert ds["gradient_clipping"] == 0.0      # written explicitly: DeepSpeed's default would clip at 1.0
     assert ds["zero_optimization"] == {"stage": 3}
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    cfg, _ = load_config(["--pipeline-model-parallel-size", "2", "--zero-stage", "0", "--bf16"])
+    assert deepspeed_config(cfg, world_size=2)["zero_optimization"] == {"stage": 1}   # pipelines run ZeRO-1
 
 
 def test_user_deepspeed_json_merges_and_conflicts_name_both_values(tmp_path):

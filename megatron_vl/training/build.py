@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import Config, deepspeed_config
+from ..config import Config, deepspeed_config, effective_zero_stage
 from ..convert.hf import CheckpointError, hf_to_shards, load_release_shards, read_checkpoint_meta, shards_to_hf
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
@@ -180,7 +180,7 @@ def initialize_engine(cfg: Config, state: ParallelState, built: BuiltModel, worl
     trainable parameters and the schedule; returns (engine, ds_config)."""
     import deepspeed
     ds_config = deepspeed_config(cfg, world_size)
-    optimizer = build_optimizer(built.module, cfg.optimizer, cfg.parallel.zero_stage)
+    optimizer = build_optimizer(built.module, cfg.optimizer, effective_zero_stage(cfg))
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     engine, _, _, _ = deepspeed.initialize(
         model=built.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError, build_parser, load_config, validate
+from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
 from ..parallel.pipeline import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState, init_distributed
@@ -141,7 +141,7 @@ class Trainer:
                 engine.backward(total)
                 lm += float(lm_part) / self.gas
                 vis += float(vis_part) / self.gas
-                if micro == self.gas - 1 and not finite and self.cfg.parallel.zero_stage == 0:
+                if micro == self.gas - 1 and not finite and effective_zero_stage(self.cfg) == 0:
                     self._skip_zero0_update()
                 else:
                     engine.step()
@@ -306,7 +306,7 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
         built.module.to(device)
     engine, _ = initialize_engine(cfg, state, built, world)
     trainer = Trainer(cfg, state, engine, built, data, tracker, device, world)
-    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, ZeRO-{p.zero_stage}, "
+    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, ZeRO-{effective_zero_stage(cfg)}, "
                 f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}, "
                 f"global batch {data.global_batch} (micro {cfg.training.micro_batch_size} x "
                 f"accumulation {trainer.gas} x dp {state.dp}); parameters on rank 0: "
