@@ -4,7 +4,7 @@
 #         untrained image tokenizer on a tiny random CLIP -> packed 512-position samples
 #   model: tiny random LLaMA (HF format) -> import at TP=2 x PP=2 -> parity with transformers on
 #         2 processes -> export back to HF (bit-identical) -> step time against transformers
-# Pretraining on the sample data joins this script when the pretraining pipeline lands.
+#   pretraining: a tiny HF LLaMA imported -> VL-GPT pretrained on the blend (2 processes, ZeRO-1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart_out}
@@ -78,4 +78,17 @@ PY
 step "model 5. step time, ours vs transformers (hidden 256, 4 layers, seq 256; benchmarks/ has the full one)"
 python benchmarks/bench_llama_step.py --hidden 256 --ffn 704 --layers 4 --heads 4 --kv-heads 2 --vocab 8000 \
     --seq 256 --batch 2 --repeats 3 --warmup 1
+step "model 6. pretrain VL-GPT from a tiny HF LLaMA: import (the sample tokenizer's 256 pieces; [IMG]/[/IMG] rows \
+are added at the mean of the others), then 2 CPU processes (torchrun), ZeRO-1, on the blend"
+python tools/make_tiny_llama.py --save "$OUT/hf-tiny-256" --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 \
+    --num-attention-heads 4 --num-query-groups 2 --vocab-size 256 --max-position-embeddings 512
+python tools/convert_checkpoint.py import-hf --hf-dir "$OUT/hf-tiny-256" --save "$OUT/ckpt-llama-256"
+python -m torch.distributed.run --nproc_per_node 2 pretrain_vlgpt.py \
+    --data-path 0.4 "$OUT/data/mmc4_text_document" 0.3 "$OUT/data/obelics_text_document" \
+                0.3 "$OUT/data/pairs_text_document" --split 95,5,0 \
+    --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2 \
+    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 \
+    --micro-batch-size 2 --global-batch-size 4 --train-iters 40 --lr 2e-3 --lr-warmup-iters 4 --min-lr 2e-4 \
+    --num-workers 0 --log-interval 5 --eval-interval 20 --eval-iters 2 \
+    --load "$OUT/ckpt-llama-256" --save "$OUT/ckpt-vlgpt" --save-interval 20 --tensorboard-dir "$OUT/tensorboard"
 step "done: outputs in $OUT/"
