@@ -401,7 +401,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
     Every key we derive is written explicitly (DeepSpeed's own defaults differ from ours,
     e.g. it clips gradients at 1.0 when gradient_clipping is absent)."""
     validate(cfg, world_size)
-    t, o, p = cfg.training, cfg.optimizer, cfg.parallel
+    t, o = cfg.training, cfg.optimizer
     dp = data_parallel_size(cfg, world_size)
     gas = gradient_accumulation_steps(cfg, world_size)
     derived: Dict[str, Any] = {

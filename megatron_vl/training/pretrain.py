@@ -264,10 +264,10 @@ class Trainer:
         rates = throughput(stats, self.cfg, self.world)
         if self.reporting:
             print(format_line(stats, rates), flush=True)
-            self.sinks.scalars({"train/lm_loss": lm, "train/visual_loss": vis, "train/lr": stats.lr,
-                                "train/grad_norm": stats.grad_norm or float("nan"),
-                                "train/skipped_total": self.skipped_total, **{f"perf/{k}": v for k, v in rates.items()}},
-                               self.iteration)
+            scalars = {"train/lm_loss": lm, "train/visual_loss": vis, "train/lr": stats.lr,
+                       "train/grad_norm": stats.grad_norm or float("nan"), "train/skipped_total": self.skipped_total}
+            scalars.update({f"perf/{k}": v for k, v in rates.items()})
+            self.sinks.scalars(scalars, self.iteration)
 
 
 def parser():
@@ -306,7 +306,8 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
         built.module.to(device)
     engine, _ = initialize_engine(cfg, state, built, world)
     trainer = Trainer(cfg, state, engine, built, data, tracker, device, world)
-    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, ZeRO-{effective_zero_stage(cfg)}, "
+    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, "
+                f"ZeRO-{effective_zero_stage(cfg)}, "
                 f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}, "
                 f"global batch {data.global_batch} (micro {cfg.training.micro_batch_size} x "
                 f"accumulation {trainer.gas} x dp {state.dp}); parameters on rank 0: "
