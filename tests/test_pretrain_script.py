@@ -20,23 +20,29 @@ def _module_weights(ckpt_dir, tag):
     return {k: v.clone() for k, v in sd.items()}
 
 
-@pytest.mark.timeout(300)
-def test_deepspeed_launcher_tp2_and_torchrun_zero3_lora_resume(vl_data, tmp_path):
-    out = run_script(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "pretrain_vlgpt.py",
-                      *tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--global-batch-size", 4)])
-    assert "world 2 = tp 2 x pp 1 x dp 1" in out
-    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
+LAUNCHERS = {
+    "deepspeed": lambda port: ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "pretrain_vlgpt.py"],
+    "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "pretrain_vlgpt.py"],
+}
+LAYOUTS = {"zero3-lora": ["--zero-stage", 3, "--lora-rank", 4], "tp2": ["--tensor-model-parallel-size", 2]}
 
-    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "pretrain_vlgpt.py"]
-    args = tiny_args(vl_data, "--zero-stage", 3, "--lora-rank", 4, "--global-batch-size", 4,
-                     "--tensorboard-dir", tmp_path / "tb")
-    straight = logged_losses(run_script(torchrun + args + ["--save", str(tmp_path / "ck"), "--save-interval", 2]))
-    torchrun[4] = str(free_port())
-    resumed_out = run_script(torchrun + args + ["--load", str(tmp_path / "ck"), "--ckpt-step", 2])
-    resumed = logged_losses(resumed_out)
-    assert "loaded checkpoint" in resumed_out and sorted(resumed) == [3, 4]
-    assert {i: straight[i] for i in (3, 4)} == resumed
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
+    """The acceptance runs: under each launcher, ZeRO-3 + LoRA and TP=2 train 4 steps and
+    save; new processes resume from step 2 and log exactly the straight run's lines."""
+    for name, layout in LAYOUTS.items():
+        ckpt = tmp_path / name
+        args = tiny_args(vl_data, "--global-batch-size", 4, *layout, "--tensorboard-dir", tmp_path / f"tb-{name}")
+        out = run_script(LAUNCHERS[launcher](free_port()) + args + ["--save", ckpt, "--save-interval", 2])
+        assert ("world 2 = tp 2 x pp 1 x dp 1" if name == "tp2" else "world 2 = tp 1 x pp 1 x dp 2, ZeRO-3") in out
+        straight = logged_losses(out)
+        assert sorted(straight) == [1, 2, 3, 4]
+        resumed_out = run_script(LAUNCHERS[launcher](free_port()) + args + ["--load", ckpt, "--ckpt-step", 2])
+        assert f"loaded checkpoint {ckpt}/iter_0000002 (iteration 2, 8 samples consumed)" in resumed_out
+        assert logged_losses(resumed_out) == {i: straight[i] for i in (3, 4)}, name
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / f"tb-{name}"))
 
 
 @pytest.mark.timeout(300)
@@ -84,9 +90,11 @@ def test_kill_during_save_leaves_previous_checkpoint(vl_data, tmp_path):
     run_script([PY, *args], expect=-signal.SIGKILL, MEGATRON_VL_INJECT="kill_during_save@4")
     assert open(tmp_path / "latest").read() == "iter_0000002"
     assert os.path.isdir(tmp_path / "iter_0000004")       # the half-written one is there, but not named
-    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--load", tmp_path, iters=6)])
+    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--load", tmp_path, "--save", tmp_path,
+                                                            "--save-interval", 2, "--keep-last", 1, iters=6)])
     assert f"loaded checkpoint {tmp_path}/iter_0000002 (iteration 2, 4 samples consumed)" in out
     assert sorted(logged_losses(out)) == [3, 4, 5, 6]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("iter_")) == ["iter_0000006"]  # --keep-last 1
 
 
 @pytest.mark.timeout(200)
