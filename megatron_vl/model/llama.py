@@ -183,12 +183,12 @@ class LlamaModel(nn.Module):
         self.rng_tracker = rng_tracker
         self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
         self.layer_offset = state.stage_layers(cfg.num_layers).start
-        self.embedding = LlamaEmbedding(cfg, state) if self.pre_process else None
+        self.embedding = self.build_embedding(cfg, state) if self.pre_process else None
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, state, rng_tracker)
                                     for _ in state.stage_layers(cfg.num_layers))
         if self.post_process:
-            tied = None if cfg.untie_embeddings_and_output_weights else self.embedding
-            self.head = LlamaHead(cfg, state, tied)
+            self.head = self.build_head(cfg, state, None if cfg.untie_embeddings_and_output_weights
+                                        else self.token_embedding())
         else:
             self.head = None
         self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg)),
@@ -204,6 +204,16 @@ class LlamaModel(nn.Module):
             return self.head.fused_loss(x, labels, loss_weights)
         logits = self.head.logits(x)
         return logits if labels is None else self.head.loss(logits, labels)
+
+    # The ends of the stack; a multimodal model overrides these (model/vlgpt.py).
+    def build_embedding(self, cfg: ModelConfig, state: ParallelState) -> nn.Module:
+        return LlamaEmbedding(cfg, state)
+
+    def token_embedding(self) -> LlamaEmbedding:
+        return self.embedding
+
+    def build_head(self, cfg: ModelConfig, state: ParallelState, tied: Optional[LlamaEmbedding]) -> nn.Module:
+        return LlamaHead(cfg, state, tied)
 
     def run_layers(self, x, position_ids=None, segment_ids=None):
         """This stage's decoder layers on hidden states x [b, s, h]."""

@@ -118,14 +118,17 @@ class VLGPTModel(LlamaModel):
     def __init__(self, cfg: ModelConfig, state: Optional[ParallelState] = None,
                  rng_tracker: Optional[RNGStatesTracker] = None, recompute: bool = False,
                  visual_loss_weight: float = 1.0):
-        state = state or ParallelState.single()
-        super().__init__(cfg, state, rng_tracker, recompute)
-        # Replace the text-only ends of the LLaMA stack by the multimodal ones.
-        if self.pre_process:
-            self.embedding = VLGPTEmbedding(cfg, state)
-        if self.post_process:
-            tied = None if cfg.untie_embeddings_and_output_weights else self.embedding.text
-            self.head = VLGPTHead(cfg, state, visual_loss_weight, tied)
+        self.visual_loss_weight = visual_loss_weight   # a float: settable before Module.__init__
+        super().__init__(cfg, state or ParallelState.single(), rng_tracker, recompute)
+
+    def build_embedding(self, cfg, state):
+        return VLGPTEmbedding(cfg, state)
+
+    def token_embedding(self):
+        return self.embedding.text
+
+    def build_head(self, cfg, state, tied):
+        return VLGPTHead(cfg, state, self.visual_loss_weight, tied)
 
     def forward(self, batch=None, hidden_states=None, **kwargs):
         batch = dict(batch or {}, **kwargs)

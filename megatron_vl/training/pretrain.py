@@ -257,7 +257,10 @@ class Trainer:
         lm = sum(w["lm"] for w in applied) / len(applied)
         vis = sum(w["visual"] for w in applied) / len(applied)
         norms = [w["grad_norm"] for w in applied if w["grad_norm"] is not None]
-        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.cfg.training.fp16 else None
+        scale = None
+        if self.cfg.training.fp16:   # FP16_Optimizer keeps cur_scale; the ZeRO optimizers expose loss_scale
+            opt = self.engine.optimizer
+            scale = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", None)
         stats = StepStats(self.iteration, self.cfg.training.train_iters, self.consumed, lm, vis,
                           window[-1]["lr"], sum(norms) / len(norms) if norms else None,
                           self.skipped_total, seconds / len(window), self.data.global_batch, scale)
