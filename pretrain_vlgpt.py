@@ -1,7 +1,8 @@
-"""Stage 2 of VL-GPT: multimodal pretraining of LLaMA (+ LoRA) on packed interleaved
+r"""Stage 2 of VL-GPT: multimodal pretraining of LLaMA (+ LoRA) on packed interleaved
 image-text samples, on a DeepSpeed engine (ZeRO 0-3, pipeline stages, TP layers).
 
-Launch it the way you launch Megatron-DeepSpeed (every flag: --help):
+Launch it the way you launch Megatron-DeepSpeed (every flag: --help; a complete runnable
+command on the sample data: examples/quickstart.sh, step "model 6"):
 
     # 2 CPU processes, tiny model, ZeRO-3 + LoRA
     deepspeed --num_gpus 2 pretrain_vlgpt.py --data-path data/mmc4_text_document \
@@ -26,4 +27,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from megatron_vl.training.pretrain import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run(description=__doc__))

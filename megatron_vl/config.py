@@ -270,7 +270,7 @@ def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser
     """An argparse parser with one flag per config field, grouped by section. Defaults are
     suppressed so that only flags the user typed override the YAML file."""
     parser = parser or argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with {section: {field: value}}; flags override it.")
     # The deepspeed launcher appends --local_rank=N; accept and ignore it (env LOCAL_RANK wins).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -281,6 +281,7 @@ def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser
         for f in dataclasses.fields(section_type):
             tp = _base_type(hints[f.name])
             kwargs: Dict[str, Any] = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                                          metavar=None if tp is bool or f.metadata.get("choices") else f.name.upper(),
                                           help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction

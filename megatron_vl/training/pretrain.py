@@ -273,14 +273,13 @@ class Trainer:
             self.sinks.scalars(scalars, self.iteration)
 
 
-def parser():
-    p = build_parser("Pretrain VL-GPT on packed interleaved image-text data (DeepSpeed).")
-    return p
+def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text data (DeepSpeed)."):
+    return build_parser(description)
 
 
-def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
+def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> "Trainer":
     """Runs a whole pretraining job; returns the Trainer (exit_code, history)."""
-    cfg, _ = load_config(argv, parser=parser())
+    cfg, _ = load_config(argv, parser=parser(description) if description else parser())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)                 # refuse bad layouts before any process-group work
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
@@ -330,10 +329,10 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> "Trainer":
     return trainer
 
 
-def run(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
     """pretrain() with configuration errors reported as one line, exit code 2."""
     try:
-        return pretrain(argv).exit_code
+        return pretrain(argv, description).exit_code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
