@@ -142,3 +142,17 @@ def test_loss_falls_on_the_sample_data_within_50_iterations(vl_data):
     assert sum(visual[-5:]) / 5 < 0.7 * sum(visual[:5]) / 5
     valid = [float(l.split("lm loss: ")[1].split()[0]) for l in out.splitlines() if l.startswith("validation")]
     assert len(valid) == 2 and valid[1] < valid[0]
+
+
+@pytest.mark.timeout(120)
+def test_bad_settings_are_refused_with_the_reason(vl_data, tmp_path):
+    cases = [(["--vocab-size", 200], "the datasets' tokenizer has 258 tokens (with [IMG]/[/IMG]) but --vocab-size "
+                                     "is 200; set --vocab-size 258"),
+             (["--visual-embed-dim", 48], "the datasets' image features have width 32 but --visual-embed-dim is 48"),
+             (["--load", tmp_path / "missing"], f"--load {tmp_path / 'missing'}: no such directory")]
+    for extra, message in cases:
+        out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, *extra)], expect=2)
+        assert f"error: {message}" in out
+    if not torch.cuda.is_available():
+        out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--fp16")], expect=2)
+        assert "error: --fp16 needs a CUDA device" in out

@@ -203,6 +203,10 @@ class Trainer:
         c = self.cfg.checkpoint
         if not c.load or self.built.loaded_from:
             return
+        same_as_save = c.save and os.path.abspath(c.save) == os.path.abspath(c.load)
+        if not os.path.isdir(c.load) and not same_as_save:
+            # (--load DIR --save DIR on a first run is fine: nothing to resume yet.)
+            raise ConfigError(f"--load {c.load}: no such directory")
         client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log)
         if client is None:
             return
