@@ -40,8 +40,8 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
     initial weight, so a resumed run only matches if the checkpoint restored them all."""
     if perturb_init:
         import megatron_vl.training.build as build
-        original = build._sharded_reference
-        build._sharded_reference = lambda cfg, state: {k: v + 0.05 for k, v in original(cfg, state).items()}
+        original = build.initial_weights
+        build.initial_weights = lambda *a: {k: v + 0.05 for k, v in original(*a).items()}
     from megatron_vl.training.pretrain import pretrain
     trainer = pretrain(argv)
     assert trainer.exit_code == 0, f"exit code {trainer.exit_code}"

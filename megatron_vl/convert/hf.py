@@ -104,7 +104,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: torch.dtype, extra: Optional[d
 
 # --- tensors: HF full state dict <-> (tp, pp) shards -------------------------------------
 
-def _layer_map(cfg: ModelConfig):
+def layer_map(cfg: ModelConfig):
     """our per-layer name -> (HF names, fused part sizes, split dim); None dim = replicated."""
     q, kv, f = cfg.num_attention_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_hidden_size
     return {
@@ -144,7 +144,7 @@ def hf_to_shards(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, pp: 
                 emb = _pad_rows(hf_sd["model.embed_tokens.weight"], padded)
                 sd["embedding.word_embeddings.weight"] = shard_parts(emb, [padded], rank, tp)
             for i in _stage_layers(cfg, pp, stage):
-                for ours, (theirs, parts, dim) in _layer_map(cfg).items():
+                for ours, (theirs, parts, dim) in layer_map(cfg).items():
                     src = [hf_sd[f"model.layers.{i}.{n}"] for n in theirs]
                     full = torch.cat(src, dim=dim or 0) if len(src) > 1 else src[0]
                     sd[f"layers.{i}.{ours}"] = full.clone() if dim is None else shard_parts(full, parts, rank, tp, dim)
@@ -170,7 +170,7 @@ def shards_to_hf(shards: Shards, cfg: ModelConfig, tp: int, pp: int) -> Dict[str
     hf["model.embed_tokens.weight"] = gather("embedding.word_embeddings.weight", 0, [padded], 0)[:cfg.vocab_size]
     for stage in range(pp):
         for i in _stage_layers(cfg, pp, stage):
-            for ours, (theirs, parts, dim) in _layer_map(cfg).items():
+            for ours, (theirs, parts, dim) in layer_map(cfg).items():
                 name = f"layers.{i}.{ours}"
                 if dim is None:
                     hf[f"model.layers.{i}.{theirs[0]}"] = shards[(0, stage)][name]

@@ -5,6 +5,7 @@ weights of a release checkpoint, LoRA, and the DeepSpeed engine around it all.""
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -12,9 +13,11 @@ import torch
 from torch import nn
 
 from ..config import Config, deepspeed_config, effective_zero_stage
-from ..convert.hf import CheckpointError, hf_to_shards, load_release_shards, read_checkpoint_meta, shards_to_hf
+from ..convert.hf import (CheckpointError, hf_to_shards, layer_map, load_release_shards, read_checkpoint_meta,
+                          shards_to_hf)
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
+from ..parallel.layers import shard_parts
 from ..parallel.pipeline import build_pipeline_module
 from ..parallel.state import ParallelState
 from .optim import build_optimizer, build_scheduler
@@ -56,14 +59,52 @@ def _names(module: nn.Module, pipeline: bool, offset: int, num_layers: int) -> D
     return {n: canonical_name(n, pipeline, offset, num_layers) for n, _ in module.named_parameters()}
 
 
-def reference_weights(cfg: Config, seed: int) -> Dict[str, torch.Tensor]:
-    """The initial weights of the single-rank model with this seed, by canonical name. Every
-    TP/PP layout starts from (its slice of) these, so layouts are comparable step by step."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        full = VLGPTModel(cfg.model, ParallelState.single(), visual_loss_weight=cfg.training.visual_loss_weight)
-    return {canonical_name(n, False, 0, cfg.model.num_layers): p.detach()
-            for n, p in full.named_parameters()}
+def _split(name: str, cfg: Config):
+    """(fused part sizes, split dim) of a canonical parameter name; None for replicated."""
+    if name in ("embedding.word_embeddings.weight", "head.output.weight"):
+        return "vocab", 0
+    m = re.match(r"layers\.\d+\.(.*)", name)
+    if m and m.group(1) in layer_map(cfg.model):
+        _, parts, dim = layer_map(cfg.model)[m.group(1)]
+        return (parts, dim) if dim is not None else None
+    return None
+
+
+def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState
+                    ) -> Dict[str, torch.Tensor]:
+    """This rank's slice of the initial weights, by canonical name. Each full tensor comes
+    from a generator keyed by (seed, name) and is cut like the TP layers cut it, so every
+    TP/PP layout starts from the same model; one full tensor exists at a time (the largest is
+    the vocabulary table), never the whole model."""
+    m, seed = cfg.model, cfg.training.seed
+    out = {}
+    for local, p in module.named_parameters():
+        name = names[local]
+        split = _split(name, cfg)
+        if split is None:
+            shape = tuple(p.shape)
+        elif split[0] == "vocab":
+            shape = (m.vocab_size, p.shape[1])
+        elif split[1] == 0:
+            shape = (sum(split[0]), p.shape[1])
+        else:
+            shape = (p.shape[0], p.shape[1] * state.tp)
+        if name.endswith("norm.weight"):
+            full = torch.ones(shape)
+        elif name.endswith(".bias"):
+            full = torch.zeros(shape)
+        else:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.empty(shape).normal_(0.0, m.init_method_std, generator=gen)
+        if split is not None:
+            if split[0] == "vocab":   # padding rows (never predicted) are zero
+                full = torch.cat([full, full.new_zeros(m.padded_vocab_size(state.tp) - shape[0], shape[1])])
+                parts = [full.shape[0]]
+            else:
+                parts = split[0] if split[1] == 0 else [shape[1]]
+            full = shard_parts(full, parts, state.tp_rank, state.tp, split[1])
+        out[name] = full.to(p.dtype)
+    return out
 
 
 def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, torch.Tensor]:
@@ -148,22 +189,13 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
             log(f"loaded pretrained weights from {cfg.checkpoint.load}; newly initialised: {', '.join(missing)}")
         loaded_from = cfg.checkpoint.load
     else:
-        _load_canonical(module, names, _sharded_reference(cfg, state), "initialisation")
+        _load_canonical(module, names, initial_weights(module, names, cfg, state), "initialisation")
     if cfg.lora.lora_rank > 0:
         counts = apply_lora(module, cfg.lora, new_token_ids, t.seed,
                             lambda n: canonical_name(n, pipeline, offset, m.num_layers))
     else:
         counts = parameter_counts(module.parameters())
     return BuiltModel(module, pipeline, counts, loaded_from)
-
-
-def _sharded_reference(cfg: Config, state: ParallelState) -> Dict[str, torch.Tensor]:
-    ref = reference_weights(cfg, cfg.training.seed)
-    llama = {k: v for k, v in ref.items() if k not in VISUAL_PARAMS}
-    hf = shards_to_hf({(0, 0): llama}, cfg.model, 1, 1)
-    shard = hf_to_shards(hf, cfg.model, state.tp, state.pp)[(state.tp_rank, state.pp_rank)]
-    shard.update({k: v for k, v in ref.items() if k in VISUAL_PARAMS})
-    return shard
 
 
 def _is_release(path: str) -> bool:
