@@ -166,3 +166,32 @@ def test_learning_rate_schedule():
     assert lr_at(5, linear, 10) == 0.5
     assert lr_at(3, OptimizerConfig(lr=2.0, lr_decay_style="constant"), 10) == 2.0
     assert Config().optimizer.lr_decay_style == "cosine"
+
+
+@pytest.mark.parametrize("ck_layout", [(2, 1), (1, 2)])
+def test_release_checkpoint_grows_vocabulary_at_the_mean_in_any_layout(tmp_path, ck_layout):
+    """An HF LLaMA imported without [IMG]/[/IMG]: a TP=2 run reads its own shards (checkpoint
+    at TP=2) or re-shards (checkpoint at PP=2); either way each rank holds its slice of the
+    HF weights with two new rows at the mean of the old ones."""
+    from megatron_vl.convert.hf import save_release_checkpoint
+    from megatron_vl.training.build import release_weights
+    hf = tiny_hf_model(seed=4)
+    ck_cfg = model_config_from_hf(hf.config.to_dict())
+    save_release_checkpoint(str(tmp_path / "rel"), hf_to_shards(hf.state_dict(), ck_cfg, *ck_layout), ck_cfg,
+                            *ck_layout)
+    run = Config()
+    run.model = model_config_from_hf(hf.config.to_dict())
+    run.model.vocab_size = ck_cfg.vocab_size + 2
+    padded = run.model.padded_vocab_size(2)
+    sd = hf.state_dict()
+    for key, hf_key in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+                        ("head.output.weight", "lm_head.weight")):
+        old = sd[hf_key]
+        expect = torch.cat([old, old.mean(0, keepdim=True).expand(2, -1),
+                            old.new_zeros(padded - old.shape[0] - 2, old.shape[1])])
+        got = torch.cat([release_weights(str(tmp_path / "rel"), run, ParallelState(tp=2, rank=r, pp=1))[key]
+                         for r in range(2)])
+        assert got.shape == expect.shape and torch.allclose(got, expect, atol=1e-7), key
+    q = sd["model.layers.1.self_attn.q_proj.weight"]
+    rank1 = release_weights(str(tmp_path / "rel"), run, ParallelState(tp=2, rank=1))
+    assert torch.equal(rank1["layers.1.attention.qkv.weight"][:q.shape[0] // 2], q[q.shape[0] // 2:])

@@ -4,17 +4,21 @@ weights of a release checkpoint, LoRA, and the DeepSpeed engine around it all.""
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import Config, deepspeed_config, effective_zero_stage
+
 from ..convert.hf import (CheckpointError, hf_to_shards, layer_map, load_release_shards, read_checkpoint_meta,
-                          shards_to_hf)
+                          shard_dir, shards_to_hf)
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
 from ..parallel.layers import shard_parts
@@ -107,15 +111,24 @@ def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state
     return out
 
 
+def _grow(t: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rows for new tokens start at the mean of the existing rows."""
+    if t.shape[0] >= vocab:
+        return t
+    mean = t.float().mean(0, keepdim=True).to(t.dtype)
+    return torch.cat([t, mean.expand(vocab - t.shape[0], -1)])
+
+
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "head.output.weight")
+
+
 def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, torch.Tensor]:
     """This rank's slice of a release checkpoint (tools/convert_checkpoint.py import-hf), by
     canonical name. A checkpoint with a smaller vocabulary (an HF LLaMA before [IMG]/[/IMG]
-    were added) grows: new embedding and LM-head rows start at the mean of the existing rows."""
+    were added) grows: new embedding and LM-head rows start at the mean of the existing rows.
+    With the run's TP/PP layout a rank reads its own shard (plus the vocabulary tables when
+    they must grow); another layout is re-sharded from the whole checkpoint."""
     ck_model, ck_tp, ck_pp = read_checkpoint_meta(path)
-    shards, ck_model, ck_tp, ck_pp = load_release_shards(path)
-    extra = {k: v for k, v in shards[(0, 0)].items() if k.startswith("embedding.visual_proj")}
-    extra.update({k: v for k, v in shards[(0, ck_pp - 1)].items() if k.startswith("head.regression")})
-    hf = shards_to_hf(shards, ck_model, ck_tp, ck_pp)
     m = cfg.model
     for key, ours in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
                       ("num_attention_heads", m.num_attention_heads), ("kv_heads", m.kv_heads),
@@ -125,11 +138,28 @@ def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, t
     if ck_model.vocab_size > m.vocab_size:
         raise CheckpointError(f"{path}: vocabulary of {ck_model.vocab_size} tokens does not fit --vocab-size "
                               f"{m.vocab_size}")
+    if (ck_tp, ck_pp) == (state.tp, state.pp):
+        shard = load_file(os.path.join(shard_dir(path, state.tp_rank, state.pp_rank), "model.safetensors"))
+        if ck_model.vocab_size != m.vocab_size or ck_model.padded_vocab_size(ck_tp) != m.padded_vocab_size(state.tp):
+            for key in VOCAB_TENSORS:
+                if key in shard:
+                    files = [os.path.join(shard_dir(path, r, state.pp_rank), "model.safetensors") for r in range(ck_tp)]
+                    pieces = []
+                    for f in files:
+                        with safe_open(f, "pt") as fh:
+                            pieces.append(fh.get_tensor(key))
+                    full = _grow(torch.cat(pieces)[:ck_model.vocab_size], m.vocab_size)
+                    full = torch.cat([full, full.new_zeros(m.padded_vocab_size(state.tp) - m.vocab_size,
+                                                           full.shape[1])])
+                    shard[key] = shard_parts(full, [full.shape[0]], state.tp_rank, state.tp)
+        return shard
+    shards, ck_model, ck_tp, ck_pp = load_release_shards(path)
+    extra = {k: v for k, v in shards[(0, 0)].items() if k.startswith("embedding.visual_proj")}
+    extra.update({k: v for k, v in shards[(0, ck_pp - 1)].items() if k.startswith("head.regression")})
+    hf = shards_to_hf(shards, ck_model, ck_tp, ck_pp)
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        if key in hf and hf[key].shape[0] < m.vocab_size:
-            t = hf[key]
-            mean = t.float().mean(0, keepdim=True).to(t.dtype)
-            hf[key] = torch.cat([t, mean.expand(m.vocab_size - t.shape[0], -1)])
+        if key in hf:
+            hf[key] = _grow(hf[key], m.vocab_size)
     shard = hf_to_shards(hf, m, state.tp, state.pp)[(state.tp_rank, state.pp_rank)]
     shard.update(extra)
     return shard
@@ -199,7 +229,6 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
 
 
 def _is_release(path: str) -> bool:
-    import os
     try:
         with open(os.path.join(path, "latest")) as fh:
             return fh.read().strip() == "release"
