@@ -41,7 +41,7 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
     if perturb_init:
         import megatron_vl.training.build as build
         original = build.initial_weights
-        build.initial_weights = lambda *a: {k: v + 0.05 for k, v in original(*a).items()}
+        build.initial_weights = lambda *a, **kw: {k: v + 0.05 for k, v in original(*a, **kw).items()}
     from megatron_vl.training.pretrain import pretrain
     trainer = pretrain(argv)
     assert trainer.exit_code == 0, f"exit code {trainer.exit_code}"

@@ -24,10 +24,15 @@ from .tokenizer import IMG, IMG_END
 INDEX_VERSION = 1
 
 
+def split_weights(split: str) -> List[float]:
+    """Megatron's --split "98,2,0" (or "98/2/0") as three weights, missing ones 0."""
+    weights = [float(x) for x in split.replace("/", ",").split(",")]
+    return weights + [0.0] * (3 - len(weights))
+
+
 def split_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
     """Megatron's --split "98,2,0": contiguous document ranges for train/valid/test."""
-    weights = [float(x) for x in split.replace("/", ",").split(",")]
-    weights += [0.0] * (3 - len(weights))
+    weights = split_weights(split)
     total = sum(weights)
     if total <= 0 or any(w < 0 for w in weights):
         raise ValueError(f"--split {split!r}: weights must be non-negative with a positive sum")

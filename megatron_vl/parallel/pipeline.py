@@ -97,9 +97,11 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, rng_tracker, r
 
 
 def pipeline_inputs(batch) -> tuple:
-    """(inputs, labels) tuples of a training batch for the pipeline engine."""
-    inputs = (batch["tokens"], batch["visual_embeds"], batch["visual_mask"], batch["position_ids"],
-              batch["segment_ids"])
+    """(inputs, labels) tuples of a training batch for the pipeline engine. Every element
+    must be a tensor: without document isolation (segment_ids None) the position ids stand in
+    for the segment ids, which DecoderLayerPipe then ignores."""
+    segments = batch["segment_ids"] if batch["segment_ids"] is not None else batch["position_ids"]
+    inputs = (batch["tokens"], batch["visual_embeds"], batch["visual_mask"], batch["position_ids"], segments)
     labels = (batch["labels"], batch["visual_targets"], batch["regression_mask"])
     return inputs, labels
 

@@ -195,12 +195,13 @@ def init_distributed(backend: str = "auto", single_process_group: bool = False) 
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
             if "MASTER_ADDR" not in os.environ:
-                init_method = f"tcp://127.0.0.1:{_free_port()}"
+                init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=init_method)
     return rank, world_size, local_rank
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for single-process groups and tests)."""
     import socket
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -12,20 +12,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Dict, List
 
+from ..parallel.state import free_port
+
+__all__ = ["DistributedFailure", "free_port", "run_distributed"]
+
 
 class DistributedFailure(AssertionError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(fn, rank, world_size, port, args, results):

@@ -24,6 +24,7 @@ from ..model.vlgpt import VLGPTModel
 from ..parallel.layers import shard_parts
 from ..parallel.pipeline import build_pipeline_module
 from ..parallel.state import ParallelState
+from .checkpoint import is_release
 from .optim import build_optimizer, build_scheduler
 
 VISUAL_PARAMS = ("embedding.visual_proj.weight", "embedding.visual_proj.bias",
@@ -74,16 +75,18 @@ def _split(name: str, cfg: Config):
     return None
 
 
-def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState
-                    ) -> Dict[str, torch.Tensor]:
+def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState,
+                    only: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
     """This rank's slice of the initial weights, by canonical name. Each full tensor comes
     from a generator keyed by (seed, name) and is cut like the TP layers cut it, so every
     TP/PP layout starts from the same model; one full tensor exists at a time (the largest is
-    the vocabulary table), never the whole model."""
+    the vocabulary table), never the whole model. `only`: just these canonical names."""
     m, seed = cfg.model, cfg.training.seed
     out = {}
     for local, p in module.named_parameters():
         name = names[local]
+        if only is not None and name not in only:
+            continue
         split = _split(name, cfg)
         if split is None:
             shape = tuple(p.shape)
@@ -183,18 +186,6 @@ def _load_canonical(module: nn.Module, names: Dict[str, str], weights: Dict[str,
     return missing
 
 
-def _init_visual(module: nn.Module, names: Dict[str, str], which: Sequence[str], std: float, seed: int) -> None:
-    """Fresh visual projection / regression head (the parts an HF LLaMA does not have)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for local, p in module.named_parameters():
-            if names[local] in which:
-                if names[local].endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
-
-
 def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: Sequence[int],
                 log=print) -> BuiltModel:
     m, t = cfg.model, cfg.training
@@ -208,14 +199,15 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
         offset = module.layer_offset
     names = _names(module, pipeline, offset, m.num_layers)
     loaded_from = None
-    if cfg.checkpoint.load and _is_release(cfg.checkpoint.load):
+    if cfg.checkpoint.load and is_release(cfg.checkpoint.load):
         weights = release_weights(cfg.checkpoint.load, cfg, state)
         missing = _load_canonical(module, names, weights, cfg.checkpoint.load)
         if missing:
             bad = [n for n in missing if n not in VISUAL_PARAMS]
             if bad:
                 raise CheckpointError(f"{cfg.checkpoint.load}: lacks {bad}")
-            _init_visual(module, names, missing, m.init_method_std, t.seed)
+            _load_canonical(module, names, initial_weights(module, names, cfg, state, only=missing),
+                            "initialisation")
             log(f"loaded pretrained weights from {cfg.checkpoint.load}; newly initialised: {', '.join(missing)}")
         loaded_from = cfg.checkpoint.load
     else:
@@ -226,14 +218,6 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
     else:
         counts = parameter_counts(module.parameters())
     return BuiltModel(module, pipeline, counts, loaded_from)
-
-
-def _is_release(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "latest")) as fh:
-            return fh.read().strip() == "release"
-    except FileNotFoundError:
-        return False
 
 
 def initialize_engine(cfg: Config, state: ParallelState, built: BuiltModel, world_size: int):

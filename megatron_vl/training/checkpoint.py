@@ -68,6 +68,11 @@ def read_latest(load_dir: str) -> Optional[str]:
         return None
 
 
+def is_release(load_dir: str) -> bool:
+    """A release checkpoint (tools/convert_checkpoint.py import-hf): weights only."""
+    return read_latest(load_dir) == "release"
+
+
 def save_checkpoint(engine, cfg: Config, save_dir: str, iteration: int, client_state: Dict[str, Any],
                     tracker: Optional[RNGStatesTracker], keep_last: Optional[int] = None,
                     log: Callable[[str], None] = print) -> str:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, data_parallel_size, gradient_accumulation_steps
-from ..data.dataset import PretrainingSampler, build_train_valid_test, collate, parse_blend
+from ..data.dataset import PretrainingSampler, build_train_valid_test, collate, parse_blend, split_weights
 from ..data.indexed import FeatureStore
 from ..data.preprocess import read_meta, sidecar
 from ..data.packing import packing_config
@@ -65,8 +65,7 @@ def build_data(cfg: Config, world_size: int) -> RunData:
     gbs = t.micro_batch_size * gradient_accumulation_steps(cfg, world_size) * dp
     evals = t.train_iters // t.eval_interval + 1 if t.eval_iters > 0 else 0
     sizes = (t.train_iters * gbs, evals * t.eval_iters * gbs, 0)
-    split = [float(x) for x in cfg.data.split.replace("/", ",").split(",")]
-    if len(split) < 2 or split[1] <= 0:
+    if split_weights(cfg.data.split)[1] <= 0:
         sizes = (sizes[0], 0, 0)
     pack = replace(packing_config(cfg), embed_dim=m.visual_embed_dim)
     train, valid, _ = build_train_valid_test(cfg.data.data_path, cfg.data.split, pack, sizes, cfg.data.data_cache_path)

@@ -79,13 +79,7 @@ class Trainer:
                 self.batch_digest = (self.batch_digest * 1_000_003 + int(raw["image_ids"].sum())
                                      + int((raw["tokens"] * torch.arange(1, raw["tokens"].shape[1] + 1)).sum())) % 2**61
             batch = model_batch(raw, self.cfg, self.device, self.dtype)
-            if self.pipeline:
-                inputs, labels = pipeline_inputs(batch)
-                if inputs[-1] is None:
-                    inputs = inputs[:-1] + (batch["position_ids"],)
-                yield inputs, labels
-            else:
-                yield batch
+            yield pipeline_inputs(batch) if self.pipeline else batch
 
     # --- one step -----------------------------------------------------------------------
     def _mean_over_dp(self, values: List[float]) -> List[float]:
@@ -121,11 +115,11 @@ class Trainer:
         engine.lr_scheduler.last_epoch -= 1
         for g, lr in zip(base.param_groups, lrs):
             g["lr"] = lr
-        self._zero0_skipped = True
 
     def train_step(self, batches) -> Dict[str, float]:
         engine, step_number = self.engine, self.iteration + 1
         lr = engine.get_lr()[0]   # the rate this step's update uses (the scheduler moves after it)
+        dropped = False           # a ZeRO-0 update we dropped ourselves (DeepSpeed reports it applied)
         if self.pipeline:
             loss = engine.train_batch(data_iter=batches)
             lm, vis = self._take_reported()
@@ -143,11 +137,11 @@ class Trainer:
                 vis += float(vis_part) / self.gas
                 if micro == self.gas - 1 and not finite and effective_zero_stage(self.cfg) == 0:
                     self._skip_zero0_update()
+                    dropped = True
                 else:
                     engine.step()
-        applied = engine.was_step_applied() and finite and not getattr(self, "_zero0_skipped", False)
-        self._zero0_skipped = False
-        lm, vis = self._mean_over_dp([lm, vis]) if not self.pipeline or self.head is not None else (lm, vis)
+        applied = engine.was_step_applied() and finite and not dropped
+        lm, vis = self._mean_over_dp([lm, vis])   # a DP group is one stage: all or none hold the head
         if applied:
             self.skipped_consecutive = 0
         else:
@@ -300,7 +294,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
     c = cfg.checkpoint
     if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
-            ckpt.read_latest(c.load) == "release" and ckpt.read_latest(c.save) not in (None, "release"):
+            ckpt.is_release(c.load) and ckpt.read_latest(c.save) not in (None, "release"):
         # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
         if rank == 0:
             print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
