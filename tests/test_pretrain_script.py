@@ -36,6 +36,7 @@ def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
         ckpt = tmp_path / name
         args = tiny_args(vl_data, "--global-batch-size", 4, *layout, "--tensorboard-dir", tmp_path / f"tb-{name}")
         out = run_script(LAUNCHERS[launcher](free_port()) + args + ["--save", ckpt, "--save-interval", 2])
+        assert f"launcher: {launcher} (rank 0 of 2, local rank 0, master 127.0.0.1:" in out
         assert ("world 2 = tp 2 x pp 1 x dp 1" if name == "tp2" else "world 2 = tp 1 x pp 1 x dp 2, ZeRO-3") in out
         straight = logged_losses(out)
         assert sorted(straight) == [1, 2, 3, 4]
@@ -46,21 +47,27 @@ def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_saves_exits_zero_and_resume_continues(vl_data, tmp_path):
-    """Two ranks started the SLURM way (environment only); rank 0 alone gets the signal."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_exits_zero_and_resume_continues(vl_data, tmp_path, sig):
+    """Two ranks started as srun starts them (SLURM variables only: the master host comes
+    from the node list, the port from the job id); rank 0 alone gets the signal — SIGTERM
+    as from scancel, SIGUSR1 as from sbatch --signal=USR1@120."""
     port = free_port()
+    while port >= 60000:   # the job id -> port rule (20000 + id % 40000) must give it back
+        port = free_port()
     args = tiny_args(vl_data, "--global-batch-size", 4, "--save", tmp_path, iters=500)
+    slurm = dict(SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost",
+                 SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID=str(port - 20000), SLURM_STEP_ID="0")
     procs = [subprocess.Popen([PY, "pretrain_vlgpt.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
-                              env=script_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
-                                             RANK=str(r), LOCAL_RANK=str(r)))
+                              env=script_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm))
              for r in range(2)]
     try:
         seen = []
         for line in procs[1].stdout:
             seen.append(line)
             if line.startswith("iteration") and line.split("/")[0].split()[1] == "3":
-                procs[0].send_signal(signal.SIGTERM)
+                procs[0].send_signal(sig)
                 break
         rest1, _ = procs[1].communicate(timeout=120)
         out0, _ = procs[0].communicate(timeout=120)
@@ -70,6 +77,7 @@ def test_sigterm_saves_exits_zero_and_resume_continues(vl_data, tmp_path):
                 p.kill()
     out1 = "".join(seen) + rest1
     assert [p.returncode for p in procs] == [0, 0], out0[-3000:] + out1[-3000:]
+    assert f"launcher: slurm (rank 0 of 2, local rank 0, master localhost:{port}, job {port - 20000}" in out0
     tag = open(tmp_path / "latest").read()
     stopped_at = int(tag.split("_")[1])
     assert 3 <= stopped_at < 500

@@ -31,7 +31,8 @@ def main(argv=None):
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--tolerance", type=float, default=1e-5)
     args = p.parse_args(argv)
-    rank, world, _ = init_distributed("gloo")
+    launch = init_distributed("gloo")
+    rank, world = launch.rank, launch.world_size
     if world != args.tensor_model_parallel_size:
         p.error(f"launch with {args.tensor_model_parallel_size} processes (one per TP rank); got {world}")
     state = ParallelState.build(tp=args.tensor_model_parallel_size)

@@ -1,11 +1,19 @@
-"""Convert between Hugging Face LLaMA directories and megatron-vl sharded checkpoints.
+"""Convert between Hugging Face directories and megatron-vl checkpoints.
 
+    # HF LLaMA -> release checkpoint (the --load of a first pretraining run)
     python tools/convert_checkpoint.py import-hf --hf-dir /models/llama-7b --save ckpt/llama-7b-tp2 \
         --tensor-model-parallel-size 2 [--pipeline-model-parallel-size 2]
+    # release checkpoint -> HF LLaMA (bit-identical round trip: tensors are only split and joined)
     python tools/convert_checkpoint.py export-hf --load ckpt/llama-7b-tp2 --save /models/llama-7b-export
+    # VL-GPT training checkpoint (any TP/PP, ZeRO-3 included) -> HF directory + LoRA adapter
+    python tools/convert_checkpoint.py export-hf --load ckpt/vlgpt-7b --save /models/vlgpt-7b-hf \
+        --image-tokenizer ckpt/image_tokenizer [--merge-lora] [--ckpt-step 20000] [--dtype bf16]
 
-Tensors are only split and concatenated, so import then export is bit-identical. Both
-write to a temporary directory and rename it when complete.
+A VL-GPT export loads as LlamaForCausalLM (language model; tokenizer with [IMG]/[/IMG]),
+PeftModel.from_pretrained(model, OUT/adapter) (the LoRA adapter, unless --merge-lora), and
+megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT) (everything, visual
+projection and regression head included). Output is written to a temporary directory and
+renamed when complete.
 """
 
 import argparse
@@ -14,7 +22,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from megatron_vl.convert import hf  # noqa: E402
+from megatron_vl.convert.vlgpt_export import export_vlgpt  # noqa: E402
+from megatron_vl.training.checkpoint import is_release  # noqa: E402
 
 
 def import_hf(args):
@@ -29,7 +41,21 @@ def import_hf(args):
           f"vocabulary {cfg.vocab_size} padded to {cfg.padded_vocab_size(tp)})")
 
 
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def export_hf(args):
+    if not is_release(args.load):
+        summary = export_vlgpt(args.load, args.save, merge_lora=args.merge_lora, image_tokenizer=args.image_tokenizer,
+                               tokenizer_model=args.tokenizer_model, iteration=args.ckpt_step,
+                               dtype=DTYPES[args.dtype])
+        print(f"exported VL-GPT {args.load} (iteration {summary.iteration}) -> {args.save}: {summary.tensors} "
+              f"language-model tensors, LoRA {summary.lora}, visual heads, tokenizer with [IMG]/[/IMG]"
+              + (", image tokenizer" if summary.image_tokenizer else ""))
+        return
+    if args.merge_lora or args.image_tokenizer:
+        raise hf.CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora and "
+                                 "--image-tokenizer apply to VL-GPT training checkpoints")
     shards, cfg, tp, pp = hf.load_release_shards(args.load)
     state_dict = hf.shards_to_hf(shards, cfg, tp, pp)
     dtype = next(iter(state_dict.values())).dtype
@@ -47,9 +73,14 @@ def main(argv=None):
     i.add_argument("--save", required=True)
     i.add_argument("--tensor-model-parallel-size", type=int, default=1)
     i.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    e = sub.add_parser("export-hf", help="sharded checkpoint -> HF LlamaForCausalLM directory")
-    e.add_argument("--load", required=True)
-    e.add_argument("--save", required=True)
+    e = sub.add_parser("export-hf", help="release or VL-GPT training checkpoint -> HF directory")
+    e.add_argument("--load", required=True, help="checkpoint directory (holds 'latest')")
+    e.add_argument("--save", required=True, help="output directory (replaced atomically)")
+    e.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapter into the weights")
+    e.add_argument("--image-tokenizer", help="image tokenizer directory to ship with the export")
+    e.add_argument("--tokenizer-model", help="the training tokenizer, when it has moved since preprocessing")
+    e.add_argument("--ckpt-step", type=int, help="export this iteration instead of the latest")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: as trained)")
     args = p.parse_args(argv)
     try:
         (import_hf if args.command == "import-hf" else export_hf)(args)

@@ -312,33 +312,52 @@ def save_hf_directory(out_dir: str, hf_sd: Dict[str, torch.Tensor], hf_config: d
                       tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 5 * 2**30) -> None:
     """A directory LlamaForCausalLM.from_pretrained loads: config.json, safetensors (indexed
     shards above max_shard_bytes), tokenizer files. Written to a temporary directory first."""
-    tmp = _atomic_dir(out_dir)
-    try:
-        groups, current, size = [], {}, 0
-        for name, t in hf_sd.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                groups.append(current)
-                current, size = {}, 0
-            current[name] = t.contiguous()
-            size += nbytes
-        groups.append(current)
-        if len(groups) == 1:
-            save_file(groups[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with atomic_directory(out_dir) as tmp:
+        write_hf_files(tmp, hf_sd, hf_config, tokenizer_dir, max_shard_bytes)
+
+
+class atomic_directory:
+    """``with atomic_directory(final) as tmp:`` write into tmp; it replaces final only when
+    the block completes, and is removed if it raises."""
+
+    def __init__(self, final: str):
+        self.final = final
+
+    def __enter__(self) -> str:
+        self.tmp = _atomic_dir(self.final)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            _commit_dir(self.tmp, self.final)
         else:
-            weight_map = {}
-            for i, g in enumerate(groups):
-                fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-                save_file(g, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in g})
-            total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(hf_config, fh, indent=2)
-        if tokenizer_dir:
-            copy_tokenizer_files(tokenizer_dir, tmp)
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
+def write_hf_files(out_dir: str, hf_sd: Dict[str, torch.Tensor], hf_config: dict,
+                   tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    groups, current, size = [], {}, 0
+    for name, t in hf_sd.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            groups.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += nbytes
+    groups.append(current)
+    if len(groups) == 1:
+        save_file(groups[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, g in enumerate(groups):
+            fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file(g, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in g})
+        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        json.dump(hf_config, fh, indent=2)
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, out_dir)

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .launcher import LaunchInfo, detect_launch
+
 
 def rank_coordinates(rank: int, tp: int, pp: int, dp: int) -> Tuple[int, int, int]:
     """(pp_rank, dp_rank, tp_rank) of a global rank."""
@@ -176,28 +178,32 @@ class DeepSpeedMPU:
         return self._world(self.state.pp_group)
 
 
-def init_distributed(backend: str = "auto", single_process_group: bool = False) -> Tuple[int, int, int]:
-    """Initialises torch.distributed from the launcher's environment (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR/PORT as torchrun and deepspeed set them). Returns
-    (rank, world_size, local_rank); a plain ``python script.py`` is one process, which gets a
-    one-rank process group only when single_process_group is set (DeepSpeed wants one)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if (world_size > 1 or single_process_group) and not dist.is_initialized():
+def init_distributed(backend: str = "auto", single_process_group: bool = False,
+                     launch: Optional[LaunchInfo] = None) -> LaunchInfo:
+    """Initialises torch.distributed from what the launcher said (parallel/launcher.py:
+    torchrun, deepspeed, mpirun, srun; detected here unless `launch` is given) and returns
+    it. The launcher's rank, world size, local rank and master address are exported as
+    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, which DeepSpeed reads too. A plain
+    ``python script.py`` is one process, which gets a one-rank process group only when
+    single_process_group is set (DeepSpeed wants one), on a free local port."""
+    launch = launch or detect_launch()
+    if launch.launcher != "single":
+        launch.export()
+    if (launch.world_size > 1 or single_process_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(launch.local_rank)
         init_method = None
-        if world_size == 1:
+        if launch.launcher == "single":
             # DeepSpeed reads the launcher's variables even for one process.
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
             if "MASTER_ADDR" not in os.environ:
                 init_method = f"tcp://127.0.0.1:{free_port()}"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=init_method)
-    return rank, world_size, local_rank
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
+                                init_method=init_method)
+    return launch
 
 
 def free_port() -> int:

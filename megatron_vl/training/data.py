@@ -25,14 +25,17 @@ class RunData:
     valid: Optional[object]
     image_token_ids: tuple
     global_batch: int
+    tokenizer: dict      # the datasets' tokenizer metadata (type, model, vocab_size, ids)
 
 
 def _dataset_facts(cfg: Config):
-    """(vocabulary size, [IMG]/[/IMG] ids, feature width) agreed by every prefix of the blend."""
+    """(vocabulary size, [IMG]/[/IMG] ids, feature width, tokenizer metadata) agreed by every
+    prefix of the blend."""
     prefixes, _ = parse_blend(cfg.data.data_path)
-    vocab, ids, width = 0, None, None
+    vocab, ids, width, first = 0, None, None, None
     for prefix in prefixes:
         tok = read_meta(prefix)["tokenizer"]
+        first = first or tok
         these = (tok["image_token_ids"][IMG], tok["image_token_ids"][IMG_END])
         if ids is not None and these != ids:
             raise ConfigError(f"{prefix}: [IMG]/[/IMG] ids {these} differ from the other datasets' {ids}; "
@@ -45,14 +48,14 @@ def _dataset_facts(cfg: Config):
         if width is not None and d != width:
             raise ConfigError(f"{store}: features of width {d}, other datasets have {width}")
         width = d
-    return vocab, ids, width
+    return vocab, ids, width, first
 
 
 def build_data(cfg: Config, world_size: int) -> RunData:
     """Every rank builds the datasets (index building synchronises over the default group)."""
     if not cfg.data.data_path:
         raise ConfigError("--data-path is required (a preprocessed prefix, or weighted prefixes)")
-    vocab, ids, width = _dataset_facts(cfg)
+    vocab, ids, width, tokenizer = _dataset_facts(cfg)
     m = cfg.model
     if vocab > m.vocab_size:
         raise ConfigError(f"the datasets' tokenizer has {vocab} tokens (with [IMG]/[/IMG]) but --vocab-size is "
@@ -69,7 +72,7 @@ def build_data(cfg: Config, world_size: int) -> RunData:
         sizes = (sizes[0], 0, 0)
     pack = replace(packing_config(cfg), embed_dim=m.visual_embed_dim)
     train, valid, _ = build_train_valid_test(cfg.data.data_path, cfg.data.split, pack, sizes, cfg.data.data_cache_path)
-    return RunData(train, valid, ids, gbs)
+    return RunData(train, valid, ids, gbs, tokenizer)
 
 
 def loader(dataset, cfg: Config, consumed: int, dp_rank: int, dp: int, total: Optional[int] = None) -> Iterator:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
 from ..parallel.pipeline import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
+from ..parallel.launcher import LaunchError, detect_launch
 from ..parallel.state import ParallelState, init_distributed
 from . import checkpoint as ckpt
 from . import faults
@@ -185,7 +186,9 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------
     def client_state(self) -> Dict:
         return {"consumed_train_samples": self.consumed, "skipped_total": self.skipped_total,
-                "skipped_consecutive": self.skipped_consecutive}
+                "skipped_consecutive": self.skipped_consecutive,
+                # what the HF export needs to place the [IMG]/[/IMG] rows (LoRA row deltas)
+                "image_token_ids": list(self.data.image_token_ids), "tokenizer": self.data.tokenizer}
 
     def save(self) -> None:
         c = self.cfg.checkpoint
@@ -278,9 +281,10 @@ def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text 
 def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> "Trainer":
     """Runs a whole pretraining job; returns the Trainer (exit_code, history)."""
     cfg, _ = load_config(argv, parser=parser(description) if description else parser())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = detect_launch()
+    world = launch.world_size
     validate(cfg, world)                 # refuse bad layouts before any process-group work
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+    device = torch.device("cuda", launch.local_rank) if torch.cuda.is_available() \
         else torch.device("cpu")
     if device.type == "cpu" and cfg.training.fp16:
         raise ConfigError("--fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no float16 "
@@ -288,7 +292,10 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in the softmax tail is ~100x slower on CPU
     owns_group = not dist.is_initialized()
-    rank, world, _ = init_distributed(cfg.parallel.distributed_backend, single_process_group=True)
+    init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch)
+    rank = launch.rank
+    if rank == 0:
+        print(launch.describe(), flush=True)
     p = cfg.parallel
     state = ParallelState.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
@@ -331,6 +338,6 @@ def run(argv: Optional[Sequence[str]] = None, description: Optional[str] = None)
     """pretrain() with configuration errors reported as one line, exit code 2."""
     try:
         return pretrain(argv, description).exit_code
-    except ConfigError as exc:
+    except (ConfigError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

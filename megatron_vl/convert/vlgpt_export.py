@@ -1,0 +1,181 @@
+"""A VL-GPT training checkpoint -> a Hugging Face directory.
+
+Layout written (atomically: a temporary sibling renamed when complete)::
+
+    OUT/config.json, model*.safetensors     LlamaForCausalLM: the language model, vocabulary
+                                            with [IMG]/[/IMG] (their trained LoRA row deltas
+                                            folded into the embedding and LM-head rows)
+    OUT/tokenizer.json, tokenizer_config.json ...   the training tokenizer + [IMG]/[/IMG]
+    OUT/adapter/                            the LoRA adapter in peft's format (LoRA runs,
+                                            unless --merge-lora folded it into the weights)
+    OUT/vlgpt_config.json                   visual width, image token ids, where the rest is
+    OUT/vlgpt_heads.safetensors             visual projection and regression head
+    OUT/image_tokenizer/                    the image tokenizer (when given)
+
+``megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT)`` puts it back together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from ..data.tokenizer import IMG, IMG_END
+from ..model.lora import HF_PROJ, PARTS
+from .hf import CheckpointError, atomic_directory, hf_config_from_model, shards_to_hf, write_hf_files
+from .training_checkpoint import TrainedWeights, read_training_checkpoint
+
+VLGPT_CONFIG = "vlgpt_config.json"
+VLGPT_HEADS = "vlgpt_heads.safetensors"
+ADAPTER_DIR = "adapter"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+FORMAT_VERSION = 1
+HEADS = {"embedding.visual_proj.weight": "visual_proj.weight", "embedding.visual_proj.bias": "visual_proj.bias",
+         "head.regression.weight": "regression.weight", "head.regression.bias": "regression.bias"}
+# LoRA part -> (our fused module path inside a layer, dim along which TP splits A, B; None: replicated)
+_ROW_PARTS = ("o", "down")
+_MODULE_OF = {part: (("attention." if attr in ("qkv", "out") else "mlp.") + attr)
+              for attr, parts in PARTS.items() for part in parts}
+
+
+@dataclass
+class ExportSummary:
+    tensors: int
+    lora: str            # "none" | "adapter" | "merged"
+    tokenizer: bool
+    image_tokenizer: bool
+    iteration: int
+
+
+def _lora_full(w: TrainedWeights, layer: int, part: str):
+    """(A [r, in], B [out, r]) of one projection, TP slices joined; None when untrained."""
+    key = f"layers.{layer}.{_MODULE_OF[part]}"
+    ranks = w.per_tp_rank
+    if f"{key}.lora_A.{part}" not in ranks[0]:
+        return None
+    a = [r[f"{key}.lora_A.{part}"] for r in ranks]
+    b = [r[f"{key}.lora_B.{part}"] for r in ranks]
+    if part in _ROW_PARTS:      # row-parallel: A split over the input, B replicated
+        return torch.cat(a, dim=1), b[0]
+    return a[0], torch.cat(b, dim=0)   # column-parallel: A replicated, B split over the output
+
+
+def _image_token_ids(w: TrainedWeights) -> List[int]:
+    ids = w.client.get("image_token_ids")
+    if ids is None:
+        raise CheckpointError(f"{w.path}: the client state has no image_token_ids (written before they were "
+                              "recorded); re-save it with this version of pretrain_vlgpt.py")
+    return [int(i) for i in ids]
+
+
+def _hf_tokenizer(meta: dict, override: Optional[str], ids: List[int]):
+    """The training tokenizer as a transformers tokenizer with [IMG]/[/IMG] at the ids the
+    data used; None when the tokenizer files are not here."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+    kind, model = meta.get("type"), override or meta.get("model")
+    if not model or not os.path.exists(model):
+        return None
+    if kind == "sentencepiece" or (override and os.path.isfile(override)):
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(model, os.path.join(d, "tokenizer.model"))
+            tok = LlamaTokenizer.from_pretrained(d)
+    else:
+        tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": [IMG, IMG_END]})
+    got = tok.convert_tokens_to_ids([IMG, IMG_END])
+    if list(got) != ids:
+        raise CheckpointError(f"{model}: [IMG]/[/IMG] get ids {got} in the HF tokenizer but the training data used "
+                              f"{ids}: not the tokenizer the data was preprocessed with")
+    return tok
+
+
+def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer: Optional[str] = None,
+                 tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, log=print) -> ExportSummary:
+    w = read_training_checkpoint(load, iteration)
+    cfg = w.cfg
+    m, tp = cfg.model, len(w.per_tp_rank)
+    ids = _image_token_ids(w)
+    base = {(r, 0): {k: v for k, v in sd.items() if k.startswith(("embedding.word_embeddings", "layers.", "head."))
+                     and ".lora_" not in k and not k.endswith("rows_delta") and k not in HEADS}
+            for r, sd in enumerate(w.per_tp_rank)}
+    hf = shards_to_hf(base, m, tp, 1)
+    first = w.per_tp_rank[0]
+    out_dtype = dtype or next(iter(hf.values())).dtype
+    # Trained rows of [IMG]/[/IMG] (LoRA runs train them through deltas on frozen tables).
+    for name, hf_name in (("embedding.rows_delta", "model.embed_tokens.weight"),
+                          ("head.output.rows_delta", "lm_head.weight")):
+        if name in first and hf_name in hf:
+            table = hf[hf_name].float().clone()
+            table[ids] += first[name].float()
+            hf[hf_name] = table
+    adapter: Dict[str, torch.Tensor] = {}
+    targets = []
+    for i in range(m.num_layers):
+        for part in HF_PROJ:
+            ab = _lora_full(w, i, part)
+            if ab is None:
+                continue
+            a, b = ab
+            targets.append(part)
+            hf_name = f"model.layers.{i}.{HF_PROJ[part]}"
+            if merge_lora:
+                scale = cfg.lora.lora_alpha / cfg.lora.lora_rank
+                hf[f"{hf_name}.weight"] = hf[f"{hf_name}.weight"].float() + scale * (b.float() @ a.float())
+            else:
+                adapter[f"base_model.model.{hf_name}.lora_A.weight"] = a.to(out_dtype).contiguous()
+                adapter[f"base_model.model.{hf_name}.lora_B.weight"] = b.to(out_dtype).contiguous()
+    lora = "none" if not targets else "merged" if merge_lora else "adapter"
+    if merge_lora and not targets:
+        raise CheckpointError(f"{w.path}: --merge-lora, but the run trained no LoRA adapter (--lora-rank 0)")
+    hf = {k: v.to(out_dtype).contiguous() for k, v in hf.items()}
+    missing = [k for k in HEADS if k not in first]
+    if missing:
+        raise CheckpointError(f"{w.path}: lacks {missing}: not a VL-GPT checkpoint")
+    heads = {ours: first[k].to(out_dtype).contiguous() for k, ours in HEADS.items()}
+    tok = _hf_tokenizer(w.client.get("tokenizer") or {}, tokenizer_model, ids)
+    if tok is None:
+        raise CheckpointError(f"the training tokenizer ({(w.client.get('tokenizer') or {}).get('model')}) is not "
+                              "here; pass --tokenizer-model with its .model file or HF directory")
+    hf_config = hf_config_from_model(m, out_dtype, {"bos_token_id": tok.bos_token_id,
+                                                    "eos_token_id": tok.eos_token_id})
+    with atomic_directory(save) as tmp:
+        write_hf_files(tmp, hf, hf_config)
+        tok.save_pretrained(tmp)
+        save_file(heads, os.path.join(tmp, VLGPT_HEADS), metadata={"format": "pt"})
+        if lora == "adapter":
+            from peft import LoraConfig
+            os.makedirs(os.path.join(tmp, ADAPTER_DIR))
+            LoraConfig(r=cfg.lora.lora_rank, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                       target_modules=sorted({HF_PROJ[p].split(".")[1] for p in targets}), bias="none",
+                       task_type="CAUSAL_LM").save_pretrained(os.path.join(tmp, ADAPTER_DIR))
+            save_file(adapter, os.path.join(tmp, ADAPTER_DIR, "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
+        if image_tokenizer:
+            if not os.path.isdir(image_tokenizer):
+                raise CheckpointError(f"--image-tokenizer {image_tokenizer}: no such directory")
+            shutil.copytree(image_tokenizer, os.path.join(tmp, IMAGE_TOKENIZER_DIR))
+        meta = {"format": "megatron-vl-vlgpt", "version": FORMAT_VERSION,
+                "visual_embed_dim": m.visual_embed_dim, "num_image_tokens": cfg.data.num_image_tokens,
+                "image_token_ids": {IMG: ids[0], IMG_END: ids[1]},
+                "visual_loss_weight": cfg.training.visual_loss_weight,
+                "lora": {"state": lora, "adapter": ADAPTER_DIR if lora == "adapter" else None,
+                         "rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha},
+                "image_tokenizer": IMAGE_TOKENIZER_DIR if image_tokenizer else None,
+                "source": {"checkpoint": os.path.abspath(w.path), "iteration": w.iteration,
+                           "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+                           "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
+                           "zero_stage": cfg.parallel.zero_stage}}
+        with open(os.path.join(tmp, VLGPT_CONFIG), "w") as fh:
+            json.dump(meta, fh, indent=2)
+    if not image_tokenizer:
+        log(f"note: no --image-tokenizer given; {save} holds no image tokenizer (visual inputs must come "
+            "as precomputed embeddings)")
+    return ExportSummary(len(hf), lora, True, bool(image_tokenizer), w.iteration)

@@ -1,0 +1,102 @@
+"""VL-GPT for inference on transformers: an exported directory (tools/convert_checkpoint.py
+export-hf) loaded back with its visual ends.
+
+    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    model = VLGPTForCausalLM.from_pretrained("vlgpt-hf")          # LoRA adapter applied by peft
+    out = model(input_ids, visual_embeds=feats, visual_mask=mask)  # out.logits, out.visual_predictions
+
+The language model is a plain ``LlamaForCausalLM`` (``model.language_model``; a
+``PeftModel`` around it when the directory holds an unmerged adapter), so text generation
+is transformers' own ``generate``. Visual positions (``visual_mask``) take the visual
+projection of their image-tokenizer embedding instead of a token embedding; the regression
+head maps the final hidden states to predicted visual embeddings — as in training, the
+output at t predicts element t+1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .convert.vlgpt_export import VLGPT_CONFIG, VLGPT_HEADS
+
+
+class VLGPTOutput(NamedTuple):
+    logits: torch.Tensor               # [b, S, vocab]
+    visual_predictions: torch.Tensor   # [b, S, d]
+    hidden_states: torch.Tensor        # [b, S, hidden], after the final norm
+
+
+class VLGPTForCausalLM(nn.Module):
+    def __init__(self, language_model: nn.Module, config: dict, image_tokenizer: Optional[nn.Module] = None):
+        super().__init__()
+        self.language_model = language_model
+        self.config = config
+        hidden = self.causal_lm.config.hidden_size
+        self.visual_proj = nn.Linear(config["visual_embed_dim"], hidden)
+        self.regression = nn.Linear(hidden, config["visual_embed_dim"])
+        self.image_tokenizer = image_tokenizer
+
+    @property
+    def causal_lm(self):
+        """The LlamaForCausalLM (LoRA layers inside it when an adapter is applied)."""
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def image_token_ids(self):
+        return self.config["image_token_ids"]
+
+    @classmethod
+    def from_pretrained(cls, path: str, merge_lora: bool = False, dtype: Optional[torch.dtype] = None,
+                        load_image_tokenizer: bool = True) -> "VLGPTForCausalLM":
+        from transformers import LlamaForCausalLM
+        cfg_path = os.path.join(path, VLGPT_CONFIG)
+        try:
+            with open(cfg_path) as fh:
+                config = json.load(fh)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cfg_path} missing: {path} is not a VL-GPT export "
+                                    "(tools/convert_checkpoint.py export-hf on a VL-GPT checkpoint)") from None
+        lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype) if dtype else LlamaForCausalLM.from_pretrained(path)
+        adapter = config["lora"].get("adapter")
+        if adapter:
+            from peft import PeftModel
+            lm = PeftModel.from_pretrained(lm, os.path.join(path, adapter))
+            if merge_lora:
+                lm = lm.merge_and_unload()
+        image_tokenizer = None
+        if load_image_tokenizer and config.get("image_tokenizer"):
+            from .model.image_tokenizer import ImageTokenizer
+            image_tokenizer = ImageTokenizer.from_pretrained(os.path.join(path, config["image_tokenizer"]))
+        model = cls(lm, config, image_tokenizer)
+        heads = load_file(os.path.join(path, VLGPT_HEADS))
+        model.visual_proj.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
+                                           if k.startswith("visual_proj.")})
+        model.regression.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
+                                          if k.startswith("regression.")})
+        dtype = dtype or next(model.causal_lm.parameters()).dtype
+        model.visual_proj.to(dtype)
+        model.regression.to(dtype)
+        return model.eval()
+
+    def embed(self, input_ids: torch.Tensor, visual_embeds: Optional[torch.Tensor] = None,
+              visual_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.causal_lm.get_input_embeddings()(input_ids)
+        if visual_mask is None:
+            return x
+        v = self.visual_proj(visual_embeds.to(x.dtype))
+        return torch.where(visual_mask.unsqueeze(-1), v, x)
+
+    def forward(self, input_ids: torch.Tensor, visual_embeds: Optional[torch.Tensor] = None,
+                visual_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> VLGPTOutput:
+        lm = self.causal_lm
+        hidden = lm.model(inputs_embeds=self.embed(input_ids, visual_embeds, visual_mask),
+                          attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return VLGPTOutput(lm.lm_head(hidden), self.regression(hidden), hidden)
