@@ -24,7 +24,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_vl.training.pretrain import run  # noqa: E402
+from megatron_vl.training.pretrain import parser, run  # noqa: E402
+
+
+def build_parser():
+    return parser(__doc__)
+
 
 if __name__ == "__main__":
     sys.exit(run(description=__doc__))

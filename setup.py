@@ -25,6 +25,8 @@ setup(
         "pyarrow",
         "webdataset",
         "pillow",
+        "tensorboard",     # --tensorboard-dir
+        "matplotlib",      # tools/plot_loss.py
     ],
     extras_require={
         # flash-attn compiles CUDA from source for a long time: GPU machines only.

@@ -1,4 +1,4 @@
-"""Compare our LLaMA against transformers on random tokens (fp32 logits).
+r"""Compare our LLaMA against transformers on random tokens (fp32 logits).
 
 Run after every conversion; exits non-zero when the max abs difference exceeds --tolerance.
 
@@ -20,7 +20,7 @@ from megatron_vl.convert.parity import max_logit_difference  # noqa: E402
 from megatron_vl.parallel.state import ParallelState, init_distributed  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="transformers LlamaForCausalLM directory")
     p.add_argument("--load", help="compare this converted checkpoint (import-hf output) instead of "
@@ -30,6 +30,11 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--tolerance", type=float, default=1e-5)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     launch = init_distributed("gloo")
     rank, world = launch.rank, launch.world_size

@@ -1,4 +1,4 @@
-"""Convert between Hugging Face directories and megatron-vl checkpoints.
+r"""Convert between Hugging Face directories and megatron-vl checkpoints.
 
     # HF LLaMA -> release checkpoint (the --load of a first pretraining run)
     python tools/convert_checkpoint.py import-hf --hf-dir /models/llama-7b --save ckpt/llama-7b-tp2 \
@@ -65,7 +65,7 @@ def export_hf(args):
     print(f"exported {args.load} (TP={tp}, PP={pp}) -> {args.save} ({len(state_dict)} tensors)")
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("import-hf", help="HF LlamaForCausalLM directory -> sharded checkpoint")
@@ -81,7 +81,11 @@ def main(argv=None):
     e.add_argument("--tokenizer-model", help="the training tokenizer, when it has moved since preprocessing")
     e.add_argument("--ckpt-step", type=int, help="export this iteration instead of the latest")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: as trained)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         (import_hf if args.command == "import-hf" else export_hf)(args)
     except (hf.CheckpointError, OSError, KeyError) as exc:

@@ -1,4 +1,4 @@
-"""Run the frozen image tokenizer over a preprocessed dataset's image table and write its
+r"""Run the frozen image tokenizer over a preprocessed dataset's image table and write its
 feature store (float16 [N, d] per image): the visual inputs and regression targets of
 pretraining. Resumable: shards already written are skipped on a rerun.
 

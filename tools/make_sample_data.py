@@ -134,13 +134,18 @@ def train_tokenizer(out: str, text_lines, vocab_size: int):
     os.remove(os.path.join(out, "tokenizer.vocab"))
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="sample_data")
     p.add_argument("--documents", type=int, default=64, help="interleaved documents (MMC4 and OBELICS each)")
     p.add_argument("--pairs", type=int, default=256, help="image-caption pairs")
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     os.makedirs(args.output, exist_ok=True)

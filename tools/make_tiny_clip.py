@@ -13,12 +13,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_vl.testing.tiny_models import save_tiny_clip  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--save", required=True)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     save_tiny_clip(args.save, args.image_size, args.width, args.layers)
     print(f"wrote {args.save}: random CLIPVisionModel ({args.layers} layers, width {args.width}, "

@@ -15,13 +15,17 @@ import argparse  # noqa: E402
 
 import torch  # noqa: E402
 
-from megatron_vl.config import build_parser, load_config  # noqa: E402
+from megatron_vl.config import build_parser as config_parser, load_config  # noqa: E402
 from megatron_vl.convert.hf import hf_config_from_model  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    build_parser(parser=parser)  # --save (the checkpoint flag) names the output directory
+    return config_parser(parser=parser)  # --save (the checkpoint flag) names the output directory
+
+
+def main(argv=None):
+    parser = build_parser()
     cfg, _ = load_config(argv, parser=parser)
     if not cfg.checkpoint.save:
         parser.error("--save DIR is required")

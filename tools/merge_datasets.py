@@ -1,4 +1,4 @@
-"""Concatenate preprocessed datasets (e.g. partitions written on different machines): tokens,
+r"""Concatenate preprocessed datasets (e.g. partitions written on different machines): tokens,
 image spans (image ids renumbered), image tables, and the feature stores when every input
 with images has one.
 
@@ -15,11 +15,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_vl.data.preprocess import merge_datasets  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="dataset prefixes, in order")
     p.add_argument("--output-prefix", required=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         meta = merge_datasets(args.input, args.output_prefix)
     except (ValueError, OSError) as exc:

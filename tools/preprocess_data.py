@@ -1,4 +1,4 @@
-"""Tokenize raw corpora into Megatron indexed binaries plus megatron-vl's image sidecars.
+r"""Tokenize raw corpora into Megatron indexed binaries plus megatron-vl's image sidecars.
 
     python tools/preprocess_data.py --input-format mmc4 --input 'mmc4/docs_shard_*_v2.jsonl.zip' \
         --image-root mmc4/images --min-sim 0.24 --output-prefix data/mmc4 \
