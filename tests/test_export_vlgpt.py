@@ -2,7 +2,9 @@
 steps on 2 gloo processes and compute the training model's logits and visual predictions
 on a fixed interleaved batch; the export (tools/convert_checkpoint.py export-hf) must give
 the same through VLGPTForCausalLM, through LlamaForCausalLM (+ PeftModel for the adapter)
-on text, and merged with --merge-lora."""
+on text, and merged with --merge-lora. A PP=2 run (whose engine gives losses, not logits)
+must give the same text and visual losses on that batch. tools/generate.py on the export
+decodes exactly what a greedy loop over VLGPTForCausalLM does."""
 
 import json
 import os
@@ -17,7 +19,7 @@ from megatron_vl.testing.distributed import run_distributed
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, VOCAB, run_script, tiny_args
 
 IMG_ID, IMG_END_ID = VOCAB - 2, VOCAB - 1
-SEQ = 48
+SEQ = 128          # the runs' --seq-length: the pipeline engine keeps its first buffer shapes
 
 
 def fixed_batch():
@@ -34,24 +36,71 @@ def fixed_batch():
             "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous(), "segment_ids": None}
 
 
+def labelled(batch):
+    """fixed_batch with training targets: output t predicts element t+1."""
+    nxt_visual = torch.cat([batch["visual_mask"][:, 1:], torch.zeros_like(batch["visual_mask"][:, :1])], 1)
+    labels = torch.cat([batch["tokens"][:, 1:], torch.full_like(batch["tokens"][:, :1], -100)], 1)
+    labels[nxt_visual] = -100
+    return dict(batch, labels=labels, regression_mask=nxt_visual, visual_targets=regression_targets(batch["visual_embeds"]))
+
+
+def regression_targets(visual):
+    from megatron_vl.model.vlgpt import regression_targets as ours
+    return ours(visual)
+
+
+def losses_of(logits, visual_pred, batch):
+    """(text CE, visual MSE) as training defines them, from an export's outputs."""
+    b = labelled(batch)
+    text = b["labels"] != -100
+    ce = torch.nn.functional.cross_entropy(logits[text].double(), b["labels"][text])
+    mse = (visual_pred.double() - b["visual_targets"].double()).pow(2).mean(-1)[b["regression_mask"]].mean()
+    return ce.item(), mse.item()
+
+
 def train_and_reference(rank, world, argv):
-    """Trains, saves, then runs the training model (its engine's module) on fixed_batch."""
+    """Trains and saves, then evaluates the training model on fixed_batch: (text loss, visual
+    loss) always, (logits, visual predictions) from a plain module (not a pipeline)."""
+    from megatron_vl.parallel.pipeline import pipeline_inputs
     from megatron_vl.training.pretrain import pretrain
     trainer = pretrain(argv)
     assert trainer.exit_code == 0
-    module = trainer.engine.module.eval()
+    trainer.engine.eval()
     with torch.no_grad():
+        if trainer.pipeline:
+            trainer.engine.eval_batch(data_iter=iter([pipeline_inputs(labelled(fixed_batch()))] * trainer.gas))
+            return trainer._take_reported(), None, None
+        module = trainer.engine.module
+        _, lm, vis = module(labelled(fixed_batch()))
         local, visual = module(fixed_batch())
         logits = module.head.full_logits(local)
     # numpy, not tensors: torch would share them through files the exiting child removes
-    return logits[..., :VOCAB].numpy().copy(), visual.numpy().copy()
+    return (float(lm), float(vis)), logits[..., :VOCAB].numpy().copy(), visual.numpy().copy()
 
 
 def _train(vl_data, ckpt, *layout):
     argv = [str(a) for a in tiny_args(vl_data, "--global-batch-size", 4, *layout, "--save", ckpt,
                                       "--save-interval", 2, iters=2)]
-    logits, visual = run_distributed(train_and_reference, 2, argv, timeout=240)[0]
-    return torch.from_numpy(logits), torch.from_numpy(visual)
+    results = run_distributed(train_and_reference, 2, argv, timeout=240)
+    losses, logits, visual = results[-1] if results[-1][1] is None else results[0]
+    if logits is None:
+        return losses, None, None
+    return losses, torch.from_numpy(logits), torch.from_numpy(visual)
+
+
+def _close_losses(got, want):
+    assert got == pytest.approx(want, rel=2e-5), f"export (lm, visual) {got} vs training {want}"
+
+
+def greedy(model, ids, steps, banned):
+    """Greedy decoding over VLGPTForCausalLM's logits, [IMG]/[/IMG] excluded."""
+    ids = ids.clone()
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1].clone()
+        logits[banned] = float("-inf")
+        ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
+    return ids
 
 
 def _close(a, b):
@@ -74,7 +123,7 @@ def image_tokenizer(vl_data):
 @pytest.mark.timeout(400)
 def test_tp2_export_matches_training_model(vl_data, tmp_path, image_tokenizer):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    logits, visual = _train(vl_data, tmp_path / "ckpt", "--tensor-model-parallel-size", 2)
+    losses, logits, visual = _train(vl_data, tmp_path / "ckpt", "--tensor-model-parallel-size", 2)
     out = tmp_path / "hf"
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", tmp_path / "ckpt", "--save", out,
                 "--image-tokenizer", image_tokenizer])
@@ -85,6 +134,7 @@ def test_tp2_export_matches_training_model(vl_data, tmp_path, image_tokenizer):
         got = model(batch["tokens"], batch["visual_embeds"], batch["visual_mask"])
     _close(got.logits, logits)
     _close(got.visual_predictions, visual)
+    _close_losses(losses_of(got.logits, got.visual_predictions, batch), losses)
     # The language model alone, on text: plain transformers.
     lm = LlamaForCausalLM.from_pretrained(str(out))
     text = batch["tokens"][:, :8]
@@ -100,15 +150,24 @@ def test_tp2_export_matches_training_model(vl_data, tmp_path, image_tokenizer):
         export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "merged"), merge_lora=True)
     assert not os.path.exists(tmp_path / "merged")
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".merged")]   # no half-written leftovers
+    # Bad input: clear errors, nothing written.
+    with pytest.raises(CheckpointError, match="no 'latest' file: not a training checkpoint"):
+        export_vlgpt(str(tmp_path), str(tmp_path / "x"))
+    with pytest.raises(CheckpointError, match="tokenizer '/moved/tokenizer.model' not found .* --tokenizer-model"):
+        export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "x"), tokenizer_model="/moved/tokenizer.model")
+    with pytest.raises(CheckpointError, match="checkpoint iter_0000009 does not exist \\(have: iter_0000002\\)"):
+        export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "x"), iteration=9)
+    assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="is not a VL-GPT export"):
+        VLGPTForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
 
 
 @pytest.mark.timeout(400)
 def test_zero3_lora_export_adapter_and_merged(vl_data, tmp_path):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
-    logits, visual = _train(vl_data, tmp_path / "ckpt", "--zero-stage", 3, "--lora-rank", 4)
+    losses, logits, visual = _train(vl_data, tmp_path / "ckpt", "--zero-stage", 3, "--lora-rank", 4)
     batch = fixed_batch()
-    text = batch["tokens"][:, :8]
 
     out = tmp_path / "hf"
     export_vlgpt(str(tmp_path / "ckpt"), str(out), log=lambda m: None)
@@ -118,6 +177,17 @@ def test_zero3_lora_export_adapter_and_merged(vl_data, tmp_path):
         got = model(batch["tokens"], batch["visual_embeds"], batch["visual_mask"])
     _close(got.logits, logits)
     _close(got.visual_predictions, visual)
+    _close_losses(losses_of(got.logits, got.visual_predictions, batch), losses)
+    # tools/generate.py (transformers + peft) decodes what a greedy loop over our class does.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(out))
+    text = "The picture shows a red circle"
+    prompt = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    want = greedy(model, prompt, 8, [IMG_ID, IMG_END_ID])[0, prompt.shape[1]:]
+    shown = run_script([PY, "tools/generate.py", "--hf-dir", out, "--prompt", text, "--no-add-bos",
+                        "--max-new-tokens", 8])
+    assert f"  -> {tok.decode(want)!r}" in shown
+    text = batch["tokens"][:, :8]
     # peft's own loader puts the adapter on plain transformers' model; without it the logits differ.
     base = LlamaForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
@@ -136,3 +206,15 @@ def test_zero3_lora_export_adapter_and_merged(vl_data, tmp_path):
                                                            batch["visual_mask"])
     _close(got.logits, logits)
     _close(got.visual_predictions, visual)
+
+
+@pytest.mark.timeout(400)
+def test_pp2_export_matches_training_losses(vl_data, tmp_path):
+    losses, _, _ = _train(vl_data, tmp_path / "ckpt", "--pipeline-model-parallel-size", 2)
+    export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "hf"), log=lambda m: None)
+    batch = fixed_batch()
+    with torch.no_grad():
+        got = VLGPTForCausalLM.from_pretrained(str(tmp_path / "hf"))(batch["tokens"], batch["visual_embeds"],
+                                                                    batch["visual_mask"])
+    _close_losses(losses_of(got.logits, got.visual_predictions, batch), losses)
+    assert json.load(open(tmp_path / "hf" / "vlgpt_config.json"))["source"]["pipeline_model_parallel_size"] == 2

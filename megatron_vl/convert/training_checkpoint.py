@@ -101,6 +101,9 @@ def read_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> 
     if tag == "release":
         raise CheckpointError(f"{load_dir}: a release checkpoint (import-hf), not a training one")
     tag_dir = os.path.join(load_dir, tag)
+    if not os.path.isdir(tag_dir):
+        have = sorted(d for d in os.listdir(load_dir) if d.startswith("iter_"))
+        raise CheckpointError(f"{load_dir}: checkpoint {tag} does not exist (have: {', '.join(have) or 'none'})")
     try:
         with open(os.path.join(tag_dir, "config.yaml")) as fh:
             cfg = Config.from_dict(yaml.safe_load(fh), os.path.join(tag_dir, "config.yaml"))

@@ -49,7 +49,6 @@ _MODULE_OF = {part: (("attention." if attr in ("qkv", "out") else "mlp.") + attr
 class ExportSummary:
     tensors: int
     lora: str            # "none" | "adapter" | "merged"
-    tokenizer: bool
     image_tokenizer: bool
     iteration: int
 
@@ -140,10 +139,11 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
     if missing:
         raise CheckpointError(f"{w.path}: lacks {missing}: not a VL-GPT checkpoint")
     heads = {ours: first[k].to(out_dtype).contiguous() for k, ours in HEADS.items()}
-    tok = _hf_tokenizer(w.client.get("tokenizer") or {}, tokenizer_model, ids)
+    tok_meta = w.client.get("tokenizer") or {}
+    tok = _hf_tokenizer(tok_meta, tokenizer_model, ids)
     if tok is None:
-        raise CheckpointError(f"the training tokenizer ({(w.client.get('tokenizer') or {}).get('model')}) is not "
-                              "here; pass --tokenizer-model with its .model file or HF directory")
+        raise CheckpointError(f"tokenizer {tokenizer_model or tok_meta.get('model')!r} not found (the export needs the "
+                              "training tokenizer); pass --tokenizer-model with its .model file or HF directory")
     hf_config = hf_config_from_model(m, out_dtype, {"bos_token_id": tok.bos_token_id,
                                                     "eos_token_id": tok.eos_token_id})
     with atomic_directory(save) as tmp:
@@ -178,4 +178,4 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
     if not image_tokenizer:
         log(f"note: no --image-tokenizer given; {save} holds no image tokenizer (visual inputs must come "
             "as precomputed embeddings)")
-    return ExportSummary(len(hf), lora, True, bool(image_tokenizer), w.iteration)
+    return ExportSummary(len(hf), lora, bool(image_tokenizer), w.iteration)
