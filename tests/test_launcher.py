@@ -31,8 +31,10 @@ def test_deepspeed_launcher_environment():
 def test_hand_set_environment_and_its_errors():
     info = detect_launch({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
     assert (info.launcher, info.local_rank, info.master_port) == ("env", 1, 29500)
+    # Detection describes; the missing address stops the run only when the group is made
+    # (after the configuration is checked).
     with pytest.raises(LaunchError, match="WORLD_SIZE=2 but MASTER_ADDR is not set"):
-        detect_launch({"RANK": "1", "WORLD_SIZE": "2"})
+        detect_launch({"RANK": "1", "WORLD_SIZE": "2"}).export({})
     with pytest.raises(LaunchError, match="rank 4 is outside world size 2"):
         detect_launch({"RANK": "4", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
     with pytest.raises(LaunchError, match="RANK='x' is not an integer"):
@@ -66,6 +68,9 @@ def test_slurm_srun_environment():
     # An exported MASTER_ADDR/MASTER_PORT wins over the derived ones.
     info = detect_launch(dict(env, MASTER_ADDR="ib-dgx003", MASTER_PORT="6000"))
     assert (info.master_addr, info.master_port) == ("ib-dgx003", 6000)
+    bare = {k: v for k, v in env.items() if "NODELIST" not in k}
+    with pytest.raises(LaunchError, match="no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST"):
+        detect_launch(bare).export({})
 
 
 def test_openmpi_environment():
@@ -82,7 +87,7 @@ def test_openmpi_environment():
 def test_mpich_environment_across_nodes():
     env = {"PMI_RANK": "9", "PMI_SIZE": "16", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "8"}
     with pytest.raises(LaunchError, match="install mpi4py .* or export MASTER_ADDR"):
-        detect_launch(env, no_mpi4py)
+        detect_launch(env, no_mpi4py).export({})
     assert detect_launch(dict(env, MASTER_ADDR="m", MASTER_PORT="7000"), no_mpi4py) == \
         LaunchInfo("mpi", 9, 16, 1, "m", 7000, "MPICH/PMI, rendezvous from MASTER_ADDR")
     # srun --mpi=pmi2 sets both: the SLURM node list gives the master without mpi4py.

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from megatron_vl.convert import hf  # noqa: E402
 from megatron_vl.convert.vlgpt_export import export_vlgpt  # noqa: E402
-from megatron_vl.training.checkpoint import is_release  # noqa: E402
+from megatron_vl.training.checkpoint import is_release, read_latest  # noqa: E402
 
 
 def import_hf(args):
@@ -45,6 +45,9 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 
 
 def export_hf(args):
+    if read_latest(args.load) is None and not os.path.isfile(os.path.join(args.load, hf.META_FILE)):
+        raise hf.CheckpointError(f"{args.load}: not a megatron-vl checkpoint (no 'latest' file: neither a release "
+                                 "checkpoint from import-hf nor a pretrain_vlgpt.py --save directory)")
     if not is_release(args.load):
         summary = export_vlgpt(args.load, args.save, merge_lora=args.merge_lora, image_tokenizer=args.image_tokenizer,
                                tokenizer_model=args.tokenizer_model, iteration=args.ckpt_step,

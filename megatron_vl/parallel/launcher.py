@@ -44,6 +44,9 @@ class LaunchInfo:
     master_addr: str
     master_port: int
     detail: str = ""
+    # Why no rendezvous is possible (no address across nodes); raised by export(), not by
+    # detection, so that a run refuses bad settings before it complains about the network.
+    problem: str = ""
 
     def describe(self) -> str:
         where = f"{self.master_addr}:{self.master_port}" if self.world_size > 1 else "no rendezvous"
@@ -53,6 +56,8 @@ class LaunchInfo:
 
     def export(self, env: MutableMapping[str, str] = os.environ) -> None:
         """Writes the torch.distributed variables, which DeepSpeed reads as well."""
+        if self.problem:
+            raise LaunchError(self.problem)
         env.update({"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
                     "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)})
 
@@ -114,10 +119,9 @@ def _from_rank_env(env: Mapping[str, str]) -> LaunchInfo:
         raise LaunchError("RANK is set but WORLD_SIZE is not")
     local = _int(env, "LOCAL_RANK")
     addr = env.get("MASTER_ADDR")
-    if world > 1 and not addr:
-        raise LaunchError(f"{launcher}: WORLD_SIZE={world} but MASTER_ADDR is not set")
-    return LaunchInfo(launcher, rank, world, rank if local is None else local, addr or "127.0.0.1",
-                      _int(env, "MASTER_PORT") or DEFAULT_PORT, detail)
+    problem = f"{launcher}: WORLD_SIZE={world} but MASTER_ADDR is not set" if world > 1 and not addr else ""
+    return LaunchInfo(launcher, rank, world, rank if local is None else local, addr or "?",
+                      _int(env, "MASTER_PORT") or DEFAULT_PORT, detail, problem)
 
 
 MPI_RANK_KEYS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
@@ -159,10 +163,10 @@ def _from_mpi(env: Mapping[str, str], rendezvous: Callable[[], Optional[tuple]])
         elif _slurm_hosts(env):
             addr, port, source = _slurm_hosts(env)[0], port or _slurm_port(env), "SLURM node list"
         else:
-            raise LaunchError(
-                f"{flavour} launch across nodes without a rendezvous address: install mpi4py "
-                "(pip install mpi4py) or export MASTER_ADDR/MASTER_PORT to every rank "
-                "(mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...)")
+            return LaunchInfo("mpi", rank, world, rank if local is None else local, "?", port or DEFAULT_PORT,
+                              flavour, f"{flavour} launch across nodes without a rendezvous address: install "
+                              "mpi4py (pip install mpi4py) or export MASTER_ADDR/MASTER_PORT to every rank "
+                              "(mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=29500 ...)")
     return LaunchInfo("mpi", rank, world, rank if local is None else local, addr, port or DEFAULT_PORT,
                       f"{flavour}, rendezvous from {source}")
 
@@ -175,14 +179,14 @@ def _from_slurm(env: Mapping[str, str]) -> LaunchInfo:
     local = _int(env, "SLURM_LOCALID")
     addr = env.get("MASTER_ADDR")
     hosts = _slurm_hosts(env)
+    problem = ""
     if not addr:
         if hosts is None and world > 1:
-            raise LaunchError("SLURM: no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST to take the master host from; "
-                              "export MASTER_ADDR")
-        addr = hosts[0] if hosts else "127.0.0.1"
+            problem = "SLURM: no SLURM_STEP_NODELIST/SLURM_JOB_NODELIST to take the master host from; export MASTER_ADDR"
+        addr = hosts[0] if hosts else "127.0.0.1" if world == 1 else "?"
     port = _int(env, "MASTER_PORT") or _slurm_port(env)
     detail = f"job {env.get('SLURM_JOB_ID', '?')}, {len(hosts) if hosts else 1} node(s)"
-    return LaunchInfo("slurm", rank, world, rank if local is None else local, addr, port, detail)
+    return LaunchInfo("slurm", rank, world, rank if local is None else local, addr, port, detail, problem)
 
 
 def detect_launch(env: Optional[Mapping[str, str]] = None,
