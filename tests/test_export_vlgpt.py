@@ -2,8 +2,8 @@
 steps on 2 gloo processes and compute the training model's logits and visual predictions
 on a fixed interleaved batch; the export (tools/convert_checkpoint.py export-hf) must give
 the same through VLGPTForCausalLM, through LlamaForCausalLM (+ PeftModel for the adapter)
-on text, and merged with --merge-lora. A PP=2 run (whose engine gives losses, not logits)
-must give the same text and visual losses on that batch. tools/generate.py on the export
+on text, and merged with --merge-lora. PP=2 and TP=2 x PP=2 runs (whose engines give losses,
+not logits) must give the same text and visual losses on that batch. tools/generate.py on the export
 decodes exactly what a greedy loop over VLGPTForCausalLM does."""
 
 import json
@@ -78,10 +78,10 @@ def train_and_reference(rank, world, argv):
     return (float(lm), float(vis)), logits[..., :VOCAB].numpy().copy(), visual.numpy().copy()
 
 
-def _train(vl_data, ckpt, *layout):
+def _train(vl_data, ckpt, *layout, world=2):
     argv = [str(a) for a in tiny_args(vl_data, "--global-batch-size", 4, *layout, "--save", ckpt,
                                       "--save-interval", 2, iters=2)]
-    results = run_distributed(train_and_reference, 2, argv, timeout=240)
+    results = run_distributed(train_and_reference, world, argv, timeout=300)
     losses, logits, visual = results[-1] if results[-1][1] is None else results[0]
     if logits is None:
         return losses, None, None
@@ -209,8 +209,10 @@ def test_zero3_lora_export_adapter_and_merged(vl_data, tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_pp2_export_matches_training_losses(vl_data, tmp_path):
-    losses, _, _ = _train(vl_data, tmp_path / "ckpt", "--pipeline-model-parallel-size", 2)
+@pytest.mark.parametrize("tp,world", [(1, 2), (2, 4)], ids=["pp2", "tp2-pp2"])
+def test_pipeline_export_matches_training_losses(vl_data, tmp_path, tp, world):
+    losses, _, _ = _train(vl_data, tmp_path / "ckpt", "--pipeline-model-parallel-size", 2,
+                          "--tensor-model-parallel-size", tp, world=world)
     export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "hf"), log=lambda m: None)
     batch = fixed_batch()
     with torch.no_grad():

@@ -3,7 +3,6 @@ mpirun run of pretrain_vlgpt.py. The deepspeed-launcher and torchrun runs are in
 test_pretrain_script.py (test_launcher_trains_saves_and_resumes_exactly), the srun-style
 run in its preemption test."""
 
-import os
 import shutil
 
 import pytest
