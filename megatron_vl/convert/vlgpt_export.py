@@ -39,8 +39,9 @@ IMAGE_TOKENIZER_DIR = "image_tokenizer"
 FORMAT_VERSION = 1
 HEADS = {"embedding.visual_proj.weight": "visual_proj.weight", "embedding.visual_proj.bias": "visual_proj.bias",
          "head.regression.weight": "regression.weight", "head.regression.bias": "regression.bias"}
-# LoRA part -> (our fused module path inside a layer, dim along which TP splits A, B; None: replicated)
+# Row-parallel parts split A over TP (B replicated); the others split B (A replicated).
 _ROW_PARTS = ("o", "down")
+# LoRA part -> our fused projection's path inside a layer (q -> attention.qkv, ...)
 _MODULE_OF = {part: (("attention." if attr in ("qkv", "out") else "mlp.") + attr)
               for attr, parts in PARTS.items() for part in parts}
 
