@@ -75,7 +75,7 @@ def train_and_reference(rank, world, argv):
         local, visual = module(fixed_batch())
         logits = module.head.full_logits(local)
     # numpy, not tensors: torch would share them through files the exiting child removes
-    return (float(lm), float(vis)), logits[..., :VOCAB].numpy().copy(), visual.numpy().copy()
+    return (float(lm), float(vis)), logits[..., :VOCAB].float().numpy().copy(), visual.float().numpy().copy()
 
 
 def _train(vl_data, ckpt, *layout, world=2):
@@ -220,3 +220,23 @@ def test_pipeline_export_matches_training_losses(vl_data, tmp_path, tp, world):
                                                                     batch["visual_mask"])
     _close_losses(losses_of(got.logits, got.visual_predictions, batch), losses)
     assert json.load(open(tmp_path / "hf" / "vlgpt_config.json"))["source"]["pipeline_model_parallel_size"] == 2
+
+
+@pytest.mark.timeout(400)
+def test_zero3_bf16_export_is_bf16_and_matches(vl_data, tmp_path):
+    """bf16 ZeRO-3 writes bf16_-prefixed optimizer files; the export reads them and goes out
+    in the run's precision. bf16 kernels differ, so the losses agree to bf16 accuracy."""
+    from safetensors import safe_open
+    losses, _, _ = _train(vl_data, tmp_path / "ckpt", "--zero-stage", 3, "--lora-rank", 4, "--bf16")
+    assert any(f.startswith("bf16_zero_pp_rank_") for f in os.listdir(tmp_path / "ckpt" / "iter_0000002"))
+    out = tmp_path / "hf"
+    export_vlgpt(str(tmp_path / "ckpt"), str(out), log=lambda m: None)
+    assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"
+    for f in ("model.safetensors", "vlgpt_heads.safetensors", "adapter/adapter_model.safetensors"):
+        with safe_open(str(out / f), "pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}, f
+    batch = fixed_batch()
+    with torch.no_grad():
+        got = VLGPTForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)(
+            batch["tokens"], batch["visual_embeds"], batch["visual_mask"])
+    assert losses_of(got.logits.float(), got.visual_predictions.float(), batch) == pytest.approx(losses, rel=2e-2)

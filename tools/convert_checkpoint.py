@@ -83,7 +83,7 @@ def build_parser():
     e.add_argument("--image-tokenizer", help="image tokenizer directory to ship with the export")
     e.add_argument("--tokenizer-model", help="the training tokenizer, when it has moved since preprocessing")
     e.add_argument("--ckpt-step", type=int, help="export this iteration instead of the latest")
-    e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: as trained)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the run's precision, --bf16/--fp16/fp32)")
     return p
 
 

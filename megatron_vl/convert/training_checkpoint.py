@@ -10,7 +10,7 @@ which is our TP rank, and the data-parallel rank):
 - Pipelines: ``layer_{idx:02d}-model_{tp:02d}-model_states.pt`` holds one pipeline layer's
   state dict (idx 0 the embedding, 1..L the decoder layers, L+1 the head).
 - ZeRO-3: the module files hold placeholders. Trainable parameters live in the fp32
-  ``fp32_flat_groups`` of each ``zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``: per
+  ``fp32_flat_groups`` of each ``[bf16_]zero_pp_rank_{dp}_mp_rank_{tp:02d}_optim_states.pt``: per
   parameter (in ``param_shapes`` order) every DP rank holds ceil(numel / dp) consecutive
   elements, the last rank's zero-padded. Frozen parameters (the LoRA base) are in each
   model file's ``frozen_param_fragments``, cut the same way.
@@ -59,6 +59,13 @@ def _parameters_only(sd: Tensors, buffer_names) -> Tensors:
     return {k: v for k, v in sd.items() if k not in buffers}
 
 
+def _optim_file(model_file: str) -> str:
+    """The optimizer file beside a ZeRO-3 model file (bf16 runs prefix it with ``bf16_``)."""
+    plain = model_file.replace("_model_states.pt", "_optim_states.pt")
+    bf16 = os.path.join(os.path.dirname(plain), "bf16_" + os.path.basename(plain))
+    return bf16 if os.path.isfile(bf16) and not os.path.isfile(plain) else plain
+
+
 def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
     """(parameters by module name, client state) of one TP rank of a ZeRO-3 checkpoint."""
     models = sorted(glob.glob(os.path.join(tag_dir, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt")),
@@ -67,8 +74,7 @@ def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
         raise CheckpointError(f"{tag_dir}: no zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt")
     states = [_load(f) for f in models]
     dp = len(states)
-    optims = [_load(f.replace("_model_states.pt", "_optim_states.pt"), mmap=True)["optimizer_state_dict"]
-              for f in models]
+    optims = [_load(_optim_file(f), mmap=True)["optimizer_state_dict"] for f in models]
     if optims[0]["partition_count"] != dp:
         raise CheckpointError(f"{tag_dir}: optimizer state was partitioned {optims[0]['partition_count']} ways "
                               f"but {dp} rank files exist for TP rank {tp_rank}")

@@ -108,7 +108,10 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
             for r, sd in enumerate(w.per_tp_rank)}
     hf = shards_to_hf(base, m, tp, 1)
     first = w.per_tp_rank[0]
-    out_dtype = dtype or next(iter(hf.values())).dtype
+    # "As trained": the run's precision (ZeRO-3 keeps fp32 masters of what trains and
+    # training-dtype copies of what is frozen; both go out in one dtype).
+    t = cfg.training
+    out_dtype = dtype or (torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
     # Trained rows of [IMG]/[/IMG] (LoRA runs train them through deltas on frozen tables).
     for name, hf_name in (("embedding.rows_delta", "model.embed_tokens.weight"),
                           ("head.output.rows_delta", "lm_head.weight")):
