@@ -4,6 +4,7 @@ export-hf) loaded back with its visual ends.
     from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
     model = VLGPTForCausalLM.from_pretrained("vlgpt-hf")          # LoRA adapter applied by peft
     out = model(input_ids, visual_embeds=feats, visual_mask=mask)  # out.logits, out.visual_predictions
+    gen = model.generate(input_ids, max_new_tokens=64)            # interleaved: gen.tokens, gen.images
 
 The language model is a plain ``LlamaForCausalLM`` (``model.language_model``; a
 ``PeftModel`` around it when the directory holds an unmerged adapter), so text generation
@@ -30,6 +31,13 @@ class VLGPTOutput(NamedTuple):
     logits: torch.Tensor               # [b, S, vocab]
     visual_predictions: torch.Tensor   # [b, S, d]
     hidden_states: torch.Tensor        # [b, S, hidden], after the final norm
+
+
+class VLGPTGeneration(NamedTuple):
+    tokens: torch.Tensor          # [1, S]: prompt + generated (0 at visual positions, as in training)
+    visual_mask: torch.Tensor     # [1, S]
+    visual_embeds: torch.Tensor   # [1, S, d]: given or generated embedding at visual positions, 0 elsewhere
+    images: list                  # the generated images' embeddings, each [N, d] (for the detokenizer)
 
 
 class VLGPTForCausalLM(nn.Module):
@@ -100,3 +108,57 @@ class VLGPTForCausalLM(nn.Module):
         hidden = lm.model(inputs_embeds=self.embed(input_ids, visual_embeds, visual_mask),
                           attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return VLGPTOutput(lm.lm_head(hidden), self.regression(hidden), hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, visual_embeds: Optional[torch.Tensor] = None,
+                 visual_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
+                 eos_token_id: Optional[int] = None) -> VLGPTGeneration:
+        """Greedy interleaved generation for one sequence, as VL-GPT decodes: text by argmax
+        until [IMG]; then N visual embeddings, each the regression head's prediction fed back
+        through the visual projection; then [/IMG] and text again. A prompt may end inside an
+        image ([IMG] + fewer than N visual positions): the image is completed first.
+        KV-cached (transformers' DynamicCache); every new position counts against
+        max_new_tokens. ``images`` holds the embeddings generated for each image."""
+        from transformers import DynamicCache
+        if input_ids.shape[0] != 1:
+            raise ValueError("generate() takes one sequence (batch size 1)")
+        img, img_end = self.image_token_ids["[IMG]"], self.image_token_ids["[/IMG]"]
+        n_visual, d = self.config["num_image_tokens"], self.config["visual_embed_dim"]
+        lm = self.causal_lm
+        mask = visual_mask if visual_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        vis = (visual_embeds if visual_embeds is not None else torch.zeros(*input_ids.shape, d)).float()
+        trailing = 0                                    # visual positions at the end of the prompt
+        while trailing < mask.shape[1] and mask[0, -1 - trailing]:
+            trailing += 1
+        opened = trailing < input_ids.shape[1] and int(input_ids[0, -1 - trailing]) == img
+        remaining = n_visual - trailing if opened else 0
+        close_next = opened and remaining == 0
+        tokens, masks, embeds, images, current = [input_ids], [mask], [vis], [], []
+        cache = DynamicCache()
+        hidden = lm.model(inputs_embeds=self.embed(input_ids, vis, mask), past_key_values=cache,
+                          use_cache=True).last_hidden_state[:, -1:]
+        for _ in range(max_new_tokens):
+            if remaining > 0:
+                v = self.regression(hidden)                                # [1, 1, d]
+                token, step = torch.zeros(1, 1, dtype=input_ids.dtype), self.visual_proj(v)
+                current.append(v[0, 0].float())
+                remaining -= 1
+                close_next = remaining == 0
+            else:
+                if close_next:
+                    token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype), False
+                    images.append(torch.stack(current)) if current else None
+                    current = []
+                else:
+                    token = lm.lm_head(hidden)[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype)
+                    remaining = n_visual if int(token) == img else 0
+                v, step = None, lm.get_input_embeddings()(token)
+            tokens.append(token)
+            masks.append(torch.tensor([[v is not None]]))
+            embeds.append(v.float() if v is not None else torch.zeros(1, 1, d))
+            if v is None and eos_token_id is not None and int(token) == eos_token_id:
+                break
+            hidden = lm.model(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
+        if current:
+            images.append(torch.stack(current))
+        return VLGPTGeneration(torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(embeds, 1), images)

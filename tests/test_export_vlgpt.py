@@ -92,6 +92,27 @@ def _close_losses(got, want):
     assert got == pytest.approx(want, rel=2e-5), f"export (lm, visual) {got} vs training {want}"
 
 
+def check_interleaved_generation(model):
+    """generate() (KV-cached) against full forward passes over its own output: every text
+    position is the argmax after its prefix (or the forced [/IMG]), every visual position
+    the regression head's prediction; an image left open by the prompt is completed."""
+    batch = fixed_batch()
+    start = 10                        # [IMG] at 9; the prompt keeps its first 3 visual positions
+    prompt = {k: batch[k][:1, :start + 3] for k in ("tokens", "visual_embeds", "visual_mask")}
+    gen = model.generate(prompt["tokens"], prompt["visual_embeds"], prompt["visual_mask"], max_new_tokens=40)
+    n = NUM_IMAGE_TOKENS
+    assert gen.tokens.shape == (1, start + 3 + 40)
+    assert gen.visual_mask[0, start + 3:start + n].all() and int(gen.tokens[0, start + n]) == IMG_END_ID
+    assert gen.images[0].shape == (n - 3, EMBED_DIM)
+    with torch.no_grad():
+        full = model(gen.tokens, gen.visual_embeds, gen.visual_mask)
+    for p in range(start + 3, gen.tokens.shape[1]):
+        if gen.visual_mask[0, p]:
+            _close(gen.visual_embeds[0, p], full.visual_predictions[0, p - 1])
+        elif p != start + n and not (gen.visual_mask[0, p - 1] and int(gen.tokens[0, p]) == IMG_END_ID):
+            assert int(gen.tokens[0, p]) == int(full.logits[0, p - 1].argmax()), p
+
+
 def greedy(model, ids, steps, banned):
     """Greedy decoding over VLGPTForCausalLM's logits, [IMG]/[/IMG] excluded."""
     ids = ids.clone()
@@ -178,6 +199,7 @@ def test_zero3_lora_export_adapter_and_merged(vl_data, tmp_path):
     _close(got.logits, logits)
     _close(got.visual_predictions, visual)
     _close_losses(losses_of(got.logits, got.visual_predictions, batch), losses)
+    check_interleaved_generation(model)
     # tools/generate.py (transformers + peft) decodes what a greedy loop over our class does.
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(out))
