@@ -147,7 +147,8 @@ class VLGPTForCausalLM(nn.Module):
             else:
                 if close_next:
                     token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype), False
-                    images.append(torch.stack(current)) if current else None
+                    if current:
+                        images.append(torch.stack(current))
                     current = []
                 else:
                     token = lm.lm_head(hidden)[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype)

@@ -160,8 +160,8 @@ def _from_mpi(env: Mapping[str, str], rendezvous: Callable[[], Optional[tuple]])
             addr, port, source = found[0], port or found[1], "mpi4py broadcast"
         elif world == 1 or (local_size is not None and local_size == world):
             addr, source = "127.0.0.1", "one node"
-        elif _slurm_hosts(env):
-            addr, port, source = _slurm_hosts(env)[0], port or _slurm_port(env), "SLURM node list"
+        elif (hosts := _slurm_hosts(env)):
+            addr, port, source = hosts[0], port or _slurm_port(env), "SLURM node list"
         else:
             return LaunchInfo("mpi", rank, world, rank if local is None else local, "?", port or DEFAULT_PORT,
                               flavour, f"{flavour} launch across nodes without a rendezvous address: install "
