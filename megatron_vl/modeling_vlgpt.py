@@ -24,13 +24,27 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .convert.vlgpt_export import VLGPT_CONFIG, VLGPT_HEADS
+from .convert.vlgpt_export import ADAPTER_DIR, VLGPT_CONFIG, VLGPT_HEADS
 
 
 class VLGPTOutput(NamedTuple):
     logits: torch.Tensor               # [b, S, vocab]
     visual_predictions: torch.Tensor   # [b, S, d]
     hidden_states: torch.Tensor        # [b, S, hidden], after the final norm
+
+
+def load_language_model(path: str, adapter: Optional[str] = ADAPTER_DIR, dtype: Optional[torch.dtype] = None,
+                        merge_lora: bool = False) -> nn.Module:
+    """LlamaForCausalLM from `path`, wrapped by peft's PeftModel when `path/adapter` holds an
+    adapter (merged into the weights with merge_lora)."""
+    from transformers import LlamaForCausalLM
+    lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype) if dtype else LlamaForCausalLM.from_pretrained(path)
+    if adapter and os.path.isfile(os.path.join(path, adapter, "adapter_config.json")):
+        from peft import PeftModel
+        lm = PeftModel.from_pretrained(lm, os.path.join(path, adapter))
+        if merge_lora:
+            lm = lm.merge_and_unload()
+    return lm
 
 
 class VLGPTGeneration(NamedTuple):
@@ -63,7 +77,6 @@ class VLGPTForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, merge_lora: bool = False, dtype: Optional[torch.dtype] = None,
                         load_image_tokenizer: bool = True) -> "VLGPTForCausalLM":
-        from transformers import LlamaForCausalLM
         cfg_path = os.path.join(path, VLGPT_CONFIG)
         try:
             with open(cfg_path) as fh:
@@ -71,13 +84,10 @@ class VLGPTForCausalLM(nn.Module):
         except FileNotFoundError:
             raise FileNotFoundError(f"{cfg_path} missing: {path} is not a VL-GPT export "
                                     "(tools/convert_checkpoint.py export-hf on a VL-GPT checkpoint)") from None
-        lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype) if dtype else LlamaForCausalLM.from_pretrained(path)
         adapter = config["lora"].get("adapter")
-        if adapter:
-            from peft import PeftModel
-            lm = PeftModel.from_pretrained(lm, os.path.join(path, adapter))
-            if merge_lora:
-                lm = lm.merge_and_unload()
+        if adapter and not os.path.isfile(os.path.join(path, adapter, "adapter_config.json")):
+            raise FileNotFoundError(f"{cfg_path} names the LoRA adapter {adapter}/, but {path}/{adapter} holds none")
+        lm = load_language_model(path, adapter, dtype, merge_lora)
         image_tokenizer = None
         if load_image_tokenizer and config.get("image_tokenizer"):
             from .model.image_tokenizer import ImageTokenizer

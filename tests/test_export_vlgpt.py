@@ -14,6 +14,7 @@ import torch
 
 from megatron_vl.convert.hf import CheckpointError
 from megatron_vl.convert.vlgpt_export import export_vlgpt
+from megatron_vl.model.vlgpt import regression_targets
 from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
 from megatron_vl.testing.distributed import run_distributed
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, VOCAB, run_script, tiny_args
@@ -42,11 +43,6 @@ def labelled(batch):
     labels = torch.cat([batch["tokens"][:, 1:], torch.full_like(batch["tokens"][:, :1], -100)], 1)
     labels[nxt_visual] = -100
     return dict(batch, labels=labels, regression_mask=nxt_visual, visual_targets=regression_targets(batch["visual_embeds"]))
-
-
-def regression_targets(visual):
-    from megatron_vl.model.vlgpt import regression_targets as ours
-    return ours(visual)
 
 
 def losses_of(logits, visual_pred, batch):
@@ -81,8 +77,9 @@ def train_and_reference(rank, world, argv):
 def _train(vl_data, ckpt, *layout, world=2):
     argv = [str(a) for a in tiny_args(vl_data, "--global-batch-size", 4, *layout, "--save", ckpt,
                                       "--save-interval", 2, iters=2)]
-    results = run_distributed(train_and_reference, world, argv, timeout=300)
-    losses, logits, visual = results[-1] if results[-1][1] is None else results[0]
+    # The last rank reports: it holds the pipeline head, and without a pipeline every rank
+    # computes the same (gathered) outputs.
+    losses, logits, visual = run_distributed(train_and_reference, world, argv, timeout=300)[-1]
     if logits is None:
         return losses, None, None
     return losses, torch.from_numpy(logits), torch.from_numpy(visual)

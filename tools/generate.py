@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,15 +31,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
+    from megatron_vl.modeling_vlgpt import load_language_model
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.hf_dir)
-    model = LlamaForCausalLM.from_pretrained(args.hf_dir)
-    adapter = os.path.join(args.hf_dir, "adapter")
-    if os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
+    model = load_language_model(args.hf_dir).eval()   # LlamaForCausalLM (+ PeftModel for OUT/adapter)
     image_ids = [i for i in tok.convert_tokens_to_ids(["[IMG]", "[/IMG]"]) if i is not None and i != tok.unk_token_id]
     suppress = None if args.allow_image_tokens or not image_ids else image_ids
     for prompt in args.prompt:

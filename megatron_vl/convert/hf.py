@@ -237,6 +237,25 @@ def _commit_dir(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
+class atomic_directory:
+    """``with atomic_directory(final) as tmp:`` write into tmp; it replaces final only when
+    the block completes, and is removed if it raises."""
+
+    def __init__(self, final: str):
+        self.final = final
+
+    def __enter__(self) -> str:
+        self.tmp = _atomic_dir(self.final)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            _commit_dir(self.tmp, self.final)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
 def copy_tokenizer_files(src: str, dst: str) -> int:
     n = 0
     for name in TOKENIZER_FILES:
@@ -253,8 +272,7 @@ def shard_dir(ckpt: str, tp_rank: int, pp_rank: int) -> str:
 
 def save_release_checkpoint(ckpt: str, shards: Shards, cfg: ModelConfig, tp: int, pp: int,
                             tokenizer_dir: Optional[str] = None) -> None:
-    tmp = _atomic_dir(ckpt)
-    try:
+    with atomic_directory(ckpt) as tmp:
         for (rank, stage), sd in shards.items():
             d = shard_dir(tmp, rank, stage)
             os.makedirs(d)
@@ -268,10 +286,6 @@ def save_release_checkpoint(ckpt: str, shards: Shards, cfg: ModelConfig, tp: int
             json.dump(meta, fh, indent=2)
         with open(os.path.join(tmp, "latest"), "w") as fh:
             fh.write("release")
-        _commit_dir(tmp, ckpt)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_checkpoint_meta(ckpt: str) -> Tuple[ModelConfig, int, int]:
@@ -314,25 +328,6 @@ def save_hf_directory(out_dir: str, hf_sd: Dict[str, torch.Tensor], hf_config: d
     shards above max_shard_bytes), tokenizer files. Written to a temporary directory first."""
     with atomic_directory(out_dir) as tmp:
         write_hf_files(tmp, hf_sd, hf_config, tokenizer_dir, max_shard_bytes)
-
-
-class atomic_directory:
-    """``with atomic_directory(final) as tmp:`` write into tmp; it replaces final only when
-    the block completes, and is removed if it raises."""
-
-    def __init__(self, final: str):
-        self.final = final
-
-    def __enter__(self) -> str:
-        self.tmp = _atomic_dir(self.final)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            _commit_dir(self.tmp, self.final)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
 
 
 def write_hf_files(out_dir: str, hf_sd: Dict[str, torch.Tensor], hf_config: dict,

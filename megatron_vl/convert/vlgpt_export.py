@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 from safetensors.torch import save_file
 
-from ..data.tokenizer import IMG, IMG_END
+from ..data.tokenizer import IMG, IMG_END, add_image_tokens
 from ..model.lora import HF_PROJ, PARTS
 from .hf import CheckpointError, atomic_directory, hf_config_from_model, shards_to_hf, write_hf_files
 from .training_checkpoint import TrainedWeights, read_training_checkpoint
@@ -88,8 +88,7 @@ def _hf_tokenizer(meta: dict, override: Optional[str], ids: List[int]):
             tok = LlamaTokenizer.from_pretrained(d)
     else:
         tok = AutoTokenizer.from_pretrained(model)
-    tok.add_special_tokens({"additional_special_tokens": [IMG, IMG_END]})
-    got = tok.convert_tokens_to_ids([IMG, IMG_END])
+    got = add_image_tokens(tok)
     if list(got) != ids:
         raise CheckpointError(f"{model}: [IMG]/[/IMG] get ids {got} in the HF tokenizer but the training data used "
                               f"{ids}: not the tokenizer the data was preprocessed with")

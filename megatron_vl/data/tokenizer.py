@@ -12,6 +12,12 @@ class TokenizerError(ValueError):
     pass
 
 
+def add_image_tokens(hf_tokenizer):
+    """Adds [IMG]/[/IMG] to a transformers tokenizer as special tokens; returns their ids."""
+    hf_tokenizer.add_special_tokens({"additional_special_tokens": [IMG, IMG_END]})
+    return hf_tokenizer.convert_tokens_to_ids([IMG, IMG_END])
+
+
 class Tokenizer:
     def __init__(self, kind: str, model: str):
         if not model:
@@ -40,8 +46,7 @@ class Tokenizer:
                 self._hf = AutoTokenizer.from_pretrained(model)
             except Exception as exc:
                 raise TokenizerError(f"{model}: cannot load HF tokenizer: {exc}") from None
-            self._hf.add_special_tokens({"additional_special_tokens": [IMG, IMG_END]})
-            self.img_id, self.img_end_id = self._hf.convert_tokens_to_ids([IMG, IMG_END])
+            self.img_id, self.img_end_id = add_image_tokens(self._hf)
             self.vocab_size = len(self._hf)
             self.eod_id = self._hf.eos_token_id
             self._encode = lambda text: self._hf(text, add_special_tokens=False)["input_ids"]
