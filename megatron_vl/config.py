@@ -108,7 +108,14 @@ class DataConfig:
                                          "default: beside the data.")
     tokenizer_type: str = opt("sentencepiece", "Tokenizer kind.", choices=["sentencepiece", "hf"])
     tokenizer_model: Optional[str] = opt(None, "Sentencepiece .model file or HF tokenizer directory.")
-    reset_attention_mask: bool = opt(False, "Keep attention inside each document of a packed sample.")
+    reset_attention_mask: bool = opt(
+        True, "Keep attention inside each document of a packed sample (document isolation), and give no "
+        "loss to a target in the next document. On by default: VL-GPT trains on one subsequence per "
+        "document, and packed interleaved data would otherwise attend across unrelated documents' "
+        "images. --no-reset-attention-mask is Megatron's plain causal packing.")
+    eod_mask_loss: bool = opt(
+        False, "No loss on the target of an end-of-document token (Megatron's --eod-mask-loss): the "
+        "first token of the next packed document is not predicted from the previous one.")
     reset_position_ids: bool = opt(False, "Restart position ids at each document boundary.")
     num_image_tokens: int = opt(32, "N: visual embeddings per image (must match the feature store).")
     max_images_per_sample: int = opt(5, "Most image blocks in one packed sample.")

@@ -135,8 +135,11 @@ class VLGPTForCausalLM(nn.Module):
         img, img_end = self.image_token_ids["[IMG]"], self.image_token_ids["[/IMG]"]
         n_visual, d = self.config["num_image_tokens"], self.config["visual_embed_dim"]
         lm = self.causal_lm
-        mask = visual_mask if visual_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
-        vis = (visual_embeds if visual_embeds is not None else torch.zeros(*input_ids.shape, d)).float()
+        dev = self.regression.weight.device   # every tensor made here lives where the model does
+        input_ids = input_ids.to(dev)
+        mask = visual_mask.to(dev) if visual_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        vis = (visual_embeds.to(dev) if visual_embeds is not None
+               else torch.zeros(*input_ids.shape, d, device=dev)).float()
         trailing = 0                                    # visual positions at the end of the prompt
         while trailing < mask.shape[1] and mask[0, -1 - trailing]:
             trailing += 1
@@ -150,13 +153,13 @@ class VLGPTForCausalLM(nn.Module):
         for _ in range(max_new_tokens):
             if remaining > 0:
                 v = self.regression(hidden)                                # [1, 1, d]
-                token, step = torch.zeros(1, 1, dtype=input_ids.dtype), self.visual_proj(v)
+                token, step = torch.zeros(1, 1, dtype=input_ids.dtype, device=dev), self.visual_proj(v)
                 current.append(v[0, 0].float())
                 remaining -= 1
                 close_next = remaining == 0
             else:
                 if close_next:
-                    token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype), False
+                    token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype, device=dev), False
                     if current:
                         images.append(torch.stack(current))
                     current = []
@@ -165,8 +168,8 @@ class VLGPTForCausalLM(nn.Module):
                     remaining = n_visual if int(token) == img else 0
                 v, step = None, lm.get_input_embeddings()(token)
             tokens.append(token)
-            masks.append(torch.tensor([[v is not None]]))
-            embeds.append(v.float() if v is not None else torch.zeros(1, 1, d))
+            masks.append(torch.tensor([[v is not None]], device=dev))
+            embeds.append(v.float() if v is not None else torch.zeros(1, 1, d, device=dev))
             if v is None and eos_token_id is not None and int(token) == eos_token_id:
                 break
             hidden = lm.model(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state

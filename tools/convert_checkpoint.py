@@ -13,7 +13,9 @@ A VL-GPT export loads as LlamaForCausalLM (language model; tokenizer with [IMG]/
 PeftModel.from_pretrained(model, OUT/adapter) (the LoRA adapter, unless --merge-lora), and
 megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT) (everything, visual
 projection and regression head included). Output is written to a temporary directory and
-renamed when complete.
+renamed when complete. --save must be new, empty, or a previous output of the same kind (a
+re-export replaces it); a project folder, a checkpoint or a directory holding the input is
+refused with nothing deleted.
 """
 
 import argparse
@@ -33,10 +35,11 @@ def import_hf(args):
     import json
     with open(os.path.join(args.hf_dir, "config.json")) as fh:
         cfg = hf.model_config_from_hf(json.load(fh))
+    hf.check_output_dir(args.save, "release", (args.hf_dir,))
     state_dict = hf.load_hf_state_dict(args.hf_dir)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     shards = hf.hf_to_shards(state_dict, cfg, tp, pp)
-    hf.save_release_checkpoint(args.save, shards, cfg, tp, pp, tokenizer_dir=args.hf_dir)
+    hf.save_release_checkpoint(args.save, shards, cfg, tp, pp, tokenizer_dir=args.hf_dir, sources=(args.hf_dir,))
     print(f"imported {args.hf_dir} -> {args.save} (TP={tp}, PP={pp}, {len(state_dict)} tensors, "
           f"vocabulary {cfg.vocab_size} padded to {cfg.padded_vocab_size(tp)})")
 
@@ -59,12 +62,13 @@ def export_hf(args):
     if args.merge_lora or args.image_tokenizer:
         raise hf.CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora and "
                                  "--image-tokenizer apply to VL-GPT training checkpoints")
+    hf.check_output_dir(args.save, "hf-llama", (args.load,))
     shards, cfg, tp, pp = hf.load_release_shards(args.load)
     state_dict = hf.shards_to_hf(shards, cfg, tp, pp)
     dtype = next(iter(state_dict.values())).dtype
     tokenizer = os.path.join(args.load, "tokenizer")
     hf.save_hf_directory(args.save, state_dict, hf.hf_config_from_model(cfg, dtype),
-                         tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None)
+                         tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None, sources=(args.load,))
     print(f"exported {args.load} (TP={tp}, PP={pp}) -> {args.save} ({len(state_dict)} tensors)")
 
 
@@ -73,12 +77,14 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("import-hf", help="HF LlamaForCausalLM directory -> sharded checkpoint")
     i.add_argument("--hf-dir", required=True)
-    i.add_argument("--save", required=True)
+    i.add_argument("--save", required=True, help="output directory: new, empty, or a previous import-hf output "
+                   "(then replaced atomically); anything else is refused, never deleted")
     i.add_argument("--tensor-model-parallel-size", type=int, default=1)
     i.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     e = sub.add_parser("export-hf", help="release or VL-GPT training checkpoint -> HF directory")
     e.add_argument("--load", required=True, help="checkpoint directory (holds 'latest')")
-    e.add_argument("--save", required=True, help="output directory (replaced atomically)")
+    e.add_argument("--save", required=True, help="output directory: new, empty, or a previous export of the same kind (then replaced atomically); "
+                   "anything else is refused, never deleted")
     e.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapter into the weights")
     e.add_argument("--image-tokenizer", help="image tokenizer directory to ship with the export")
     e.add_argument("--tokenizer-model", help="the training tokenizer, when it has moved since preprocessing")

@@ -1,6 +1,8 @@
 r"""Run the frozen image tokenizer over a preprocessed dataset's image table and write its
 feature store (float16 [N, d] per image): the visual inputs and regression targets of
-pretraining. Resumable: shards already written are skipped on a rerun.
+pretraining. Resumable: shards already written (from the same data) are skipped on a rerun.
+An image that does not decode is reported with its table row and document, and the run goes
+on: the store records it and training drops that image's block from its document.
 
     python tools/extract_image_features.py --data-prefix data/mmc4_text_document \
         --image-tokenizer ckpt/image_tokenizer --batch-size 256
@@ -54,12 +56,18 @@ def main(argv=None):
     model.to(args.device).eval()
     for prefix in args.data_prefix:
         try:
-            count, shape = extract_features(prefix, model, processor, args.batch_size, args.shard_size, args.device,
-                                            progress=None if args.no_progress else tqdm)
+            result = extract_features(prefix, model, processor, args.batch_size, args.shard_size, args.device,
+                                      progress=None if args.no_progress else tqdm)
         except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {prefix}: {exc}", file=sys.stderr)
             return 1
-        print(f"{prefix}_image_features: {count} images x {list(shape)} float16")
+        print(f"{prefix}_image_features: {result.count} images x {list(result.shape)} float16")
+        if result.undecodable:
+            print(f"skipped (image undecodable, its block dropped from training layouts): {len(result.undecodable)}")
+            for line in result.undecodable[:20]:
+                print(f"  {line}")
+            if len(result.undecodable) > 20:
+                print(f"  ... and {len(result.undecodable) - 20} more (all recorded in the feature store)")
     return 0
 
 

@@ -19,7 +19,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_vl.data.formats import Report, expand_inputs  # noqa: E402
-from megatron_vl.data.preprocess import merge_datasets, preprocess_files, remove_dataset  # noqa: E402
+from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, remove_dataset,  # noqa: E402
+                                         read_meta, sidecar)
+from megatron_vl.data.indexed import FeatureStore  # noqa: E402
 
 
 def build_parser():
@@ -33,6 +35,9 @@ def build_parser():
     p.add_argument("--min-sim", type=float, default=0.0, help="mmc4: drop images whose matched_sim is lower")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl-text: keys to tokenize")
     p.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos id to each document")
+    p.add_argument("--prepend-bos", action="store_true",
+                   help="start each document with the tokenizer's bos id, as LLaMA was trained (use it for LLaMA "
+                        "data; off by default so jsonl-text output stays byte-identical to Megatron's)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--partitions", type=int, default=1, help="process the inputs in this many groups, then merge")
     p.add_argument("--strict", action="store_true", help="any skipped record is an error")
@@ -55,20 +60,32 @@ def main(argv=None):
         targets = [prefix] if parts == 1 else [f"{prefix}_part{i}" for i in range(parts)]
         report = Report()
         try:
-            for group, target in zip(groups, targets):
-                r = preprocess_files(group, target, args.input_format, args.tokenizer_type, args.tokenizer_model,
-                                     image_root=args.image_root, min_sim=args.min_sim, json_key=key,
-                                     append_eod=args.append_eod, workers=args.workers, strict=args.strict,
-                                     progress=not args.no_progress)
-                report.merge(r)
-            if parts > 1:
-                merge_datasets(targets, prefix)
-                for t in targets:
-                    remove_dataset(t)
+            with prefix_lock(prefix):
+                try:
+                    for group, target in zip(groups, targets):
+                        r = preprocess_files(group, target, args.input_format, args.tokenizer_type,
+                                             args.tokenizer_model, image_root=args.image_root, min_sim=args.min_sim,
+                                             json_key=key, append_eod=args.append_eod,
+                                             prepend_bos=args.prepend_bos, workers=args.workers,
+                                             strict=args.strict, progress=not args.no_progress)
+                        report.merge(r)
+                    if parts > 1:
+                        merge_datasets(targets, prefix)
+                finally:
+                    if parts > 1:   # partitions are scratch: never left behind, finished or not
+                        for t in targets:
+                            remove_dataset(t)
         except (ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(f"== {prefix}\n{report.format()}")
+        features = sidecar(prefix, "features")
+        if os.path.isfile(features + ".idx"):
+            try:
+                FeatureStore(features, source=read_meta(prefix)["fingerprint"].get("table"))
+            except ValueError:
+                print(f"note: {features}.* was made from the previous data under this prefix; training refuses it "
+                      "until tools/extract_image_features.py is run again")
     return 0
 
 

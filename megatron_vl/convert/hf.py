@@ -237,12 +237,61 @@ def _commit_dir(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
-class atomic_directory:
-    """``with atomic_directory(final) as tmp:`` write into tmp; it replaces final only when
-    the block completes, and is removed if it raises."""
+# What each kind of output directory holds, to recognise a previous output of the same kind:
+# (marker file, JSON key, expected value); None value = the file's presence is enough.
+OUTPUT_KINDS = {
+    "release": (META_FILE, "format", "megatron-vl-release"),
+    "hf-llama": ("config.json", "model_type", "llama"),
+    "vlgpt-export": ("vlgpt_config.json", "format", "megatron-vl-vlgpt"),
+}
 
-    def __init__(self, final: str):
-        self.final = final
+
+def output_kind(path: str) -> Optional[str]:
+    """Which of OUTPUT_KINDS a directory is a previous output of, or None. A VL-GPT export
+    also holds an HF LLaMA config.json, so it is checked first."""
+    for kind in ("vlgpt-export", "release", "hf-llama"):
+        marker, key, value = OUTPUT_KINDS[kind]
+        try:
+            with open(os.path.join(path, marker)) as fh:
+                if json.load(fh).get(key) == value:
+                    return kind
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def check_output_dir(final: str, kind: str, sources: Tuple[str, ...] = ()) -> None:
+    """Refuses an output directory whose replacement would destroy anything but a previous
+    output of the same kind: a non-empty directory of another kind (a project folder, a
+    checkpoint), a file, or a directory holding one of the inputs."""
+    target = os.path.realpath(final)
+    for src in sources:
+        src_real = os.path.realpath(src)
+        if src_real == target or src_real.startswith(target + os.sep):
+            raise CheckpointError(f"--save {final}: it holds the input {src}; replacing it would delete the "
+                                  "input. Choose a new directory")
+    if not os.path.lexists(final):
+        return
+    if not os.path.isdir(final):
+        raise CheckpointError(f"--save {final}: exists and is not a directory")
+    if not os.listdir(final):
+        return
+    found = output_kind(final)
+    if found != kind:
+        what = f"a {found} directory" if found else "a non-empty directory that is not a previous output"
+        raise CheckpointError(f"--save {final}: {what}; only a previous {kind} output is replaced. Nothing was "
+                              "written or deleted: choose a new or empty directory, or remove it yourself")
+
+
+class atomic_directory:
+    """``with atomic_directory(final, kind) as tmp:`` write into tmp; it replaces final only
+    when the block completes, and is removed if it raises. A non-empty `final` is replaced
+    only when it is a previous output of the same `kind` (check_output_dir); the check runs
+    again just before the swap, so a directory that appeared meanwhile is not lost either."""
+
+    def __init__(self, final: str, kind: str, sources: Tuple[str, ...] = ()):
+        self.final, self.kind, self.sources = final, kind, tuple(s for s in sources if s)
+        check_output_dir(self.final, self.kind, self.sources)
 
     def __enter__(self) -> str:
         self.tmp = _atomic_dir(self.final)
@@ -250,7 +299,12 @@ class atomic_directory:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            _commit_dir(self.tmp, self.final)
+            try:
+                check_output_dir(self.final, self.kind, self.sources)
+                _commit_dir(self.tmp, self.final)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False
@@ -271,8 +325,8 @@ def shard_dir(ckpt: str, tp_rank: int, pp_rank: int) -> str:
 
 
 def save_release_checkpoint(ckpt: str, shards: Shards, cfg: ModelConfig, tp: int, pp: int,
-                            tokenizer_dir: Optional[str] = None) -> None:
-    with atomic_directory(ckpt) as tmp:
+                            tokenizer_dir: Optional[str] = None, sources: Tuple[str, ...] = ()) -> None:
+    with atomic_directory(ckpt, "release", sources) as tmp:
         for (rank, stage), sd in shards.items():
             d = shard_dir(tmp, rank, stage)
             os.makedirs(d)
@@ -323,10 +377,11 @@ def load_shard_for(ckpt: str, tp: int, pp: int, tp_rank: int, pp_rank: int) -> D
 
 
 def save_hf_directory(out_dir: str, hf_sd: Dict[str, torch.Tensor], hf_config: dict,
-                      tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 5 * 2**30) -> None:
+                      tokenizer_dir: Optional[str] = None, max_shard_bytes: int = 5 * 2**30,
+                      sources: Tuple[str, ...] = ()) -> None:
     """A directory LlamaForCausalLM.from_pretrained loads: config.json, safetensors (indexed
     shards above max_shard_bytes), tokenizer files. Written to a temporary directory first."""
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, "hf-llama", sources) as tmp:
         write_hf_files(tmp, hf_sd, hf_config, tokenizer_dir, max_shard_bytes)
 
 

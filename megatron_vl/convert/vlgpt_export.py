@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from ..data.tokenizer import IMG, IMG_END, add_image_tokens
 from ..model.lora import HF_PROJ, PARTS
-from .hf import CheckpointError, atomic_directory, hf_config_from_model, shards_to_hf, write_hf_files
+from .hf import CheckpointError, atomic_directory, check_output_dir, hf_config_from_model, shards_to_hf, write_hf_files
 from .training_checkpoint import TrainedWeights, read_training_checkpoint
 
 VLGPT_CONFIG = "vlgpt_config.json"
@@ -98,6 +98,8 @@ def _hf_tokenizer(meta: dict, override: Optional[str], ids: List[int]):
 def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer: Optional[str] = None,
                  tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, log=print) -> ExportSummary:
+    sources = (load, image_tokenizer, tokenizer_model)
+    check_output_dir(save, "vlgpt-export", sources)   # before any reading: refuse early
     w = read_training_checkpoint(load, iteration)
     cfg = w.cfg
     m, tp = cfg.model, len(w.per_tp_rank)
@@ -149,7 +151,7 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
                               "training tokenizer); pass --tokenizer-model with its .model file or HF directory")
     hf_config = hf_config_from_model(m, out_dtype, {"bos_token_id": tok.bos_token_id,
                                                     "eos_token_id": tok.eos_token_id})
-    with atomic_directory(save) as tmp:
+    with atomic_directory(save, "vlgpt-export", sources) as tmp:
         write_hf_files(tmp, hf, hf_config)
         tok.save_pretrained(tmp)
         save_file(heads, os.path.join(tmp, VLGPT_HEADS), metadata={"format": "pt"})

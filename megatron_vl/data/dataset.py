@@ -21,7 +21,7 @@ from .packing import PackingConfig, build_sample_starts, materialize
 from .preprocess import read_meta, sidecar
 from .tokenizer import IMG, IMG_END
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: keyed by content fingerprints
 
 
 def split_weights(split: str) -> List[float]:
@@ -71,14 +71,18 @@ class PackedDataset:
             raise ValueError(f"{prefix}.meta.json: tokenizer lacks the {IMG} / {IMG_END} special tokens; "
                              f"re-run tools/preprocess_data.py")
         self.img_id, self.img_end_id = ids[IMG], ids[IMG_END]
+        self.eod_id = meta["tokenizer"].get("eod_id")
         self.text = IndexedDataset(prefix)
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
         num_images = meta.get("num_images", 0)
+        self.fingerprint = meta["fingerprint"]
         # [images, N, d] float16: the memory-mapped store, or an empty array of the run's shape.
         self.features = np.zeros((0, cfg.num_image_tokens, cfg.embed_dim or 1), np.float16)
+        self.dropped_images = np.zeros(0, np.int64)   # undecodable at extraction: never laid out
         if self.multimodal and num_images and require_features:
-            store = FeatureStore(sidecar(prefix, "features"), expected_count=num_images)
+            store = FeatureStore(sidecar(prefix, "features"), expected_count=num_images,
+                                 source=self.fingerprint["table"], table=sidecar(prefix, "table") + ".bin")
             if store.shape[0] != cfg.num_image_tokens:
                 raise IndexedDataError(f"{sidecar(prefix, 'features')}: {store.shape[0]} visual tokens per "
                                        f"image, the run expects N = {cfg.num_image_tokens}")
@@ -86,6 +90,7 @@ class PackedDataset:
                 raise IndexedDataError(f"{sidecar(prefix, 'features')}: features of width {store.shape[1]}, "
                                        f"the run expects d = {cfg.embed_dim}")
             self.features = store.features
+            self.dropped_images = store.bad_rows
         di = self.text.document_indices
         lengths = self.text.lengths.astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(lengths)])
@@ -99,13 +104,22 @@ class PackedDataset:
     # --- index -----------------------------------------------------------------------------
 
     def _doc_spans(self, d: int) -> np.ndarray:
-        return np.asarray(self.spans[d], np.int64) if self.spans is not None else np.zeros(0, np.int64)
+        if self.spans is None:
+            return np.zeros(0, np.int64)
+        spans = np.asarray(self.spans[d], np.int64)
+        if len(self.dropped_images) and len(spans):
+            keep = ~np.isin(spans[2::3], self.dropped_images)
+            spans = spans.reshape(-1, 3)[keep].reshape(-1)
+        return spans
 
     def _index_key(self, num_samples) -> str:
-        desc = {"version": INDEX_VERSION, "prefix": os.path.abspath(self.prefix),
+        """Names the order caches after everything they depend on, the data's content
+        fingerprints included: a cache made from other data under this prefix is never read."""
+        desc = {"version": INDEX_VERSION, "fingerprint": self.fingerprint,
+                "dropped_images": hashlib.md5(np.asarray(self.dropped_images, np.int64).tobytes()).hexdigest(),
                 "docs": [int(self.documents[0]), int(self.documents[-1]) + 1], "seq_length": self.cfg.seq_length,
                 "num_image_tokens": self.cfg.num_image_tokens, "max_images": self.cfg.max_images,
-                "seed": self.cfg.seed, "num_samples": num_samples, "index_size": os.path.getsize(self.prefix + ".idx")}
+                "seed": self.cfg.seed, "num_samples": num_samples}
         return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
@@ -138,7 +152,18 @@ class PackedDataset:
             for p, arr in zip(paths, (order, starts, shuffle)):
                 _save_npy(p, arr)
         barrier()
-        return tuple(np.load(p, mmap_mode="r") for p in paths)
+        try:
+            order, starts, shuffle = (np.load(p, mmap_mode="r") for p in paths)
+        except (OSError, ValueError) as exc:
+            raise IndexedDataError(f"sample-order cache {base}_*.npy unreadable ({exc}); delete those files to "
+                                   "rebuild them") from None
+        lo, hi = int(self.documents[0]), int(self.documents[-1]) + 1
+        if starts.ndim != 2 or starts.shape[1] != 2 or len(shuffle) != len(starts) - 1 or not len(order) or \
+                int(order.min()) < lo or int(order.max()) >= hi or int(starts[-1, 0]) > len(order):
+            raise IndexedDataError(f"sample-order cache {', '.join(paths)} does not fit {self.prefix} (documents "
+                                   f"{lo}:{hi}, {len(order)} in the order, {len(starts)} sample starts, "
+                                   f"{len(shuffle)} shuffled); delete those files to rebuild them")
+        return order, starts, shuffle
 
     # --- samples ---------------------------------------------------------------------------
 
@@ -158,7 +183,7 @@ class PackedDataset:
     def sample_in_order(self, j: int) -> Dict[str, np.ndarray]:
         """The j-th sample of the stream before the sample shuffle."""
         return materialize(self.starts[j], self.starts[j + 1], self.doc_order, self._get_doc, self.features,
-                           self.cfg, self.img_id, self.img_end_id)
+                           self.cfg, self.img_id, self.img_end_id, self.eod_id)
 
 
 def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], List[float]]:

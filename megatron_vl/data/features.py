@@ -1,16 +1,28 @@
-"""Feature extraction over a dataset's image table, in resumable shards."""
+"""Feature extraction over a dataset's image table, in resumable shards.
+
+The store (and each resumable shard) records the fingerprint of the image table it was
+computed from: a shard left by a run over other data is recomputed, never reused. An image
+that does not decode gets a zero block recorded as undecodable; the dataset reader drops
+that image's block from every layout, and the run reports each such row with its document.
+"""
 
 from __future__ import annotations
 
 import io
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .indexed import FeatureStore, FeatureStoreWriter, IndexedDataset, bin_path, idx_path
-from .preprocess import sidecar
+from .indexed import FeatureStore, FeatureStoreWriter, IndexedDataError, IndexedDataset, bin_path, idx_path
+from .preprocess import prefix_lock, read_meta, sidecar, table_fingerprint
+
+
+class ExtractionResult(NamedTuple):
+    count: int
+    shape: Tuple[int, int]
+    undecodable: List[str]     # "table row R (document D): reason" for each image that did not decode
 
 
 def _shard_prefix(prefix: str, shard: int) -> str:
@@ -23,42 +35,89 @@ def _decode(data: np.ndarray):
         return im.convert("RGB")
 
 
+def image_documents(prefix: str, rows: np.ndarray) -> dict:
+    """The document each image-table row belongs to (from the _images sidecar, whose
+    document d is one flat sequence of (start, end, image) triples)."""
+    spans = IndexedDataset(sidecar(prefix, "images"))
+    image_ids = spans._bin[2::3]
+    where = np.flatnonzero(np.isin(image_ids, rows))
+    element = where * 3 + 2
+    docs = np.searchsorted(spans.pointers // 8, element, side="right") - 1
+    return dict(zip(image_ids[where].tolist(), docs.tolist()))
+
+
+def _valid_shard(part: str, count: int, source: str) -> bool:
+    if not os.path.isfile(idx_path(part)):
+        return False
+    try:
+        FeatureStore(part, expected_count=count, source=source)
+        return True
+    except IndexedDataError:
+        return False   # damaged, or from other data: recompute it
+
+
 @torch.no_grad()
 def extract_features(prefix: str, model, processor, batch_size: int = 64, shard_size: int = 4096,
-                     device: str = "cpu", progress: Optional[Callable] = None) -> Tuple[int, Tuple[int, int]]:
+                     device: str = "cpu", progress: Optional[Callable] = None) -> ExtractionResult:
     """Writes ``{prefix}_image_features`` (one [N, d] float16 block per image-table row).
     Finished shards survive an interruption and are not recomputed."""
+    with prefix_lock(prefix):
+        return _extract(prefix, model, processor, batch_size, shard_size, device, progress)
+
+
+def _extract(prefix, model, processor, batch_size, shard_size, device, progress) -> ExtractionResult:
+    source = table_fingerprint(prefix, read_meta(prefix))
     table = IndexedDataset(sidecar(prefix, "table"))
     total = len(table)
     shape = (model.cfg.num_tokens, model.cfg.embed_dim)
     shards = range(0, max(total, 1), shard_size) if total else []
     bar = progress(total=total, desc=f"features {os.path.basename(prefix)}", unit="img") if progress else None
+    bad: dict = {}
     for shard, start in enumerate(shards):
         part = _shard_prefix(prefix, shard)
         end = min(start + shard_size, total)
-        if os.path.isfile(idx_path(part)):
-            try:
-                if len(FeatureStore(part)) == end - start:
-                    if bar:
-                        bar.update(end - start)
-                    continue
-            except ValueError:
-                pass  # damaged shard: recompute it
-        writer = FeatureStoreWriter(part, *shape)
-        for b in range(start, end, batch_size):
-            images = [_decode(table[i]) for i in range(b, min(b + batch_size, end))]
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-            writer.add(model(pixels).float().cpu().numpy())
+        if _valid_shard(part, end - start, source):
             if bar:
-                bar.update(len(images))
-        writer.finalize()
+                bar.update(end - start)
+            continue
+        writer = FeatureStoreWriter(part, *shape, source=source)
+        try:
+            for b in range(start, end, batch_size):
+                rows, images = [], []
+                for i in range(b, min(b + batch_size, end)):
+                    try:
+                        images.append(_decode(table[i]))
+                        rows.append(i)
+                    except Exception as exc:   # PIL raises OSError, ValueError, SyntaxError, ...
+                        bad[i] = f"{type(exc).__name__}: {exc}"
+                        rows.append(-1 - i)
+                feats = iter(model(processor(images=images, return_tensors="pt")["pixel_values"].to(device))
+                             .float().cpu().numpy()) if images else iter(())
+                for r in rows:   # table order: a zero block, recorded, where the image did not decode
+                    writer.add(next(feats)) if r >= 0 else writer.add_bad()
+                if bar:
+                    bar.update(len(rows))
+            writer.finalize()
+        except BaseException:
+            writer.abort()
+            raise
     if bar:
         bar.close()
-    out = FeatureStoreWriter(sidecar(prefix, "features"), *shape)
-    for shard in range(len(shards)):
-        out.add(FeatureStore(_shard_prefix(prefix, shard)).features)
-    out.finalize()
+    out = FeatureStoreWriter(sidecar(prefix, "features"), *shape, source=source)
+    try:
+        for shard, start in enumerate(shards):
+            store = FeatureStore(_shard_prefix(prefix, shard), source=source)
+            out.bad_rows.extend(int(r) + start for r in store.bad_rows)
+            out.add(store.features)
+        out.finalize()
+    except BaseException:
+        out.abort()
+        raise
     for shard in range(len(shards)):
         for path in (bin_path(_shard_prefix(prefix, shard)), idx_path(_shard_prefix(prefix, shard))):
             os.remove(path)
-    return total, shape
+    rows = np.asarray(out.bad_rows, np.int64)
+    docs = image_documents(prefix, rows) if len(rows) else {}
+    reasons = [f"{sidecar(prefix, 'table')}.bin row {r} (document {docs.get(r, '?')}): "
+               f"{bad.get(r, 'undecodable in an earlier run')}" for r in rows.tolist()]
+    return ExtractionResult(total, shape, reasons)

@@ -92,18 +92,74 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     return files
 
 
-def _jsonl_lines(path: str) -> Iterator[Tuple[str, str]]:
-    """(where, line) pairs from a .jsonl or a .jsonl.zip (every member of the zip)."""
-    if path.endswith(".zip"):
-        with zipfile.ZipFile(path) as zf:
-            for member in zf.namelist():
+def _decoded_lines(where_prefix: str, lines: Iterator[bytes], report: Report, strict: bool,
+                   start: int = 1) -> Iterator[Tuple[str, str]]:
+    for i, raw in enumerate(lines, start):
+        try:
+            yield f"{where_prefix}:{i}", raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            report.skip("invalid UTF-8", f"{where_prefix}:{i} (byte {exc.start})", strict)
+
+
+def _salvage_zip(path: str, report: Report, strict: bool, why: str) -> Iterator[Tuple[str, str]]:
+    """The lines of a zip whose directory (at its end) is lost, e.g. a download cut short:
+    the first member is streamed from its local header until the data runs out."""
+    import struct
+    import zlib
+    report.skip("damaged file, read up to the damage", f"{path} ({why})", strict)
+    with open(path, "rb") as fh:
+        head = fh.read(30)
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            return
+        method, _, _, _, size, _, name_len, extra_len = struct.unpack("<HHHIIIHH", head[8:30])
+        member = fh.read(name_len).decode("utf-8", "replace")
+        fh.read(extra_len)
+        if method not in (0, 8):
+            return
+        inflate = zlib.decompressobj(-15) if method == 8 else None
+        pending, line_no, left = b"", 1, size if method == 0 else None
+        while True:
+            chunk = fh.read(1 << 20)
+            if not chunk:
+                break
+            try:
+                data = inflate.decompress(chunk) if inflate else chunk[:left]
+            except zlib.error:
+                break
+            if left is not None:
+                left -= len(data)
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            yield from _decoded_lines(f"{path}!{member}", iter(lines), report, strict, line_no)
+            line_no += len(lines)
+            if (inflate is not None and inflate.eof) or left == 0:
+                if pending:
+                    yield from _decoded_lines(f"{path}!{member}", iter([pending]), report, strict, line_no)
+                return
+        # The stream ended early: the unterminated last line is incomplete, so it is not read.
+
+
+def _jsonl_lines(path: str, report: Report, strict: bool) -> Iterator[Tuple[str, str]]:
+    """(where, line) pairs from a .jsonl or a .jsonl.zip (every member of the zip). A line
+    that is not UTF-8 is a counted skip; a file cut short yields what precedes the damage and
+    the damage is counted with the file's name."""
+    if not path.endswith(".zip"):
+        with open(path, "rb") as fh:
+            yield from _decoded_lines(path, fh, report, strict)
+        return
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        yield from _salvage_zip(path, report, strict, f"{type(exc).__name__}: {exc}")
+        return
+    with zf:
+        for member in zf.namelist():
+            try:
                 with zf.open(member) as fh:
-                    for i, raw in enumerate(io.TextIOWrapper(fh, encoding="utf-8"), 1):
-                        yield f"{path}!{member}:{i}", raw
-    else:
-        with open(path, encoding="utf-8") as fh:
-            for i, raw in enumerate(fh, 1):
-                yield f"{path}:{i}", raw
+                    yield from _decoded_lines(f"{path}!{member}", fh, report, strict)
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:   # zlib errors are OSError here
+                report.skip("damaged file, read up to the damage",
+                            f"{path}!{member} ({type(exc).__name__}: {exc})", strict)
 
 
 def _parse_json(where: str, raw: str, report: Report, strict: bool) -> Optional[dict]:
@@ -136,13 +192,24 @@ def mmc4_document(rec: LineRecord, image_root: str, min_sim: float, report: Repo
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         report.skip("record without a text_list of strings", where, strict)
         return None
+    infos = doc.get("image_info") or []
+    if not isinstance(infos, list) or not all(isinstance(i, dict) and isinstance(i.get("image_name"), str)
+                                              for i in infos):
+        report.skip("record with a malformed image_info (expected a list of objects with an image_name)",
+                    where, strict)
+        return None
     images = []
-    for info in doc.get("image_info") or []:
+    for info in infos:
         idx = info.get("matched_text_index")
         if not isinstance(idx, int) or not 0 <= idx < len(texts):
             report.skip("matched_text_index out of range", f"{where} (index {idx}, {len(texts)} sentences)", strict)
             continue
-        if info.get("matched_sim") is not None and info["matched_sim"] < min_sim:
+        sim = info.get("matched_sim")
+        if sim is not None and not isinstance(sim, (int, float)):
+            report.skip("record with a malformed image_info (expected a list of objects with an image_name)",
+                        f"{where} (matched_sim {sim!r})", strict)
+            return None
+        if sim is not None and sim < min_sim:
             report.skip("image below --min-sim", where)
             continue
         name = info.get("image_name")
@@ -181,6 +248,9 @@ def read_obelics(path: str, image_root: Optional[str], report: Report, strict: b
             if texts is None or images is None or len(texts) != len(images):
                 report.skip("texts/images lists differ in length", where, strict)
                 continue
+            if not all(t is None or isinstance(t, str) for t in texts):
+                report.skip("texts entry that is not a string", where, strict)
+                continue
             sentences, pending, attached = [], [], []
             for text, image in zip(texts, images):
                 if text is not None:
@@ -201,8 +271,16 @@ def read_obelics(path: str, image_root: Optional[str], report: Report, strict: b
 
 
 def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocument]:
+    """img2dataset pairs. A cut-short or empty tar yields the samples before the damage; the
+    damage is counted with the file's name."""
     import webdataset as wds
-    dataset = wds.WebDataset(path, shardshuffle=False, empty_check=False)
+
+    def damaged(exc: Exception) -> bool:
+        report.skip("damaged file, read up to the damage", f"{path} ({type(exc).__name__}: {exc.args[0] if exc.args else exc})",
+                    strict)
+        return True
+
+    dataset = wds.WebDataset(path, shardshuffle=False, empty_check=False, handler=damaged)
     for sample in dataset:
         where = f"{path}:{sample.get('__key__')}"
         caption = sample.get("txt")
@@ -210,7 +288,11 @@ def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocum
         if caption is None or image_key is None:
             report.skip("pair without caption or image", where, strict)
             continue
-        text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        try:
+            text = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+        except UnicodeDecodeError as exc:
+            report.skip("invalid UTF-8", f"{where}.txt (byte {exc.start})", strict)
+            continue
         yield RawDocument(where, [text.strip()], [(0, ImageRef(name=where, data=sample[image_key]))])
 
 
@@ -229,7 +311,7 @@ def read_records(fmt: str, path: str, report: Report, *, image_root: Optional[st
     """What the reader hands to the encoders: raw lines for the jsonl formats (so parsing
     runs in the workers), whole documents for the formats read through a library."""
     if fmt in ("mmc4", "jsonl-text"):
-        return (LineRecord(where, raw) for where, raw in _jsonl_lines(path))
+        return (LineRecord(where, raw) for where, raw in _jsonl_lines(path, report, strict))
     if fmt == "obelics":
         return read_obelics(path, image_root, report, strict)
     if fmt == "wds-pairs":

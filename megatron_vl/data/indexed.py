@@ -9,10 +9,16 @@ int32 sequence lengths, int64 byte pointers into ``.bin``, int64 document indice
 Writers write ``name.tmp<pid>`` files and rename them into place only when complete, so a
 reader never sees a half-written dataset; readers check every size against the header and
 name the file, the expected and the found size when they disagree.
+
+Every writer hashes what it writes (BLAKE2b of the data bytes and the index arrays) into a
+content ``fingerprint``; the dataset metadata records it and every file derived from the data
+(feature store, sample-order caches) is tied to it, so a derived file made from other data
+is refused or rebuilt instead of being read as if it matched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from typing import Iterable, List, Optional, Sequence
@@ -29,6 +35,8 @@ CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 _HEADER = len(MAGIC) + 8 + 1 + 8 + 8
 
 FEATURE_MAGIC = b"MVLFEAT\x00\x00"
+FEATURE_VERSION = 2           # 2: + the source image table's fingerprint and the undecodable rows
+FINGERPRINT_BYTES = 16
 
 
 class IndexedDataError(ValueError):
@@ -58,12 +66,18 @@ class IndexedDatasetWriter:
         if self.dtype not in CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         self._bin = open(temp_name(bin_path(prefix)), "wb")
+        self._hash = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
         self.lengths: List[int] = []
         self.document_indices: List[int] = [0]
+        self.fingerprint: Optional[str] = None   # set by finalize
+
+    def _write(self, data: bytes) -> None:
+        self._bin.write(data)
+        self._hash.update(data)
 
     def add_item(self, values: Sequence) -> None:
         arr = np.asarray(values, dtype=self.dtype)
-        self._bin.write(arr.tobytes(order="C"))
+        self._write(arr.tobytes(order="C"))
         self.lengths.append(arr.size)
 
     def end_document(self) -> None:
@@ -84,11 +98,16 @@ class IndexedDatasetWriter:
         self.document_indices.extend(int(d) + offset for d in other.document_indices[1:])
         with open(bin_path(other_prefix), "rb") as fh:
             while chunk := fh.read(1 << 24):
-                self._bin.write(chunk)
+                self._write(chunk)
 
     def finalize(self) -> None:
         self._bin.close()
         lengths = np.asarray(self.lengths, dtype=np.int32)
+        documents = np.asarray(self.document_indices, dtype=np.int64)
+        self._hash.update(self.dtype.str.encode())
+        self._hash.update(lengths.tobytes())
+        self._hash.update(documents.tobytes())
+        self.fingerprint = self._hash.hexdigest()
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
@@ -100,7 +119,7 @@ class IndexedDatasetWriter:
             fh.write(struct.pack("<Q", len(self.document_indices)))
             fh.write(lengths.tobytes(order="C"))
             fh.write(pointers.tobytes(order="C"))
-            fh.write(np.asarray(self.document_indices, dtype=np.int64).tobytes(order="C"))
+            fh.write(documents.tobytes(order="C"))
         os.replace(temp_name(bin_path(self.prefix)), bin_path(self.prefix))
         os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
@@ -173,10 +192,16 @@ class IndexedDataset:
 
 class FeatureStoreWriter:
     """Appends fixed-shape float16 [N, d] blocks (one per image) to ``prefix.bin`` with a
-    ``prefix.idx`` header (magic, version, count, N, d); renamed into place on finalize."""
+    ``prefix.idx`` header: magic, version, count, N, d, the fingerprint of the image table
+    the features were computed from (``source``), and the table rows whose image could not
+    be decoded (their blocks are zeros; training drops those images). Renamed into place on
+    finalize; ``abort`` removes the temporary files."""
 
-    def __init__(self, prefix: str, num_tokens: int, dim: int):
-        self.prefix, self.shape, self.count = prefix, (num_tokens, dim), 0
+    def __init__(self, prefix: str, num_tokens: int, dim: int, source: str):
+        if len(bytes.fromhex(source)) != FINGERPRINT_BYTES:
+            raise ValueError(f"{prefix}: source fingerprint {source!r} is not {FINGERPRINT_BYTES} hex bytes")
+        self.prefix, self.shape, self.count, self.source = prefix, (num_tokens, dim), 0, source
+        self.bad_rows: List[int] = []
         self._bin = open(temp_name(bin_path(prefix)), "wb")
 
     def add(self, features: np.ndarray) -> None:
@@ -188,35 +213,65 @@ class FeatureStoreWriter:
         self._bin.write(np.ascontiguousarray(arr).tobytes())
         self.count += arr.shape[0]
 
+    def add_bad(self) -> None:
+        """A zero block for a row whose image could not be decoded, recorded as such."""
+        self.bad_rows.append(self.count)
+        self.add(np.zeros(self.shape, np.float16))
+
     def finalize(self) -> None:
         self._bin.close()
         with open(temp_name(idx_path(self.prefix)), "wb") as fh:
-            fh.write(FEATURE_MAGIC + struct.pack("<QQQQ", VERSION, self.count, *self.shape))
+            fh.write(FEATURE_MAGIC + struct.pack("<QQQQ", FEATURE_VERSION, self.count, *self.shape))
+            fh.write(bytes.fromhex(self.source))
+            fh.write(struct.pack("<Q", len(self.bad_rows)))
+            fh.write(np.asarray(self.bad_rows, np.int64).tobytes())
         os.replace(temp_name(bin_path(self.prefix)), bin_path(self.prefix))
         os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
+    def abort(self) -> None:
+        self._bin.close()
+        for p in (temp_name(bin_path(self.prefix)), temp_name(idx_path(self.prefix))):
+            if os.path.exists(p):
+                os.remove(p)
+
 
 class FeatureStore:
-    """Memory-mapped [count, N, d] float16 features."""
+    """Memory-mapped [count, N, d] float16 features. With ``source`` (the image table's
+    fingerprint from the dataset metadata) and ``expected_count``, a store made from other
+    data is refused, naming both files."""
 
-    def __init__(self, prefix: str, expected_count: Optional[int] = None):
+    def __init__(self, prefix: str, expected_count: Optional[int] = None, source: Optional[str] = None,
+                 table: str = "the image table"):
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         for p in (ipath, bpath):
             if not os.path.isfile(p):
                 raise IndexedDataError(f"{p}: file not found")
         with open(ipath, "rb") as fh:
             raw = fh.read()
-        if len(raw) != len(FEATURE_MAGIC) + 32 or raw[:len(FEATURE_MAGIC)] != FEATURE_MAGIC:
+        head = len(FEATURE_MAGIC) + 32
+        if len(raw) < head or raw[:len(FEATURE_MAGIC)] != FEATURE_MAGIC:
             raise IndexedDataError(f"{ipath}: not a feature-store index ({len(raw)} bytes)")
-        version, count, n, d = struct.unpack("<QQQQ", raw[len(FEATURE_MAGIC):])
+        version, count, n, d = struct.unpack("<QQQQ", raw[len(FEATURE_MAGIC):head])
+        if version != FEATURE_VERSION:
+            raise IndexedDataError(f"{ipath}: feature store version {version} (this code reads {FEATURE_VERSION}: "
+                                   "it records the data it was made from); re-run tools/extract_image_features.py")
+        tail = head + FINGERPRINT_BYTES + 8
+        n_bad = struct.unpack("<Q", raw[head + FINGERPRINT_BYTES:tail])[0] if len(raw) >= tail else -1
+        if n_bad < 0 or len(raw) != tail + 8 * n_bad:
+            raise IndexedDataError(f"{ipath}: truncated or damaged feature-store index ({len(raw)} bytes)")
+        self.source = raw[head:head + FINGERPRINT_BYTES].hex()
+        self.bad_rows = np.frombuffer(raw, np.int64, count=n_bad, offset=tail).copy()
         expected = count * n * d * 2
         found = os.path.getsize(bpath)
         if found != expected:
             raise IndexedDataError(f"{bpath}: feature data size mismatch: expected {expected} bytes "
                                    f"({count} x [{n}, {d}] float16), found {found}")
-        if expected_count is not None and count < expected_count:
-            raise IndexedDataError(f"{bpath}: feature store holds {count} images, the image table has "
-                                   f"{expected_count}")
+        if source is not None and source != self.source:
+            raise IndexedDataError(f"{ipath} was computed from other data than {table} (fingerprint "
+                                   f"{self.source}, the table has {source}): the dataset was re-preprocessed "
+                                   "after extraction; re-run tools/extract_image_features.py")
+        if expected_count is not None and count != expected_count:
+            raise IndexedDataError(f"{bpath}: feature store holds {count} images, {table} has {expected_count}")
         self.count, self.shape = count, (n, d)
         self.features = np.memmap(bpath, mode="r", dtype=np.float16, shape=(count, n, d)).view(np.ndarray) \
             if count else np.zeros((0, n, d), np.float16)

@@ -14,7 +14,9 @@ next sample, as in Megatron.
 The one rule for targets: the output at position t predicts element t+1 — cross-entropy
 when t+1 is a text token (``[IMG]`` and ``[/IMG]`` included), MSE against the stored
 embedding when t+1 is a visual position. The last position's target is the first element
-of the next sample.
+of the next sample. Two exceptions: with document isolation (``reset_attention_mask``) a
+target in the next document gets no loss, since the position cannot see that document; with
+``eod_mask_loss`` neither does the target of an end-of-document token.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class PackingConfig:
     max_images: int = 5
     seed: int = 1234
     reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    """Document isolation: a target in another document than its position gets no loss (the
+    position cannot see that document)."""
+    eod_mask_loss: bool = False
+    """No loss on the target of an end-of-document token (Megatron's --eod-mask-loss)."""
     embed_dim: Optional[int] = None
     """d of the stored features; text-only datasets emit zero features of this width so they
     blend with image datasets (default: read from the feature store, 1 without one)."""
@@ -44,7 +51,8 @@ def packing_config(cfg) -> PackingConfig:
     """The packing settings of a run's Config (megatron_vl.config.Config)."""
     return PackingConfig(seq_length=cfg.model.seq_length, num_image_tokens=cfg.data.num_image_tokens,
                          max_images=cfg.data.max_images_per_sample, seed=cfg.training.seed,
-                         reset_position_ids=cfg.data.reset_position_ids)
+                         reset_position_ids=cfg.data.reset_position_ids,
+                         reset_attention_mask=cfg.data.reset_attention_mask, eod_mask_loss=cfg.data.eod_mask_loss)
 
 
 def _splitmix_bit(seed: int, doc_position: int, image_number: int) -> bool:
@@ -140,7 +148,7 @@ def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig,
 
 
 def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray, get_doc: Callable,
-                features, cfg: PackingConfig, img_id: int, img_end_id: int) -> dict:
+                features, cfg: PackingConfig, img_id: int, img_end_id: int, eod_id: Optional[int] = None) -> dict:
     """One sample: the laid-out elements from `start` up to `end` (exclusive), and the
     element at `end` as the last position's target. get_doc(d) -> (tokens, spans)."""
     S, N = cfg.seq_length, cfg.num_image_tokens
@@ -175,6 +183,8 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
             next_token = int(toks[noff])
             break
         nk, noff = nk + 1, 0
+    # The last position's target lies in another document when `end` starts one.
+    last_crosses = nk != end_k or end_off == 0
     if fill < S:   # padding: a segment of its own, no targets
         segment[fill:] = seg_no
         position[fill:] = np.arange(S - fill) if cfg.reset_position_ids else np.arange(fill, S)
@@ -186,6 +196,14 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
         labels[fill - 1] = next_token
     regression = np.zeros(S, bool)
     regression[:S - 1] = visual[1:]
+    if cfg.reset_attention_mask and fill >= 1:
+        crosses = np.zeros(S, bool)
+        crosses[:fill - 1] = segment[:fill - 1] != segment[1:fill]
+        crosses[fill - 1] = last_crosses
+        labels[crosses] = IGNORE
+        regression &= ~crosses
+    if cfg.eod_mask_loss and eod_id is not None:
+        labels[(tokens == eod_id) & ~visual] = IGNORE
     # Features in order of appearance; each visual position names its slot in that list.
     first = visual & (elem_vis == 0)
     image_ids = elem_img[first]

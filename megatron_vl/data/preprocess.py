@@ -8,8 +8,15 @@ For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's namin
                               triples — the token span of the sentence an image belongs to
                               and its row in the image table
 - ``P_image_table.bin/.idx``  uint8 MMIDIDX, one sequence per image: its encoded bytes
-- ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report
-- ``P_image_features.*``      written later by tools/extract_image_features.py
+- ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report,
+                              and the content fingerprint of each of the three files
+- ``P_image_features.*``      written later by tools/extract_image_features.py, tied to the
+                              image table's fingerprint
+- ``P.lock``                  present while a run writes the prefix (a second run is refused)
+
+Every image is fully decoded here (``Image.verify()`` alone does not read JPEG data): an
+image that does not decode is counted under "image unreadable" with its place and dropped
+from its document (the document's text is kept).
 """
 
 from __future__ import annotations
@@ -23,18 +30,29 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..atomic import atomic_open
+from ..atomic import atomic_open, exclusive_lock
 from .formats import RawDocument, Report, read_records, record_document
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
 from .tokenizer import Tokenizer
 
-META_VERSION = 1
+META_VERSION = 2   # 2: content fingerprints
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
 def sidecar(prefix: str, kind: str) -> str:
     return {"images": f"{prefix}_images", "table": f"{prefix}_image_table",
-            "features": f"{prefix}_image_features", "meta": f"{prefix}.meta.json"}[kind]
+            "features": f"{prefix}_image_features", "meta": f"{prefix}.meta.json", "lock": f"{prefix}.lock"}[kind]
+
+
+def prefix_lock(prefix: str):
+    """Held while a run writes `prefix` or its derived files: a concurrent second run on the
+    same prefix is refused, naming the first."""
+    return exclusive_lock(sidecar(prefix, "lock"), f"dataset prefix {prefix}")
+
+
+def table_fingerprint(prefix: str, meta: Optional[Dict] = None) -> str:
+    """The image table's content fingerprint, which a feature store must carry."""
+    return (meta or read_meta(prefix))["fingerprint"]["table"]
 
 
 def _init_worker(kind: str, model: str) -> None:
@@ -53,23 +71,24 @@ def _image_bytes(ref) -> Tuple[Optional[bytes], Optional[str]]:
             data = fh.read()
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+            im.load()   # a full decode: verify() does not read JPEG scan data, so cut-short files pass it
     except Exception:
         return None, "image unreadable"
     return data, None
 
 
-def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Tokenizer] = None):
+def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Tokenizer] = None,
+                    prepend_bos: bool = False):
     """(tokens, [(start, end, image bytes)], [(reason, where)]) for one document; tokens is
     None when the document is skipped."""
     tok = tokenizer or _worker_tokenizer
-    tokens: List[int] = []
+    tokens: List[int] = [tok.bos_id] if prepend_bos else []
     spans = []
     for sentence in doc.sentences:
         start = len(tokens)
         tokens.extend(tok.encode(sentence))
         spans.append((start, len(tokens)))
-    if not tokens:
+    if len(tokens) == int(prepend_bos):
         return None, [], [("empty document", doc.source)]
     skips, images = [], []
     for sentence_index, ref in doc.images:
@@ -87,12 +106,12 @@ def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Toke
 def _encode_task(args, tokenizer: Optional[Tokenizer] = None):
     """Record -> (is a document, tokens, images, this record's report). Runs in a worker:
     JSON parsing, tokenization and the image checks all happen here."""
-    fmt, record, opts, append_eod = args
+    fmt, record, opts, (append_eod, prepend_bos) = args
     report = Report()
     doc = record_document(fmt, record, report, **opts)
     if doc is None:
         return False, None, [], report
-    tokens, images, skips = encode_document(doc, append_eod, tokenizer)
+    tokens, images, skips = encode_document(doc, append_eod, tokenizer, prepend_bos)
     for reason, where in skips:
         report.skip(reason, where, opts["strict"])
     # Most records are clean: send no report back for them (less to pickle per record).
@@ -129,8 +148,10 @@ class DatasetWriter:
     def finalize(self, report: Report, extra: Dict) -> None:
         for w in self.writers():
             w.finalize()
+        names = {"tokens": self.tokens, "images": self.images, "table": self.table}
         meta = {"version": META_VERSION, "multimodal": self.multimodal, "tokenizer": self.meta,
                 "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
+                "fingerprint": {k: w.fingerprint for k, w in names.items() if w is not None},
                 "report": report.to_dict(), **extra}
         with atomic_open(sidecar(self.prefix, "meta")) as fh:
             json.dump(meta, fh, indent=2)
@@ -142,11 +163,20 @@ class DatasetWriter:
 
 def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: str, tokenizer_model: str, *,
                      image_root: Optional[str] = None, min_sim: float = 0.0, json_key: str = "text",
-                     append_eod: bool = False, workers: int = 1, strict: bool = False,
-                     progress: bool = True) -> Report:
+                     append_eod: bool = False, prepend_bos: bool = False, workers: int = 1,
+                     strict: bool = False, progress: bool = True) -> Report:
     """Tokenizes every document of `files` into the dataset `prefix`. Returns the report."""
+    with prefix_lock(prefix):
+        return _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image_root, min_sim, json_key,
+                                 append_eod, prepend_bos, workers, strict, progress)
+
+
+def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image_root, min_sim, json_key,
+                      append_eod, prepend_bos, workers, strict, progress) -> Report:
     from tqdm import tqdm
     tokenizer = Tokenizer(tokenizer_type, tokenizer_model)
+    if prepend_bos and (tokenizer.bos_id is None or tokenizer.bos_id < 0):
+        raise ValueError(f"--prepend-bos: tokenizer {tokenizer_model} has no BOS token")
     multimodal = fmt != "jsonl-text"
     report = Report()
     writer = DatasetWriter(prefix, tokenizer.meta(), multimodal)
@@ -157,7 +187,7 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
     try:
         for path in files:
             records = read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
-            tasks = ((fmt, record, opts, append_eod) for record in records)
+            tasks = ((fmt, record, opts, (append_eod, prepend_bos)) for record in records)
             results = pool.imap(_encode_task, tasks, chunksize=64) if pool else \
                 map(functools.partial(_encode_task, tokenizer=tokenizer), tasks)
             for is_document, tokens, images, record_report in results:
@@ -172,7 +202,8 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
                 writer.add(tokens, images)
                 report.documents_written += 1
                 report.images_placed += len(images)
-        writer.finalize(report, {"format": fmt, "inputs": files, "append_eod": append_eod})
+        writer.finalize(report, {"format": fmt, "inputs": files, "append_eod": append_eod,
+                                 "prepend_bos": prepend_bos})
     except BaseException:
         writer.abort()
         raise
@@ -187,14 +218,25 @@ def read_meta(prefix: str) -> Dict:
     path = sidecar(prefix, "meta")
     try:
         with open(path) as fh:
-            return json.load(fh)
+            meta = json.load(fh)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: dataset metadata missing (was {prefix} written by "
                                 f"tools/preprocess_data.py?)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable dataset metadata ({exc})") from None
+    if meta.get("version") != META_VERSION or "fingerprint" not in meta:
+        raise ValueError(f"{path}: metadata version {meta.get('version')} has no content fingerprints (this code "
+                         f"reads version {META_VERSION}); re-run tools/preprocess_data.py for {prefix}")
+    return meta
 
 
 def merge_datasets(inputs: List[str], output: str) -> Dict:
     """Concatenates datasets (e.g. partitions) in order; image ids are renumbered."""
+    with prefix_lock(output):
+        return _merge_datasets(inputs, output)
+
+
+def _merge_datasets(inputs: List[str], output: str) -> Dict:
     metas = [read_meta(p) for p in inputs]
     for p, m in zip(inputs[1:], metas[1:]):
         if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"]:
@@ -218,7 +260,8 @@ def merge_datasets(inputs: List[str], output: str) -> Dict:
             r.first_seen.update(m["report"]["first_seen"])
             report.merge(r)
         writer.finalize(report, {"format": metas[0].get("format"), "inputs": [i for m in metas for i in m.get("inputs", [])],
-                                 "append_eod": metas[0].get("append_eod"), "merged_from": inputs})
+                                 "append_eod": metas[0].get("append_eod"), "prepend_bos": metas[0].get("prepend_bos"),
+                                 "merged_from": inputs})
     except BaseException:
         writer.abort()
         raise
@@ -232,13 +275,19 @@ def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
     with_images = [(p, m) for p, m in zip(inputs, metas) if m.get("num_images")]
     if not with_images or not all(os.path.isfile(sidecar(p, "features") + ".idx") for p, _ in with_images):
         return
-    stores = [FeatureStore(sidecar(p, "features"), expected_count=m["num_images"]) for p, m in with_images]
+    stores = [FeatureStore(sidecar(p, "features"), expected_count=m["num_images"], source=table_fingerprint(p, m),
+                           table=sidecar(p, "table") + ".bin") for p, m in with_images]
     if len({s.shape for s in stores}) != 1:
         raise ValueError(f"feature stores of {[p for p, _ in with_images]} differ in shape; cannot merge")
-    out = FeatureStoreWriter(sidecar(output, "features"), *stores[0].shape)
-    for store in stores:
-        out.add(store.features)
-    out.finalize()
+    out = FeatureStoreWriter(sidecar(output, "features"), *stores[0].shape, source=table_fingerprint(output))
+    try:
+        for store in stores:
+            out.bad_rows.extend(int(r) + out.count for r in store.bad_rows)
+            out.add(store.features)
+        out.finalize()
+    except BaseException:
+        out.abort()
+        raise
 
 
 def remove_dataset(prefix: str) -> None:

@@ -39,6 +39,7 @@ class Tokenizer:
             else:
                 self.img_id, self.img_end_id, self.vocab_size = base, base + 1, base + 2
             self.eod_id = self._sp.eos_id()
+            self.bos_id = self._sp.bos_id()
             self._encode = lambda text: self._sp.encode_as_ids(text)
         elif kind == "hf":
             from transformers import AutoTokenizer
@@ -49,6 +50,7 @@ class Tokenizer:
             self.img_id, self.img_end_id = add_image_tokens(self._hf)
             self.vocab_size = len(self._hf)
             self.eod_id = self._hf.eos_token_id
+            self.bos_id = self._hf.bos_token_id
             self._encode = lambda text: self._hf(text, add_special_tokens=False)["input_ids"]
         else:
             raise TokenizerError(f"unknown --tokenizer-type {kind!r} (sentencepiece or hf)")
@@ -60,4 +62,5 @@ class Tokenizer:
 
     def meta(self) -> Dict:
         return {"type": self.kind, "model": self.model, "vocab_size": self.vocab_size, "eod_id": self.eod_id,
+                "bos_id": self.bos_id if self.bos_id is not None and self.bos_id >= 0 else None,
                 "image_token_ids": {IMG: self.img_id, IMG_END: self.img_end_id}}

@@ -10,10 +10,12 @@ leaves ``latest`` on the previous checkpoint.
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
 import shutil
+import zipfile
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from ..atomic import atomic_open, temp_name
 from ..config import Config, save_yaml
+from ..convert.hf import CheckpointError
 from ..parallel.random import RNGStatesTracker
 from . import faults
 
@@ -110,20 +113,73 @@ def prune(save_dir: str, keep_last: int, log: Callable[[str], None] = print) -> 
             log(f"removed old checkpoint {os.path.join(save_dir, name)} (--keep-last {keep_last})")
 
 
+def _expected_files(engine, load_dir: str, tag: str):
+    """The files this rank's engine will read: its model states and, under ZeRO, its
+    optimizer partition (DeepSpeed's own naming, bf16_ prefix or not)."""
+    files = []
+    try:
+        files.append([engine._get_ckpt_name(load_dir, tag)])
+        if engine.zero_optimization():
+            name = engine._get_zero_ckpt_name(load_dir, tag)
+            base = os.path.basename(name)
+            other = base[len("bf16_"):] if base.startswith("bf16_") else "bf16_" + base
+            files.append([name, os.path.join(os.path.dirname(name), other)])
+    except AttributeError:   # a DeepSpeed without these helpers: the readability scan still runs
+        pass
+    return files
+
+
+def check_checkpoint_files(engine, load_dir: str, tag: str) -> None:
+    """Names a missing or unreadable file before DeepSpeed meets it (where it would fail in
+    an assertion, or in an unpickling error naming no file)."""
+    path = os.path.join(load_dir, tag)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{load_dir}: checkpoint {tag} does not exist")
+    for alternatives in _expected_files(engine, load_dir, tag):
+        if not any(os.path.isfile(f) for f in alternatives):
+            raise CheckpointError(f"{path}: incomplete checkpoint: {os.path.basename(alternatives[0])} is missing "
+                                  f"(this rank's {'model' if 'model_states' in alternatives[0] else 'optimizer'} "
+                                  "state); resume from an earlier checkpoint with --ckpt-step")
+    for f in sorted(glob.glob(os.path.join(path, "**", "*.pt"), recursive=True)):
+        # torch.save writes a zip archive: one that is not (cut short, overwritten) fails here by name.
+        if not zipfile.is_zipfile(f):
+            raise CheckpointError(f"{f}: unreadable checkpoint file ({os.path.getsize(f)} bytes, not a torch.save "
+                                  "archive: truncated or overwritten?); resume from an earlier checkpoint with "
+                                  "--ckpt-step")
+
+
 def load_checkpoint(engine, load_dir: str, ckpt_step: Optional[int], tracker: Optional[RNGStatesTracker],
-                    log: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+                    log: Callable[[str], None] = print, fresh_start_ok: bool = False) -> Optional[Dict[str, Any]]:
     """Restores engine and RNG state; returns the client state, or None when load_dir has
-    no checkpoint yet (a fresh start, as in Megatron)."""
+    no checkpoint yet and `fresh_start_ok` (--load == --save: a first run, or a requeued job
+    before its first save). Any other --load without a checkpoint is an error: a mistyped
+    path must not silently train from scratch."""
     tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None:
+        if not fresh_start_ok:
+            raise CheckpointError(f"--load {load_dir}: no checkpoint there ('{LATEST}' missing, and it is not "
+                                  "--save, where a first run starts fresh); check the path")
         log(f"no checkpoint in {load_dir} ('{LATEST}' missing): starting from scratch")
         return None
-    if not os.path.isdir(os.path.join(load_dir, tag)):
-        raise FileNotFoundError(f"{load_dir}: checkpoint {tag} does not exist")
-    path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    try:
+        problem = None
+        check_checkpoint_files(engine, load_dir, tag)
+    except CheckpointError as exc:
+        problem = str(exc)
+    if dist.is_initialized():   # every rank stops together: one rank alone would hang the others
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        path, client = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as exc:
+        raise CheckpointError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint: "
+                              f"{type(exc).__name__}: {exc}") from exc
     if path is None:
-        raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     rng_path = os.path.join(load_dir, tag, "rng", f"rank_{_rank():05d}.pt")
     if os.path.isfile(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=False), tracker)

@@ -17,6 +17,7 @@ from ..parallel.pipeline import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
 from ..parallel.launcher import LaunchError, detect_launch
 from ..parallel.state import ParallelState, init_distributed
+from ..convert.hf import CheckpointError
 from . import checkpoint as ckpt
 from . import faults
 from .build import build_model, initialize_engine
@@ -204,7 +205,8 @@ class Trainer:
         if not os.path.isdir(c.load) and not same_as_save:
             # (--load DIR --save DIR on a first run is fine: nothing to resume yet.)
             raise ConfigError(f"--load {c.load}: no such directory")
-        client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log)
+        client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log,
+                                      fresh_start_ok=bool(same_as_save))
         if client is None:
             return
         self.iteration, self.consumed = client["iteration"], client["consumed_train_samples"]
@@ -341,3 +343,6 @@ def run(argv: Optional[Sequence[str]] = None, description: Optional[str] = None)
     except (ConfigError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
