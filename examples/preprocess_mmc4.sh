@@ -38,7 +38,7 @@ if [ "$STEP" = shards ] || [ "$STEP" = all ]; then
         # (MMC4's own filtering threshold for the core subset).
         python tools/preprocess_data.py --input-format mmc4 --input "${shards[@]}" \
             --image-root "$IMAGES" --min-sim 0.24 \
-            --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --append-eod \
+            --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --prepend-bos --append-eod \
             --workers "$WORKERS" --partitions "$PARTITIONS" --no-progress \
             --output-prefix "$(node_prefix "$node")"
     done

@@ -32,7 +32,7 @@ if [ "$STEP" = shards ] || [ "$STEP" = all ]; then
                              awk -v n="$NUM_FILES" -v d="$OBELICS" '{printf "%s/train-%05d-of-%05d.parquet\n", d, $1, n}')
         echo "node $node: ${#files[@]} parquet files -> $(node_prefix "$node")"
         python tools/preprocess_data.py --input-format obelics --input "${files[@]}" --image-root "$IMAGES" \
-            --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --append-eod \
+            --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --prepend-bos --append-eod \
             --workers "$WORKERS" --partitions "$PARTITIONS" --no-progress \
             --output-prefix "$(node_prefix "$node")"
     done

@@ -46,6 +46,7 @@ args=(
     --data-path 0.4 "$DATA/mmc4_text_document" 0.3 "$DATA/obelics_text_document"
                 0.3 "$DATA/pairs_text_document"   # blend weights: ours, tune to taste
     --split 998,2,0 --seq-length 512
+    --reset-attention-mask                   # one document per attention span (the paper: one subsequence per document)
     --data-cache-path "$CKPT_DIR/index-cache"      # sample-order indices, built once by rank 0
     --num-workers 4
     # --- LoRA on every projection; the base stays frozen (visual ends and [IMG] rows train) ---

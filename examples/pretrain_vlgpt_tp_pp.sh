@@ -25,6 +25,7 @@ args=(
     --visual-embed-dim 4096 --num-image-tokens 32
     --data-path 0.5 "$DATA/mmc4_text_document" 0.5 "$DATA/obelics_text_document"
     --split 998,2,0 --seq-length 512 --data-cache-path "$CKPT_DIR/index-cache" --num-workers 4
+    --reset-attention-mask
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
     --zero-stage 1                           # optimizer states sharded over the 4 DP replicas
     --deepspeed_config examples/ds_configs/zero1_bf16_pipeline.json   # fp32 gradient accumulation

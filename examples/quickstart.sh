@@ -23,7 +23,7 @@ step "1. sample corpus: MMC4 jsonl.zip + images, OBELICS parquet, webdataset pai
 python tools/make_sample_data.py --output "$OUT/sample"
 
 step "2. preprocess each format -> $OUT/data/*_text_document.{bin,idx} + image sidecars"
-common=(--tokenizer-model "$OUT/sample/tokenizer.model" --append-eod --workers 2 --no-progress)
+common=(--tokenizer-model "$OUT/sample/tokenizer.model" --prepend-bos --append-eod --workers 2 --no-progress)
 python tools/preprocess_data.py --input-format mmc4 --input "$OUT/sample/mmc4/*.jsonl.zip" \
     --image-root "$OUT/sample/mmc4/images" --min-sim 0.2 --output-prefix "$OUT/data/mmc4" "${common[@]}"
 python tools/preprocess_data.py --input-format obelics --input "$OUT/sample/obelics/*.parquet" \
@@ -50,7 +50,7 @@ python -m torch.distributed.run --nproc_per_node 2 pretrain_vlgpt.py \
     --data-path 0.4 "$OUT/data/mmc4_text_document" 0.3 "$OUT/data/obelics_text_document" \
                 0.3 "$OUT/data/pairs_text_document" --split 95,5,0 \
     --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2 \
-    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 \
+    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 --reset-attention-mask \
     --micro-batch-size 2 --global-batch-size 4 --train-iters "$ITERS" --lr 3e-3 --lr-warmup-iters 10 --min-lr 3e-4 \
     --num-workers 0 --log-interval 10 --eval-interval 50 --eval-iters 2 \
     --load "$OUT/ckpt-llama" --save "$OUT/ckpt-vlgpt" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \

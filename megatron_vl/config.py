@@ -67,8 +67,10 @@ class ModelConfig:
         64, "d: width of the stored visual embeddings (the image tokenizer's output); the visual "
         "projection maps d -> hidden and the regression head hidden -> d.")
     fused_kernels: str = opt(
-        "auto", "Kernel choice per op: 'auto' (fused on CUDA when importable, torch otherwise) "
-        "or 'torch' (always the torch reference).", choices=["auto", "torch"])
+        "auto", "Kernel choice per op (attention, RMSNorm, RoPE, SwiGLU, CE): 'auto' (fused on CUDA when "
+        "importable, torch otherwise), 'torch' (always the torch reference) or 'require' (the fused "
+        "kernels or an error at start naming the missing one). The run logs once which ran.",
+        choices=["auto", "torch", "require"])
 
     @property
     def kv_heads(self) -> int:

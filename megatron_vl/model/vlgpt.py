@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .. import ops
 from ..config import ModelConfig
 from ..parallel.cross_entropy import fused_lm_head_loss
 from ..parallel.random import RNGStatesTracker
@@ -137,7 +138,10 @@ class VLGPTModel(LlamaModel):
             x = self.embedding(batch["tokens"], batch["visual_embeds"], batch["visual_mask"])
         else:
             x = hidden_states
-        x = self.run_layers(x, batch.get("position_ids"), batch.get("segment_ids"))
+        segments = batch.get("segment_ids")
+        if segments is not None and batch.get("cu_seqlens") is not None:   # boundaries built beside the batch
+            segments = ops.Documents(segments, batch["cu_seqlens"], int(batch["max_seqlen"]))
+        x = self.run_layers(x, batch.get("position_ids"), segments)
         if not self.post_process:
             return x
         if batch.get("labels") is None:

@@ -17,7 +17,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
     """Per-position loss, shape of target (0 where target == ignore_index). inplace: the
     logits buffer may be overwritten (see vocab_parallel_cross_entropy)."""
     unpadded = vocab_size is None or vocab_size == logits.shape[-1]
-    if tp_group is None and unpadded and fused_available(logits, impl, "liger_kernel.ops.cross_entropy"):
+    if tp_group is None and unpadded and fused_available(logits, impl, "liger_kernel.ops.cross_entropy", "cross_entropy"):
         from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
         flat = LigerCrossEntropyFunction.apply(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), None, ignore_index,

@@ -15,7 +15,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "auto") -> torch.Tensor:
-    if fused_available(x, impl, "liger_kernel.ops.rms_norm"):
+    if fused_available(x, impl, "liger_kernel.ops.rms_norm", "rms_norm"):
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         # casting_mode "llama": fp32 statistics, cast back before the weight, as HF.
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)

@@ -50,7 +50,7 @@ def apply_rope_reference(q, k, cos, sin):
 
 
 def apply_rope(q, k, cos, sin, impl: str = "auto"):
-    if fused_available(q, impl, "liger_kernel.ops.rope"):
+    if fused_available(q, impl, "liger_kernel.ops.rope", "rope"):
         from liger_kernel.ops.rope import LigerRopeFunction
         # liger works on [b, h, s, d]
         q2, k2 = LigerRopeFunction.apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)

@@ -36,7 +36,7 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    if fused_available(gate_up, impl, "liger_kernel.ops.swiglu"):
+    if fused_available(gate_up, impl, "liger_kernel.ops.swiglu", "swiglu"):
         from liger_kernel.ops import swiglu as liger
         if hasattr(liger, "LigerFusedGateUpSiLUMulFunction"):  # liger >= 0.8: no chunk copies
             return liger.LigerFusedGateUpSiLUMulFunction.apply(gate_up)

@@ -143,6 +143,8 @@ def fused_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     hidden [..., h] (replicated over the TP group), weight [local_vocab, h] (this rank's
     vocabulary slice), target and loss_weights shaped like hidden[..., 0]. Returns
     (sum_i w_i * loss_i, per-position losses detached). Typical weights: 1/num_targets."""
+    from ..ops._dispatch import record   # here: ops imports this module
+    record("cross_entropy", "chunked LM-head loss (torch)")
     world = 1 if group is None else dist.get_world_size(group)
     if vocab_size is None:
         vocab_size = weight.shape[0] * world

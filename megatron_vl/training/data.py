@@ -17,6 +17,7 @@ from ..data.preprocess import read_meta, sidecar
 from ..data.packing import packing_config
 from ..data.tokenizer import IMG, IMG_END
 from ..model.vlgpt import regression_targets, visual_inputs
+from ..ops import documents_from_segments
 
 
 @dataclass
@@ -79,16 +80,22 @@ def loader(dataset, cfg: Config, consumed: int, dp_rank: int, dp: int, total: Op
     sampler = PretrainingSampler(total if total is not None else len(dataset), consumed,
                                  cfg.training.micro_batch_size, dp_rank, dp)
     workers = cfg.data.num_workers
+    # Pinned host memory: the non_blocking copies in model_batch then really overlap compute.
     return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                           persistent_workers=False, prefetch_factor=4 if workers else None))
+                           persistent_workers=False, prefetch_factor=4 if workers else None,
+                           pin_memory=torch.cuda.is_available()))
 
 
 def model_batch(raw: Dict[str, torch.Tensor], cfg: Config, device, dtype) -> Dict[str, torch.Tensor]:
-    """The packed sample batch -> the model's inputs and targets on `device`."""
+    """The packed sample batch -> the model's inputs and targets on `device`. Document
+    boundaries for varlen attention are worked out here, on the host, once per batch."""
+    docs = documents_from_segments(raw["segment_ids"]) if cfg.data.reset_attention_mask else None
     raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
     visual = visual_inputs(raw["features"], raw["visual_slot"], raw["visual_index"])
     return {"tokens": raw["tokens"], "visual_embeds": visual.to(dtype), "visual_mask": raw["visual_mask"],
             "position_ids": raw["position_ids"],
-            "segment_ids": raw["segment_ids"] if cfg.data.reset_attention_mask else None,
+            "segment_ids": raw["segment_ids"] if docs else None,
+            "cu_seqlens": docs.cu_seqlens.to(device, non_blocking=True) if docs else None,
+            "max_seqlen": docs.max_seqlen if docs else None,
             "labels": raw["labels"], "visual_targets": regression_targets(visual),
             "regression_mask": raw["regression_mask"]}

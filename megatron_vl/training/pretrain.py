@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..ops._dispatch import check_required, implementations
 from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
 from ..parallel.pipeline import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
@@ -63,6 +64,9 @@ class Trainer:
         self.exit_code: Optional[int] = None
         self.batch_digest = 0
         self.history: List[Dict] = []    # per iteration, for tests and tools: losses, samples, skips
+        self.pending: List[Dict] = []    # step records not yet read off the device (see _settle)
+        self.window: List[Dict] = []     # settled records not yet logged
+        self.kernels_logged = False
         self.sinks = Sinks(cfg, self.reporting, self.log_all)
 
     # --- logging ------------------------------------------------------------------------
@@ -84,27 +88,25 @@ class Trainer:
             yield pipeline_inputs(batch) if self.pipeline else batch
 
     # --- one step -----------------------------------------------------------------------
-    def _mean_over_dp(self, values: List[float]) -> List[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.state.dp_group is not None:
-            dist.all_reduce(t, group=self.state.dp_group)
-            t /= self.state.dp
-        return t.tolist()
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
+    # Nothing in a step waits for the device: losses and the non-finite flag stay on it and are
+    # read once per --log-interval (_settle). The exceptions: ZeRO-0's own skip decision (one
+    # all-reduce per step, ZeRO-0 only) and the stop-signal agreement (one per step).
+    def _all_finite(self, bad: torch.Tensor) -> bool:
+        flag = bad.detach().float().reshape(1).to(self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() == 0
 
-    def _take_reported(self):
-        """Mean (lm, visual) over the micro-batches the pipeline head saw since the last call
-        (zeros on stages without the head)."""
+    def _take_reported(self) -> torch.Tensor:
+        """(lm, visual) mean over the micro-batches the pipeline head saw since the last call,
+        on the device (zeros on stages without the head)."""
+        out = torch.zeros(2, device=self.device)
         if self.head is None:
-            return 0.0, 0.0
+            return out
         reported, self.head.reported = self.head.reported, []
-        n = max(len(reported), 1)
-        return sum(float(r[0]) for r in reported) / n, sum(float(r[1]) for r in reported) / n
+        for r in reported:
+            out += torch.stack([r[0].detach().float(), r[1].detach().float()]).to(self.device)
+        return out / max(len(reported), 1)
 
     def _skip_zero0_update(self) -> None:
         """ZeRO-0 has no overflow check: the step runs (DeepSpeed's counters move, NaN
@@ -118,42 +120,75 @@ class Trainer:
         for g, lr in zip(base.param_groups, lrs):
             g["lr"] = lr
 
-    def train_step(self, batches) -> Dict[str, float]:
+    def train_step(self, batches) -> Dict:
+        """One optimizer step. Returns its record with device tensors (losses, non-finite
+        flag); _settle turns records into numbers."""
         engine, step_number = self.engine, self.iteration + 1
         lr = engine.get_lr()[0]   # the rate this step's update uses (the scheduler moves after it)
         dropped = False           # a ZeRO-0 update we dropped ourselves (DeepSpeed reports it applied)
         if self.pipeline:
             loss = engine.train_batch(data_iter=batches)
-            lm, vis = self._take_reported()
-            finite = self._all_finite(loss.detach().float().to(self.device))
+            losses = self._take_reported()
+            bad = ~torch.isfinite(loss.detach().float().to(self.device)).all()
         else:
-            lm = vis = 0.0
-            finite = True
+            losses = torch.zeros(2, device=self.device)
+            bad = torch.zeros((), dtype=torch.bool, device=self.device)
             for micro in range(self.gas):
                 total, lm_part, vis_part = engine(next(batches))
                 if faults.nan_loss_at(step_number):
                     total = total * float("nan")
-                finite = self._all_finite(total.detach()) and finite
+                bad = bad | ~torch.isfinite(total.detach()).all()
                 engine.backward(total)
-                lm += float(lm_part) / self.gas
-                vis += float(vis_part) / self.gas
-                if micro == self.gas - 1 and not finite and effective_zero_stage(self.cfg) == 0:
+                losses += torch.stack([lm_part.detach().float(), vis_part.detach().float()]) / self.gas
+                if micro == self.gas - 1 and effective_zero_stage(self.cfg) == 0 and not self._all_finite(bad):
                     self._skip_zero0_update()
                     dropped = True
                 else:
                     engine.step()
-        applied = engine.was_step_applied() and finite and not dropped
-        lm, vis = self._mean_over_dp([lm, vis])   # a DP group is one stage: all or none hold the head
-        if applied:
-            self.skipped_consecutive = 0
-        else:
-            self.skipped_total += 1
-            # fp16 loss-scale overflows are routine; only non-finite losses/norms count to the abort.
-            if not finite or not self.cfg.training.fp16:
-                self.skipped_consecutive += 1
-        norm = engine.get_global_grad_norm()
-        return {"lm": lm, "visual": vis, "applied": applied, "lr": lr,
-                "grad_norm": float(norm) if norm is not None and applied else None}
+        # ZeRO-1/2/3 skip a non-finite update themselves (and say so here); ZeRO-0's we dropped.
+        applied = engine.was_step_applied() and not dropped
+        return {"losses": losses, "bad": bad, "applied": applied, "lr": lr,
+                "grad_norm": engine.get_global_grad_norm() if applied else None,
+                "digest": self.batch_digest}
+
+    def _settle(self) -> List[Dict]:
+        """Reads the pending step records off the device (one DP all-reduce of the losses, one
+        world all-reduce of the non-finite flags), updates the skip counters and the history,
+        and aborts on too many consecutive skips. Returns the settled records."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        losses = torch.stack([r["losses"] for r in pending]).double()
+        if self.state.dp_group is not None:   # a DP group is one stage: all or none hold the head
+            dist.all_reduce(losses, group=self.state.dp_group)
+            losses /= self.state.dp
+        bad = torch.stack([r["bad"] for r in pending]).float()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        out = []
+        for r, (lm, vis), nonfinite in zip(pending, losses.tolist(), bad.tolist()):
+            finite = nonfinite == 0
+            applied = r["applied"] and finite
+            if applied:
+                self.skipped_consecutive = 0
+            else:
+                self.skipped_total += 1
+                # fp16 loss-scale overflows are routine; only non-finite losses/norms count to the abort.
+                if not finite or not self.cfg.training.fp16:
+                    self.skipped_consecutive += 1
+            norm = r["grad_norm"]
+            rec = {"lm": lm, "visual": vis, "applied": applied, "lr": r["lr"],
+                   "grad_norm": float(norm) if norm is not None and applied else None}
+            self.history.append(dict(rec, iteration=r["iteration"], consumed=r["consumed"],
+                                     batch_digest=r["digest"]))
+            self.window.append(rec)
+            out.append(rec)
+            if self.skipped_consecutive > self.cfg.training.max_skipped_steps:
+                raise TrainingAborted(
+                    f"iteration {r['iteration']}: {self.skipped_consecutive} consecutive updates skipped for a "
+                    f"non-finite loss or gradient norm (--max-skipped-steps {self.cfg.training.max_skipped_steps}); "
+                    f"aborting. Lower --lr, check the data, or resume from an earlier checkpoint.")
+        return out
 
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
@@ -163,21 +198,22 @@ class Trainer:
         t = self.cfg.training
         total = t.eval_iters * self.data.global_batch
         batches = self._batches(self.data.valid, 0, total, digest=False)
-        lm = vis = 0.0
+        acc = torch.zeros(2, device=self.device)
         self.engine.eval()
         for _ in range(t.eval_iters):
             if self.pipeline:
                 self.engine.eval_batch(data_iter=batches)
-                lm_part, vis_part = self._take_reported()
-                lm += lm_part / t.eval_iters
-                vis += vis_part / t.eval_iters
+                acc += self._take_reported() / t.eval_iters
             else:
                 for _ in range(self.gas):
                     _, lm_part, vis_part = self.engine(next(batches))
-                    lm += float(lm_part) / (self.gas * t.eval_iters)
-                    vis += float(vis_part) / (self.gas * t.eval_iters)
+                    acc += torch.stack([lm_part.float(), vis_part.float()]) / (self.gas * t.eval_iters)
         self.engine.train()
-        lm, vis = self._mean_over_dp([lm, vis])
+        acc = acc.double()
+        if self.state.dp_group is not None:
+            dist.all_reduce(acc, group=self.state.dp_group)
+            acc /= self.state.dp
+        lm, vis = acc.tolist()
         if self.reporting:
             ppl = math.exp(min(lm, 20.0))
             print(f"validation at iteration {self.iteration} | lm loss: {lm:.8E} | lm PPL: {ppl:.4E} | "
@@ -192,6 +228,7 @@ class Trainer:
                 "image_token_ids": list(self.data.image_token_ids), "tokenizer": self.data.tokenizer}
 
     def save(self) -> None:
+        self._settle()   # the skip counters go into the checkpoint
         c = self.cfg.checkpoint
         tag = ckpt.save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
                                    self.tracker, c.keep_last, self.log)
@@ -217,24 +254,17 @@ class Trainer:
     def train(self, stop: StopRequest) -> int:
         cfg, t = self.cfg, self.cfg.training
         batches = self._batches(self.data.train, self.consumed)
-        window: List[Dict] = []
         window_start = time.perf_counter()
         while self.iteration < t.train_iters:
             out = self.train_step(batches)
             self.iteration += 1
             self.consumed += self.data.global_batch
-            window.append(out)
-            self.history.append(dict(out, iteration=self.iteration, consumed=self.consumed,
-                                     batch_digest=self.batch_digest))
+            self.pending.append(dict(out, iteration=self.iteration, consumed=self.consumed))
             self.batch_digest = 0
-            if self.skipped_consecutive > t.max_skipped_steps:
-                raise TrainingAborted(
-                    f"iteration {self.iteration}: {self.skipped_consecutive} consecutive updates skipped for a "
-                    f"non-finite loss or gradient norm (--max-skipped-steps {t.max_skipped_steps}); aborting. "
-                    f"Lower --lr, check the data, or resume from an earlier checkpoint.")
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                self._log_window(window, time.perf_counter() - window_start)
-                window, window_start = [], time.perf_counter()
+                self._settle()
+                self._log_window(self.window, time.perf_counter() - window_start)
+                self.window, window_start = [], time.perf_counter()
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self.evaluate()
             saved = False
@@ -244,12 +274,14 @@ class Trainer:
                 saved = True
             exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
             if stop.agreed(self.device) or exiting:
+                self._settle()
                 if cfg.checkpoint.save and not saved:
                     self.save()
                 why = f"--exit-interval {t.exit_interval}" if exiting else "a termination signal"
                 self.log(f"stopping at iteration {self.iteration} on {why}"
                          + ("" if cfg.checkpoint.save else " (no --save: nothing written)"))
                 return 0
+        self._settle()
         self.evaluate()
         if cfg.checkpoint.save and (not cfg.checkpoint.save_interval or self.iteration % cfg.checkpoint.save_interval):
             self.save()
@@ -268,6 +300,11 @@ class Trainer:
                           window[-1]["lr"], sum(norms) / len(norms) if norms else None,
                           self.skipped_total, seconds / len(window), self.data.global_batch, scale)
         rates = throughput(stats, self.cfg, self.world)
+        if not self.kernels_logged:   # once, after a step really ran them
+            self.kernels_logged = True
+            used = implementations()
+            self.log("kernels (--fused-kernels " + self.cfg.model.fused_kernels + "): "
+                     + ", ".join(f"{op}={used[op]}" for op in sorted(used)))
         if self.reporting:
             print(format_line(stats, rates), flush=True)
             scalars = {"train/lm_loss": lm, "train/visual_loss": vis, "train/lr": stats.lr,
@@ -291,6 +328,10 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     if device.type == "cpu" and cfg.training.fp16:
         raise ConfigError("--fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no float16 "
                           "training); use --bf16 on CPU")
+    try:
+        check_required(cfg.model.fused_kernels, device.type)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in the softmax tail is ~100x slower on CPU
     owns_group = not dist.is_initialized()
