@@ -12,6 +12,7 @@ from data_helpers import make_tiny_clip, preprocess, run_tool
 from megatron_vl.data.dataset import PackedDataset
 from megatron_vl.data.indexed import FeatureStore, FeatureStoreWriter, IndexedDataError, IndexedDataset
 from megatron_vl.data.packing import PackingConfig
+from megatron_vl.data.preprocess import table_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +122,17 @@ def test_feature_store_problems(sample, tmp_path):
     prefix = tmp_path / "p"
     preprocess(sample, "wds-pairs", prefix)
     p = f"{prefix}_text_document"
-    writer = FeatureStoreWriter(p + "_image_features", 4, 6)
+    source = table_fingerprint(p)
+    writer = FeatureStoreWriter(p + "_image_features", 4, 6, source=source)
     writer.add(np.zeros((5, 4, 6)))          # the image table has 8 images
     writer.finalize()
-    with pytest.raises(IndexedDataError, match=r"feature store holds 5 images, the image table has 8"):
+    with pytest.raises(IndexedDataError, match=r"feature store holds 5 images, .*_image_table\.bin has 8"):
         PackedDataset(p, PackingConfig(seq_length=32, num_image_tokens=4), num_samples=2, cache_dir=str(tmp_path))
     open(p + "_image_features.bin", "ab").write(b"\x00\x00")
     with pytest.raises(IndexedDataError, match=r"_image_features\.bin: feature data size mismatch: expected 240 "
                                                r"bytes \(5 x \[4, 6\] float16\), found 242"):
         FeatureStore(p + "_image_features")
-    writer = FeatureStoreWriter(p + "_image_features", 4, 6)
+    writer = FeatureStoreWriter(p + "_image_features", 4, 6, source=source)
     writer.add(np.zeros((8, 4, 6)))
     writer.finalize()
     with pytest.raises(IndexedDataError, match=r"4 visual tokens per image, the run expects N = 32"):

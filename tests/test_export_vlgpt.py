@@ -34,7 +34,8 @@ def fixed_batch():
     tokens[mask] = 0
     visual = torch.randn(2, SEQ, EMBED_DIM, generator=gen) * mask.unsqueeze(-1)
     return {"tokens": tokens, "visual_embeds": visual, "visual_mask": mask,
-            "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous(), "segment_ids": None}
+            "position_ids": torch.arange(SEQ).expand(2, SEQ).contiguous(),
+            "segment_ids": torch.zeros(2, SEQ, dtype=torch.long)}   # one document (isolation is on by default)
 
 
 def labelled(batch):
@@ -65,7 +66,7 @@ def train_and_reference(rank, world, argv):
     with torch.no_grad():
         if trainer.pipeline:
             trainer.engine.eval_batch(data_iter=iter([pipeline_inputs(labelled(fixed_batch()))] * trainer.gas))
-            return trainer._take_reported(), None, None
+            return tuple(trainer._take_reported().tolist()), None, None
         module = trainer.engine.module
         _, lm, vis = module(labelled(fixed_batch()))
         local, visual = module(fixed_batch())

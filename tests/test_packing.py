@@ -7,7 +7,7 @@ from megatron_vl.data.dataset import BlendedDataset, PackedDataset, PretrainingS
 from megatron_vl.data.formats import Report
 from megatron_vl.data.indexed import FeatureStoreWriter
 from megatron_vl.data.packing import IGNORE, PackingConfig, coin_after, laid_out_document
-from megatron_vl.data.preprocess import DatasetWriter
+from megatron_vl.data.preprocess import DatasetWriter, table_fingerprint
 from megatron_vl.testing.distributed import run_distributed
 
 IMG, END, EOD = 100, 101, 2
@@ -27,7 +27,7 @@ def write_dataset(prefix, docs=DOCS, n_tokens=2, dim=3):
         writer.add(tokens, [(s, e, b"x") for s, e, _ in spans])
         n_images += len(spans)
     writer.finalize(Report(), {})
-    feats = FeatureStoreWriter(str(prefix) + "_image_features", n_tokens, dim)
+    feats = FeatureStoreWriter(str(prefix) + "_image_features", n_tokens, dim, source=table_fingerprint(str(prefix)))
     for i in range(n_images):   # image i's features are all i + 0.5 * position
         feats.add(np.full((n_tokens, dim), i, np.float16) + np.arange(n_tokens, dtype=np.float16)[:, None] * 0.5)
     feats.finalize()
@@ -172,6 +172,7 @@ def test_packing_config_from_flags():
     from megatron_vl.config import load_config
     from megatron_vl.data.packing import packing_config
     cfg, _ = load_config(["--seq-length", "256", "--num-image-tokens", "16", "--max-images-per-sample", "3",
-                          "--seed", "9", "--reset-position-ids"])
+                          "--seed", "9", "--reset-position-ids", "--eod-mask-loss"])
     assert packing_config(cfg) == PackingConfig(seq_length=256, num_image_tokens=16, max_images=3, seed=9,
-                                                reset_position_ids=True)
+                                                reset_position_ids=True, reset_attention_mask=True,
+                                                eod_mask_loss=True)

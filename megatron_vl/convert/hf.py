@@ -265,7 +265,7 @@ def check_output_dir(final: str, kind: str, sources: Tuple[str, ...] = ()) -> No
     output of the same kind: a non-empty directory of another kind (a project folder, a
     checkpoint), a file, or a directory holding one of the inputs."""
     target = os.path.realpath(final)
-    for src in sources:
+    for src in filter(None, sources):
         src_real = os.path.realpath(src)
         if src_real == target or src_real.startswith(target + os.sep):
             raise CheckpointError(f"--save {final}: it holds the input {src}; replacing it would delete the "

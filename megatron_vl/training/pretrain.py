@@ -165,8 +165,15 @@ class Trainer:
         bad = torch.stack([r["bad"] for r in pending]).float()
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        # Gradient norms: tensors under ZeRO, read together with one copy.
+        norms = [r["grad_norm"] for r in pending]
+        on_device = [i for i, n in enumerate(norms) if isinstance(n, torch.Tensor)]
+        if on_device:
+            for i, v in zip(on_device, torch.stack([norms[i].detach().float().reshape(())
+                                                    for i in on_device]).tolist()):
+                norms[i] = v
         out = []
-        for r, (lm, vis), nonfinite in zip(pending, losses.tolist(), bad.tolist()):
+        for r, (lm, vis), nonfinite, norm in zip(pending, losses.tolist(), bad.tolist(), norms):
             finite = nonfinite == 0
             applied = r["applied"] and finite
             if applied:
@@ -176,7 +183,6 @@ class Trainer:
                 # fp16 loss-scale overflows are routine; only non-finite losses/norms count to the abort.
                 if not finite or not self.cfg.training.fp16:
                     self.skipped_consecutive += 1
-            norm = r["grad_norm"]
             rec = {"lm": lm, "visual": vis, "applied": applied, "lr": r["lr"],
                    "grad_norm": float(norm) if norm is not None and applied else None}
             self.history.append(dict(rec, iteration=r["iteration"], consumed=r["consumed"],
@@ -300,11 +306,11 @@ class Trainer:
                           window[-1]["lr"], sum(norms) / len(norms) if norms else None,
                           self.skipped_total, seconds / len(window), self.data.global_batch, scale)
         rates = throughput(stats, self.cfg, self.world)
-        if not self.kernels_logged:   # once, after a step really ran them
-            self.kernels_logged = True
+        if not self.kernels_logged and self.reporting:   # once, after a step really ran them, by the
+            self.kernels_logged = True                   # rank that holds the head (every op runs there)
             used = implementations()
-            self.log("kernels (--fused-kernels " + self.cfg.model.fused_kernels + "): "
-                     + ", ".join(f"{op}={used[op]}" for op in sorted(used)))
+            print("kernels (--fused-kernels " + self.cfg.model.fused_kernels + "): "
+                  + ", ".join(f"{op}={used[op]}" for op in sorted(used)), flush=True)
         if self.reporting:
             print(format_line(stats, rates), flush=True)
             scalars = {"train/lm_loss": lm, "train/visual_loss": vis, "train/lr": stats.lr,
