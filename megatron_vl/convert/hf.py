@@ -238,7 +238,7 @@ def _commit_dir(tmp: str, final: str) -> None:
 
 
 # What each kind of output directory holds, to recognise a previous output of the same kind:
-# (marker file, JSON key, expected value); None value = the file's presence is enough.
+# (marker file, JSON key, expected value).
 OUTPUT_KINDS = {
     "release": (META_FILE, "format", "megatron-vl-release"),
     "hf-llama": ("config.json", "model_type", "llama"),
