@@ -27,6 +27,8 @@ class ImageTokenizerConfig:
     """Depth of the causal transformer after CLIP."""
     num_heads: int = 8
     """Attention heads of that transformer (must divide the CLIP width)."""
+    clip_layer: str = "last"
+    """Which CLIP hidden state the transformer reads: 'last' or 'penultimate'."""
 
 
 class ImageTokenizer(nn.Module):
@@ -36,6 +38,8 @@ class ImageTokenizer(nn.Module):
         self.clip = clip.eval()
         for p in self.clip.parameters():
             p.requires_grad_(False)
+        if cfg.clip_layer not in ("last", "penultimate"):
+            raise ValueError(f"clip_layer {cfg.clip_layer!r}: expected 'last' or 'penultimate'")
         width = clip.config.hidden_size
         if width % cfg.num_heads:
             raise ValueError(f"CLIP width {width} is not divisible by num_heads {cfg.num_heads}")
@@ -54,7 +58,10 @@ class ImageTokenizer(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[b, 3, H, W] -> [b, N, d]."""
         with torch.no_grad():
-            patches = self.clip(pixel_values=pixel_values).last_hidden_state
+            if self.cfg.clip_layer == "penultimate":
+                patches = self.clip(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+            else:
+                patches = self.clip(pixel_values=pixel_values).last_hidden_state
         b = patches.shape[0]
         x = torch.cat([patches.to(self.queries.dtype), self.queries.unsqueeze(0).expand(b, -1, -1)], dim=1)
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=x.dtype)

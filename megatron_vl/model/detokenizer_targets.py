@@ -1,0 +1,94 @@
+"""The frozen encoders that give stage 1 its regression targets, loaded from local
+directories (nothing is downloaded):
+
+- e_v: IP-Adapter-Plus's image condition, ``CLIPVisionModelWithProjection(pixels,
+  output_hidden_states=True).hidden_states[-2]`` with its ``CLIPImageProcessor`` (the ViT-H
+  encoder shipped beside the adapter, e.g. ``IP-Adapter/models/image_encoder``);
+- e_t: SD 1.5's text condition, the ``text_encoder`` (``CLIPTextModel``) output for the
+  caption tokenized by SD's ``tokenizer`` padded to its ``model_max_length`` (77).
+
+Neither is ever trained: both are put in eval mode with ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class ImageConditionEncoder(nn.Module):
+    """e_v from images (PIL): the penultimate hidden state of the IP-Adapter image encoder."""
+
+    def __init__(self, encoder_dir: str):
+        super().__init__()
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        if not os.path.isdir(encoder_dir):
+            raise FileNotFoundError(f"IP-Adapter image encoder {encoder_dir}: no such directory")
+        self.encoder = _frozen(CLIPVisionModelWithProjection.from_pretrained(encoder_dir))
+        self.processor = CLIPImageProcessor.from_pretrained(encoder_dir)
+        c = self.encoder.config
+        self.shape = ((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def pixels(self, images: Sequence) -> torch.Tensor:
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[b, 3, H, W] (this encoder's processor) -> [b, tokens, hidden]."""
+        p = pixel_values.to(self.encoder.dtype)
+        return self.encoder(pixel_values=p, output_hidden_states=True).hidden_states[-2]
+
+
+class TextConditionEncoder(nn.Module):
+    """e_t from captions: SD's text encoder on its tokenizer's max-length padding."""
+
+    def __init__(self, sd_dir: str):
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+        for sub in ("text_encoder", "tokenizer"):
+            if not os.path.isdir(os.path.join(sd_dir, sub)):
+                raise FileNotFoundError(f"Stable Diffusion directory {sd_dir}: no {sub}/ (the diffusers layout)")
+        self.encoder = _frozen(CLIPTextModel.from_pretrained(os.path.join(sd_dir, "text_encoder")))
+        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(sd_dir, "tokenizer"))
+        self.shape = (self.tokenizer.model_max_length, self.encoder.config.hidden_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def token_ids(self, captions: List[str]) -> torch.Tensor:
+        return self.tokenizer(list(captions), padding="max_length", max_length=self.shape[0], truncation=True,
+                              return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, 77] -> [b, 77, hidden]: what StableDiffusionPipeline uses as prompt_embeds."""
+        return self.encoder(input_ids=input_ids.to(self.encoder.device))[0]
+
+
+def condition_shapes(encoder_dir: str, sd_dir: str):
+    """(image_cond_tokens, image_cond_dim, text_cond_tokens, text_cond_dim) from the configs
+    of the local directories, without loading weights."""
+    from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+    v = CLIPVisionConfig.from_pretrained(encoder_dir)
+    t = CLIPTextConfig.from_pretrained(os.path.join(sd_dir, "text_encoder"))
+    max_len = CLIPTokenizer.from_pretrained(os.path.join(sd_dir, "tokenizer")).model_max_length
+    return (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, max_len, t.hidden_size
