@@ -4,8 +4,6 @@ new user would, reproduced on tiny data and checked against its fix."""
 import io
 import json
 import os
-import random
-import shutil
 import tarfile
 import zipfile
 
@@ -266,6 +264,7 @@ def test_malformed_records_invalid_utf8_and_damaged_files_are_counted(sample, tm
     log = run_tool("tools/preprocess_data.py", "--input-format", "wds-pairs", "--input", str(cut_tar), str(empty_tar),
                    "--output-prefix", str(tmp_path / "w"), "--tokenizer-model", str(sample / "tokenizer.model"),
                    "--no-progress")
+    assert "skipped (damaged file, read up to the damage): " in log
     r = read_meta(f"{tmp_path}/w_text_document")["report"]
     assert r["skipped"]["damaged file, read up to the damage"] >= 2 and 0 < r["documents_written"] < 6
     assert r["first_seen"]["damaged file, read up to the damage"].startswith(f"{cut_tar} (ReadError")

@@ -186,19 +186,20 @@ class PackedDataset:
                            self.cfg, self.img_id, self.img_end_id, self.eod_id)
 
 
-def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], List[float]]:
-    """Megatron's --data-path: 'A' or '0.5 A 0.3 B 0.2 C'."""
+def parse_blend(data_path: Sequence[str], flag: str = "--data-path", item: str = "prefix"
+                ) -> Tuple[List[str], List[float]]:
+    """Megatron's blend syntax, 'A' or '0.5 A 0.3 B 0.2 C': (names, normalised weights)."""
     items = list(data_path)
     if len(items) == 1:
         return items, [1.0]
     if len(items) % 2:
-        raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs")
+        raise ValueError(f"{flag} {' '.join(items)}: expected weight/{item} pairs")
     try:
         weights = [float(w) for w in items[0::2]]
     except ValueError:
-        raise ValueError(f"--data-path {' '.join(items)}: expected weight/prefix pairs") from None
+        raise ValueError(f"{flag} {' '.join(items)}: expected weight/{item} pairs") from None
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--data-path: weights must be non-negative with a positive sum, got {weights}")
+        raise ValueError(f"{flag}: weights must be non-negative with a positive sum, got {weights}")
     total = sum(weights)
     return items[1::2], [w / total for w in weights]
 

@@ -42,18 +42,9 @@ def expand_shards(pattern: str) -> List[str]:
 
 def parse_sources(spec: Sequence[str]) -> Tuple[List[List[str]], List[float]]:
     """--train-shards 'A' or '0.7 A 0.3 B' (Megatron's blend syntax) -> shard lists, weights."""
-    items = list(spec)
-    if len(items) == 1:
-        return [expand_shards(items[0])], [1.0]
-    if len(items) % 2:
-        raise ValueError(f"--train-shards {' '.join(items)}: expected weight/pattern pairs")
-    try:
-        weights = [float(w) for w in items[0::2]]
-    except ValueError:
-        raise ValueError(f"--train-shards {' '.join(items)}: expected weight/pattern pairs") from None
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--train-shards: weights must be non-negative with a positive sum, got {weights}")
-    return [expand_shards(p) for p in items[1::2]], [w / sum(weights) for w in weights]
+    from .dataset import parse_blend
+    patterns, weights = parse_blend(spec, "--train-shards", "pattern")
+    return [expand_shards(p) for p in patterns], weights
 
 
 def _rng(*key: int) -> np.random.Generator:

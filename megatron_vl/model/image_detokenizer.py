@@ -15,14 +15,13 @@ IP-Adapter directories it decodes with) + ``model.safetensors``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
+
+from .directory import load_part_weights, read_part_config, save_part
 
 CONFIG_NAME = "image_detokenizer_config.json"
 
@@ -78,24 +77,12 @@ class ImageDetokenizer(nn.Module):
     # --- directory format -------------------------------------------------------------
 
     def save_pretrained(self, path: str) -> None:
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-            json.dump(dataclasses.asdict(self.cfg), fh, indent=2)
+        save_part(path, CONFIG_NAME, self.cfg, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ImageDetokenizer":
-        from safetensors.torch import load_file
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: not an image detokenizer directory ({CONFIG_NAME} missing)")
-        with open(cfg_path) as fh:
-            cfg = ImageDetokenizerConfig(**json.load(fh))
-        model = cls(cfg)
-        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        model = cls(read_part_config(path, CONFIG_NAME, ImageDetokenizerConfig, "image detokenizer"))
+        load_part_weights(model, path)
         return model
 
 

@@ -6,13 +6,13 @@ weights) + ``clip/`` (the vision tower, transformers format) + the image process
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .directory import load_part_weights, read_part_config, save_part
 
 CONFIG_NAME = "image_tokenizer_config.json"
 
@@ -74,30 +74,17 @@ class ImageTokenizer(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
 
     def save_pretrained(self, path: str, image_processor=None) -> None:
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
         self.clip.save_pretrained(os.path.join(path, "clip"))
         if image_processor is not None:
             image_processor.save_pretrained(os.path.join(path, "clip"))
-        save_file({k: v.contiguous() for k, v in self.own_state_dict().items()},
-                  os.path.join(path, "model.safetensors"))
-        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-            json.dump(dataclasses.asdict(self.cfg), fh, indent=2)
+        save_part(path, CONFIG_NAME, self.cfg, self.own_state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ImageTokenizer":
-        from safetensors.torch import load_file
         from transformers import CLIPVisionModel
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: not an image tokenizer directory ({CONFIG_NAME} missing)")
-        with open(cfg_path) as fh:
-            cfg = ImageTokenizerConfig(**json.load(fh))
+        cfg = read_part_config(path, CONFIG_NAME, ImageTokenizerConfig, "image tokenizer")
         model = cls(cfg, CLIPVisionModel.from_pretrained(os.path.join(path, "clip")))
-        missing, unexpected = model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=False)
-        missing = [k for k in missing if not k.startswith("clip.")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
+        load_part_weights(model, path, external=("clip.",))
         return model
 
     @classmethod
