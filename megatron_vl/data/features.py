@@ -15,7 +15,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from .indexed import FeatureStore, FeatureStoreWriter, IndexedDataError, IndexedDataset, bin_path, idx_path
+from .indexed import (FeatureStore, FeatureStoreWriter, IndexedDataError, IndexedDataset, bin_path, idx_path,
+                      write_concatenated)
 from .preprocess import prefix_lock, read_meta, sidecar, table_fingerprint
 
 
@@ -83,40 +84,36 @@ def _extract(prefix, model, processor, batch_size, shard_size, device, progress)
         writer = FeatureStoreWriter(part, *shape, source=source)
         try:
             for b in range(start, end, batch_size):
-                rows, images = [], []
+                decoded, images = [], []
                 for i in range(b, min(b + batch_size, end)):
                     try:
                         images.append(_decode(table[i]))
-                        rows.append(i)
+                        decoded.append(True)
                     except Exception as exc:   # PIL raises OSError, ValueError, SyntaxError, ...
                         bad[i] = f"{type(exc).__name__}: {exc}"
-                        rows.append(-1 - i)
+                        decoded.append(False)
                 feats = iter(model(processor(images=images, return_tensors="pt")["pixel_values"].to(device))
                              .float().cpu().numpy()) if images else iter(())
-                for r in rows:   # table order: a zero block, recorded, where the image did not decode
-                    writer.add(next(feats)) if r >= 0 else writer.add_bad()
+                for ok in decoded:   # table order: a zero block, recorded, where the image did not decode
+                    if ok:
+                        writer.add(next(feats))
+                    else:
+                        writer.add_bad()
                 if bar:
-                    bar.update(len(rows))
+                    bar.update(len(decoded))
             writer.finalize()
         except BaseException:
             writer.abort()
             raise
     if bar:
         bar.close()
-    out = FeatureStoreWriter(sidecar(prefix, "features"), *shape, source=source)
-    try:
-        for shard, start in enumerate(shards):
-            store = FeatureStore(_shard_prefix(prefix, shard), source=source)
-            out.bad_rows.extend(int(r) + start for r in store.bad_rows)
-            out.add(store.features)
-        out.finalize()
-    except BaseException:
-        out.abort()
-        raise
+    write_concatenated(sidecar(prefix, "features"),
+                       [FeatureStore(_shard_prefix(prefix, shard), source=source) for shard in range(len(shards))],
+                       source)
     for shard in range(len(shards)):
         for path in (bin_path(_shard_prefix(prefix, shard)), idx_path(_shard_prefix(prefix, shard))):
             os.remove(path)
-    rows = np.asarray(out.bad_rows, np.int64)
+    rows = FeatureStore(sidecar(prefix, "features"), source=source).bad_rows
     docs = image_documents(prefix, rows) if len(rows) else {}
     reasons = [f"{sidecar(prefix, 'table')}.bin row {r} (document {docs.get(r, '?')}): "
                f"{bad.get(r, 'undecodable in an earlier run')}" for r in rows.tolist()]

@@ -235,6 +235,20 @@ class FeatureStoreWriter:
                 os.remove(p)
 
 
+def write_concatenated(prefix: str, stores: List["FeatureStore"], source: str) -> None:
+    """One feature store holding `stores` in order (their undecodable rows renumbered),
+    made from the image table with fingerprint `source`."""
+    out = FeatureStoreWriter(prefix, *stores[0].shape, source=source)
+    try:
+        for store in stores:
+            out.bad_rows.extend(int(r) + out.count for r in store.bad_rows)
+            out.add(store.features)
+        out.finalize()
+    except BaseException:
+        out.abort()
+        raise
+
+
 class FeatureStore:
     """Memory-mapped [count, N, d] float16 features. With ``source`` (the image table's
     fingerprint from the dataset metadata) and ``expected_count``, a store made from other

@@ -271,7 +271,7 @@ def _merge_datasets(inputs: List[str], output: str) -> Dict:
 
 def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
     """Concatenates the feature stores too when every input with images has one."""
-    from .indexed import FeatureStore, FeatureStoreWriter
+    from .indexed import FeatureStore, write_concatenated
     with_images = [(p, m) for p, m in zip(inputs, metas) if m.get("num_images")]
     if not with_images or not all(os.path.isfile(sidecar(p, "features") + ".idx") for p, _ in with_images):
         return
@@ -279,15 +279,7 @@ def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
                            table=sidecar(p, "table") + ".bin") for p, m in with_images]
     if len({s.shape for s in stores}) != 1:
         raise ValueError(f"feature stores of {[p for p, _ in with_images]} differ in shape; cannot merge")
-    out = FeatureStoreWriter(sidecar(output, "features"), *stores[0].shape, source=table_fingerprint(output))
-    try:
-        for store in stores:
-            out.bad_rows.extend(int(r) + out.count for r in store.bad_rows)
-            out.add(store.features)
-        out.finalize()
-    except BaseException:
-        out.abort()
-        raise
+    write_concatenated(sidecar(output, "features"), stores, table_fingerprint(output))
 
 
 def remove_dataset(prefix: str) -> None:
