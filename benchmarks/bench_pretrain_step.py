@@ -60,7 +60,7 @@ def main():
     from megatron_vl.parallel.state import ParallelState, init_distributed
     from megatron_vl.training.build import build_model, initialize_engine
     from megatron_vl.training.optim import build_optimizer, build_scheduler
-    from megatron_vl.training.pretrain import Trainer, parser
+    from megatron_vl.training.pretrain import VLGPTTrainer, parser
 
     torch.set_flush_denormal(True)
     cfg, _ = load_config([
@@ -75,7 +75,7 @@ def main():
     built = build_model(cfg, state, tracker, [args.vocab - 2, args.vocab - 1], log=lambda m: None)
     bare_model = copy.deepcopy(built.module)
     engine, _ = initialize_engine(cfg, state, built, 1)
-    trainer = Trainer(cfg, state, engine, built, SimpleNamespace(global_batch=args.batch, train=None, valid=None),
+    trainer = VLGPTTrainer(cfg, state, engine, built, SimpleNamespace(global_batch=args.batch, train=None, valid=None),
                       tracker, torch.device("cpu"), 1)
     bare_opt = build_optimizer(bare_model, cfg.optimizer, zero_stage=1)
     bare_sched = build_scheduler(bare_opt, cfg.optimizer, cfg.training.train_iters)

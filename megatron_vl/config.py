@@ -90,14 +90,26 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
-    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages).")
+class DataParallelConfig:
+    """Data parallelism only (models small enough for every rank, e.g. the image tokenizer)."""
     zero_stage: int = opt(1, "DeepSpeed ZeRO stage 0-3. Stages 2 and 3 cannot be combined with "
                           "pipeline parallelism.", choices=[0, 1, 2, 3])
     distributed_backend: str = opt(
         "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.",
         choices=["auto", "nccl", "gloo"])
+
+    def model_parallel(self):
+        """(tensor-parallel size, pipeline stages)."""
+        return 1, 1
+
+
+@dataclass
+class ParallelConfig(DataParallelConfig):
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages).")
+
+    def model_parallel(self):
+        return self.tensor_model_parallel_size, self.pipeline_model_parallel_size
 
 
 @dataclass
@@ -218,9 +230,10 @@ class Config:
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
-def _section_types():
-    hints = get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
+def _section_types(config_cls=Config):
+    """{section name: its dataclass} of a top-level config (Config, or another entry point's)."""
+    hints = get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
 
 
 def _base_type(tp):
@@ -255,13 +268,14 @@ def _coerce(value: Any, tp, where: str):
     return value
 
 
-def apply_nested(cfg: Config, data: Dict[str, Any], source: str) -> None:
+def apply_nested(cfg, data: Dict[str, Any], source: str) -> None:
     """Applies a {section: {field: value}} mapping (the YAML layout) onto cfg."""
+    sections = list(_section_types(type(cfg)))
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections {SECTIONS}")
+        raise ConfigError(f"{source}: top level must be a mapping of sections {sections}")
     for section, values in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section {section!r}; known: {SECTIONS}")
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section {section!r}; known: {sections}")
         obj = getattr(cfg, section)
         hints = get_type_hints(type(obj))
         for key, value in (values or {}).items():
@@ -274,8 +288,8 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser] = None
-                 ) -> argparse.ArgumentParser:
+def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser] = None,
+                 config_cls=Config) -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field, grouped by section. Defaults are
     suppressed so that only flags the user typed override the YAML file."""
     parser = parser or argparse.ArgumentParser(
@@ -283,7 +297,7 @@ def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser
     parser.add_argument("--config", help="YAML file with {section: {field: value}}; flags override it.")
     # The deepspeed launcher appends --local_rank=N; accept and ignore it (env LOCAL_RANK wins).
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    for section, section_type in _section_types().items():
+    for section, section_type in _section_types(config_cls).items():
         group = parser.add_argument_group(section)
         hints = get_type_hints(section_type)
         defaults = section_type()
@@ -310,12 +324,12 @@ def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser
 
 
 def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
-                parser: Optional[argparse.ArgumentParser] = None):
-    """Parses flags (and the YAML they name) into a Config. Returns (config, namespace) so an
-    entry script can read its own extra flags from the namespace."""
-    parser = parser or build_parser(description)
+                parser: Optional[argparse.ArgumentParser] = None, config_cls=Config):
+    """Parses flags (and the YAML they name) into a config_cls. Returns (config, namespace)
+    so an entry script can read its own extra flags from the namespace."""
+    parser = parser or build_parser(description, config_cls=config_cls)
     ns = parser.parse_args(argv)
-    cfg = Config()
+    cfg = config_cls()
     if ns.config:
         with open(ns.config) as fh:
             try:
@@ -332,34 +346,34 @@ def load_config(argv: Optional[Sequence[str]] = None, description: str = "",
     return cfg, ns
 
 
-def save_yaml(cfg: Config, path: str) -> None:
+def save_yaml(cfg, path: str) -> None:
     with atomic_open(path) as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 
 
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    p = cfg.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+def data_parallel_size(cfg, world_size: int) -> int:
+    tp, pp = cfg.parallel.model_parallel()
+    return world_size // (tp * pp)
 
 
-def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+def gradient_accumulation_steps(cfg, world_size: int) -> int:
     t = cfg.training
     dp = data_parallel_size(cfg, world_size)
     gbs = t.global_batch_size or t.micro_batch_size * dp
     return gbs // (t.micro_batch_size * dp)
 
 
-def effective_zero_stage(cfg: Config) -> int:
+def effective_zero_stage(cfg) -> int:
     """The ZeRO stage a run uses: pipelines run ZeRO-1 even when 0 is asked for (DeepSpeed's
     pipeline engine computes the clip norm wrongly at ZeRO-0 and fails to load bf16
     checkpoints there)."""
     p = cfg.parallel
-    return 1 if p.pipeline_model_parallel_size > 1 and p.zero_stage == 0 else p.zero_stage
+    return 1 if p.model_parallel()[1] > 1 and p.zero_stage == 0 else p.zero_stage
 
 
 def validate(cfg: Config, world_size: int) -> None:
     """Refuses settings that cannot run, before any process-group work is done."""
-    m, p, t = cfg.model, cfg.parallel, cfg.training
+    m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     errors = []
     if tp < 1 or pp < 1:
@@ -390,27 +404,40 @@ def validate(cfg: Config, world_size: int) -> None:
                       "cannot combine ZeRO-2/3 with pipeline parallelism (it partitions gradients that "
                       "the pipeline engine accumulates across micro-batches). Use --zero-stage 1 with "
                       "pipelines, or --pipeline-model-parallel-size 1 with ZeRO-3.")
-    if t.bf16 and t.fp16:
-        errors.append("--bf16 and --fp16 are mutually exclusive")
     if m.rope_scaling_type not in (None, "llama3"):
         errors.append(f"--rope-scaling-type {m.rope_scaling_type!r}: expected none or llama3")
     if not errors and tp * pp <= world_size:
-        dp = data_parallel_size(cfg, world_size)
-        gbs = t.global_batch_size
-        if gbs is not None and gbs % (t.micro_batch_size * dp):
-            errors.append(
-                f"--global-batch-size ({gbs}) must equal --micro-batch-size ({t.micro_batch_size}) x "
-                f"gradient accumulation steps x data-parallel size ({dp}); {gbs} is not a multiple of "
-                f"{t.micro_batch_size * dp}")
+        errors += training_errors(cfg, world_size)
+    raise_errors(errors)
+
+
+def training_errors(cfg, world_size: int) -> List[str]:
+    """What any entry point's training/batch settings get wrong (precision, batch split)."""
+    t = cfg.training
+    errors = []
+    if t.bf16 and t.fp16:
+        errors.append("--bf16 and --fp16 are mutually exclusive")
+    dp = data_parallel_size(cfg, world_size)
+    gbs = t.global_batch_size
+    if dp >= 1 and gbs is not None and gbs % (t.micro_batch_size * dp):
+        errors.append(
+            f"--global-batch-size ({gbs}) must equal --micro-batch-size ({t.micro_batch_size}) x "
+            f"gradient accumulation steps x data-parallel size ({dp}); {gbs} is not a multiple of "
+            f"{t.micro_batch_size * dp}")
+    return errors
+
+
+def raise_errors(errors: List[str]) -> None:
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed JSON derived from cfg, merged with the user's --deepspeed_config.
+def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON derived from cfg (any entry point's config with parallel,
+    training, optimizer and logging sections), merged with the user's --deepspeed_config.
     Every key we derive is written explicitly (DeepSpeed's own defaults differ from ours,
     e.g. it clips gradients at 1.0 when gradient_clipping is absent)."""
-    validate(cfg, world_size)
+    cfg.validate(world_size)
     t, o = cfg.training, cfg.optimizer
     dp = data_parallel_size(cfg, world_size)
     gas = gradient_accumulation_steps(cfg, world_size)

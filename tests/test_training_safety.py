@@ -162,12 +162,12 @@ def test_training_step_reads_the_device_once_per_log_interval(vl_data, tmp_path,
     # once more per step). Now: 1 per step (the stop-signal agreement), 3 per log window
     # (losses, non-finite flags, gradient norms, each one read), 1 for the final evaluation.
     assert counts["sync"] == steps + 3 * (steps // interval) + 1, counts
-    assert counts["pretrain.py:" + str(_line_of("losses.tolist(), bad.tolist()"))] == 2 * (steps // interval)
+    assert counts["engine.py:" + str(_line_of("losses.tolist(), bad.tolist()"))] == 2 * (steps // interval)
 
 
 def _line_of(text):
-    from megatron_vl.training import pretrain as pt
-    with open(pt.__file__) as fh:
+    from megatron_vl.training import engine
+    with open(engine.__file__) as fh:
         return next(i for i, line in enumerate(fh, 1) if text in line)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_open, temp_name
-from ..config import Config, save_yaml
+from ..config import save_yaml
 from ..convert.hf import CheckpointError
 from ..parallel.random import RNGStatesTracker
 from . import faults
@@ -76,9 +76,12 @@ def is_release(load_dir: str) -> bool:
     return read_latest(load_dir) == "release"
 
 
-def save_checkpoint(engine, cfg: Config, save_dir: str, iteration: int, client_state: Dict[str, Any],
+def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Dict[str, Any],
                     tracker: Optional[RNGStatesTracker], keep_last: Optional[int] = None,
-                    log: Callable[[str], None] = print) -> str:
+                    log: Callable[[str], None] = print,
+                    before_commit: Optional[Callable[[str], None]] = None) -> str:
+    """Writes checkpoint `iteration` on every rank; `before_commit(tag_dir)` (every rank)
+    adds files to it before ``latest`` names it."""
     tag = tag_name(iteration)
     rank = _rank()
     client = dict(client_state, iteration=iteration, config=cfg.to_dict())
@@ -91,6 +94,8 @@ def save_checkpoint(engine, cfg: Config, save_dir: str, iteration: int, client_s
     os.replace(tmp, path)
     if rank == 0:
         save_yaml(cfg, os.path.join(save_dir, tag, "config.yaml"))
+    if before_commit is not None:
+        before_commit(os.path.join(save_dir, tag))
     faults.maybe_kill_during_save(iteration)
     _barrier()   # every rank's files are complete before the marker moves
     if rank == 0:
