@@ -151,7 +151,8 @@ class OptimizerConfig:
 
 
 @dataclass
-class TrainingConfig:
+class LoopConfig:
+    """The training loop's settings, shared by every stage."""
     micro_batch_size: int = opt(1, "Samples per rank per forward/backward.")
     global_batch_size: Optional[int] = opt(
         None, "Samples per optimizer step across all data-parallel ranks; must equal "
@@ -160,17 +161,21 @@ class TrainingConfig:
     bf16: bool = opt(False, "Train in bfloat16 mixed precision.")
     fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
     seed: int = opt(1234, "Random seed.")
-    recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
-    visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
     max_skipped_steps: int = opt(
         10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.")
     exit_interval: Optional[int] = opt(
         None, "Exit (after saving, with --save) once the iteration is a multiple of this.")
-    eval_interval: int = opt(1000, "Iterations between held-out evaluations.")
+    eval_interval: int = opt(1000, "Iterations between held-out evaluations (stages that have one).")
     eval_iters: int = opt(10, "Batches per evaluation.")
     deepspeed_config: Optional[str] = opt(
         None, "A DeepSpeed JSON to merge into the derived one; conflicting values are an error.",
         flag="--deepspeed_config")
+
+
+@dataclass
+class TrainingConfig(LoopConfig):
+    recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
+    visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
 
 
 @dataclass

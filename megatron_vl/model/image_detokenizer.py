@@ -47,7 +47,9 @@ class ImageDetokenizerConfig:
     sd_dir: Optional[str] = None
     """The Stable Diffusion 1.5 directory (diffusers layout) it decodes with, for the record."""
     ip_adapter_dir: Optional[str] = None
-    """The IP-Adapter-Plus directory (weights + image encoder) it decodes with, for the record."""
+    """The IP-Adapter-Plus directory (weights + image_encoder/) it decodes with, for the record."""
+    ip_adapter_weight: str = "ip-adapter-plus_sd15.bin"
+    """The IP-Adapter-Plus weights file inside ip_adapter_dir (.bin or .safetensors)."""
 
 
 class ImageDetokenizer(nn.Module):

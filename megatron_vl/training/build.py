@@ -220,14 +220,18 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
     return BuiltModel(module, pipeline, counts, loaded_from)
 
 
-def initialize_engine(cfg: Config, state: ParallelState, built: BuiltModel, world_size: int):
-    """deepspeed.initialize with the config-derived JSON, our mpu, torch AdamW over the
-    trainable parameters and the schedule; returns (engine, ds_config)."""
+def make_engine(cfg, module: nn.Module, world_size: int, mpu=None):
+    """deepspeed.initialize with the config-derived JSON, torch AdamW over the trainable
+    parameters and the schedule (any stage's config); returns (engine, ds_config)."""
     import deepspeed
     ds_config = deepspeed_config(cfg, world_size)
-    optimizer = build_optimizer(built.module, cfg.optimizer, effective_zero_stage(cfg))
+    optimizer = build_optimizer(module, cfg.optimizer, effective_zero_stage(cfg))
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
-    engine, _, _, _ = deepspeed.initialize(
-        model=built.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=None if built.pipeline else state.as_mpu(), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=mpu, dist_init_required=False)
     return engine, ds_config
+
+
+def initialize_engine(cfg: Config, state: ParallelState, built: BuiltModel, world_size: int):
+    """The VL-GPT engine: our mpu unless the module is a pipeline (which brings its own)."""
+    return make_engine(cfg, built.module, world_size, mpu=None if built.pipeline else state.as_mpu())

@@ -1,0 +1,170 @@
+"""Stage 1's regression targets (e_v from the IP-Adapter image encoder, e_t from SD's text
+encoder), computed on the fly or read back from precomputed stores.
+
+A frozen ViT-H forward per image per epoch is most of a stage-1 step, so
+``tools/precompute_tokenizer_targets.py`` can run the encoders once: one store per shard,
+``<targets-dir>/<shard name>-<hash of its path>.safetensors`` holding ``image`` [n, 257, 1280]
+and ``text`` [n, 77, 768] in float16, row i for the i-th readable pair of the shard, and in
+its metadata the sample keys, the shard's size and the encoder directories. Targets are
+float16 on both paths (the on-the-fly ones are rounded the same way), so a run reads the same
+numbers either way and the two give equal losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..atomic import temp_name
+from ..data.formats import Report, read_wds_pairs
+from ..model.detokenizer_targets import ImageConditionEncoder, TextConditionEncoder
+
+TARGET_DTYPE = torch.float16
+STORE_VERSION = 1
+
+
+def split_where(where: str) -> Tuple[str, str]:
+    """'path/to/shard.tar:key' -> (shard, key) (paths may hold ':'; keys do not)."""
+    shard, _, key = where.rpartition(":")
+    return shard, key
+
+
+class TargetEncoders:
+    """The frozen encoders, on `device`: images (PIL) and captions -> float16 targets."""
+
+    def __init__(self, image_encoder_dir: str, sd_dir: str, device="cpu"):
+        self.image = ImageConditionEncoder(image_encoder_dir).to(device)
+        self.text = TextConditionEncoder(sd_dir).to(device)
+        self.device = torch.device(device)
+        self.sources = {"image_encoder": os.path.abspath(image_encoder_dir), "sd_model": os.path.abspath(sd_dir)}
+
+    def inputs(self, images: Sequence, captions: Sequence[str]):
+        """CPU-side preprocessing (the data thread runs it): (pixel values, token ids)."""
+        return self.image.pixels(images), self.text.token_ids(list(captions))
+
+    @torch.no_grad()
+    def __call__(self, ip_pixels: torch.Tensor, token_ids: torch.Tensor):
+        e_v = self.image(ip_pixels.to(self.device)).to(TARGET_DTYPE)
+        e_t = self.text(token_ids.to(self.device)).to(TARGET_DTYPE)
+        return e_v, e_t
+
+
+def targets_file(targets_dir: str, shard: str) -> str:
+    digest = hashlib.blake2b(os.path.abspath(shard).encode(), digest_size=6).hexdigest()
+    stem = os.path.basename(shard)
+    stem = stem[:-4] if stem.endswith(".tar") else stem
+    return os.path.join(targets_dir, f"{stem}-{digest}.safetensors")
+
+
+def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, batch_size: int,
+                        report: Report, progress=None) -> int:
+    """Runs the encoders over one shard's readable pairs (the order the shard holds them) and
+    writes its store (temp name, then rename). Returns the number of rows."""
+    from PIL import Image
+    import io
+    from safetensors.torch import save_file
+    keys: List[str] = []
+    image_rows, text_rows = [], []
+    pending: List[tuple] = []
+
+    def flush():
+        if pending:
+            pixels, ids = encoders.inputs([p[1] for p in pending], [p[2] for p in pending])
+            e_v, e_t = encoders(pixels, ids)
+            image_rows.append(e_v.cpu())
+            text_rows.append(e_t.cpu())
+            keys.extend(p[0] for p in pending)
+            if progress is not None:
+                progress.update(len(pending))
+            pending.clear()
+
+    for doc in read_wds_pairs(shard, report, strict=False):
+        try:
+            with Image.open(io.BytesIO(doc.images[0][1].data)) as im:
+                image = im.convert("RGB")
+        except Exception:
+            report.skip("image unreadable", doc.source)
+            continue
+        pending.append((split_where(doc.source)[1], image, doc.sentences[0]))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    if not keys:
+        raise ValueError(f"{shard}: no readable pair")
+    path = targets_file(targets_dir, shard)
+    meta = {"version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(os.path.getsize(shard)),
+            "keys": json.dumps(keys), **encoders.sources}
+    tmp = temp_name(path)
+    save_file({"image": torch.cat(image_rows).contiguous(), "text": torch.cat(text_rows).contiguous()}, tmp,
+              metadata=meta)
+    os.replace(tmp, path)
+    return len(keys)
+
+
+def store_is_current(targets_dir: str, shard: str) -> bool:
+    """A store exists for this shard and was made from a file of its current size."""
+    from safetensors import safe_open
+    path = targets_file(targets_dir, shard)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(path, "pt") as fh:
+            return fh.metadata().get("shard_bytes") == str(os.path.getsize(shard))
+    except Exception:
+        return False
+
+
+class TargetStore:
+    """Reads precomputed targets by pair ('shard:key'); keeps a few stores open."""
+
+    def __init__(self, targets_dir: str, image_shape: Tuple[int, int], text_shape: Tuple[int, int],
+                 sources: dict, log=print, keep_open: int = 4):
+        if not os.path.isdir(targets_dir):
+            raise FileNotFoundError(f"--targets-dir {targets_dir}: no such directory")
+        self.dir, self.image_shape, self.text_shape = targets_dir, tuple(image_shape), tuple(text_shape)
+        self.sources, self.log, self.keep_open = sources, log, keep_open
+        self.open: "OrderedDict[str, tuple]" = OrderedDict()
+
+    def _store(self, shard: str):
+        if shard in self.open:
+            self.open.move_to_end(shard)
+            return self.open[shard]
+        from safetensors import safe_open
+        path = targets_file(self.dir, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no precomputed targets for shard {shard}; run "
+                                    f"tools/precompute_tokenizer_targets.py over it (or drop --targets-dir)")
+        fh = safe_open(path, "pt")
+        meta = fh.metadata()
+        if meta.get("shard_bytes") != str(os.path.getsize(shard)):
+            raise ValueError(f"{path}: made from {meta.get('shard_bytes')} bytes of {shard}, which now has "
+                             f"{os.path.getsize(shard)}: the shard changed; precompute its targets again")
+        image, text = fh.get_slice("image"), fh.get_slice("text")
+        if tuple(image.get_shape()[1:]) != self.image_shape or tuple(text.get_shape()[1:]) != self.text_shape:
+            raise ValueError(f"{path}: targets shaped {tuple(image.get_shape()[1:])} / {tuple(text.get_shape()[1:])}, "
+                             f"the encoders give {self.image_shape} / {self.text_shape}: made with other encoders")
+        for key, value in self.sources.items():
+            if meta.get(key) != value:
+                self.log(f"note: {path} was made with {key} {meta.get(key)}, this run names {value}")
+        rows = {k: i for i, k in enumerate(json.loads(meta["keys"]))}
+        self.open[shard] = (path, rows, image, text)
+        while len(self.open) > self.keep_open:
+            self.open.popitem(last=False)
+        return self.open[shard]
+
+    def __call__(self, wheres: Sequence[str]):
+        e_v, e_t = [], []
+        for where in wheres:
+            shard, key = split_where(where)
+            path, rows, image, text = self._store(shard)
+            if key not in rows:
+                raise KeyError(f"{path}: no targets for sample {key} of {shard}; precompute the shard again")
+            i = rows[key]
+            e_v.append(image[i:i + 1])
+            e_t.append(text[i:i + 1])
+        return torch.cat(e_v), torch.cat(e_t)

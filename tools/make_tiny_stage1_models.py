@@ -1,0 +1,48 @@
+"""Write the random tiny models stage 1 reads, in their real formats, so train_tokenizer.py,
+the targets, reconstruction and its evaluation run with no downloads:
+
+    python tools/make_tiny_stage1_models.py --save tiny_models
+
+Writes tiny_models/clip (CLIPVisionModel + processor: stands in for CLIP ViT-L/14),
+tiny_models/sd (SD 1.5 layout: unet, vae, scheduler, text_encoder, tokenizer),
+tiny_models/ip-adapter (IP-Adapter-Plus weights ip-adapter-plus_sd15.safetensors and
+image_encoder/, the ViT-H stand-in) and tiny_models/clip-score (CLIPVisionModelWithProjection
+for tools/eval_reconstruction.py).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.testing.tiny_models import (save_tiny_clip, save_tiny_ip_adapter,  # noqa: E402
+                                             save_tiny_ip_image_encoder, save_tiny_sd)
+
+IP_WEIGHT = "ip-adapter-plus_sd15.safetensors"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--save", required=True, help="output directory")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--ip-adapter-weight", default=IP_WEIGHT,
+                   help="file name of the adapter weights: .safetensors (flat) or .bin ({image_proj, ip_adapter})")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = args.save
+    save_tiny_clip(os.path.join(out, "clip"), args.image_size)
+    save_tiny_sd(os.path.join(out, "sd"), args.image_size)
+    save_tiny_ip_adapter(os.path.join(out, "ip-adapter"), os.path.join(out, "sd"), args.ip_adapter_weight,
+                         args.image_size)
+    save_tiny_ip_image_encoder(os.path.join(out, "clip-score"), args.image_size, seed=5)
+    print(f"wrote {out}/: clip, sd, ip-adapter ({args.ip_adapter_weight} + image_encoder), clip-score "
+          f"(random, {args.image_size}px)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
