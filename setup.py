@@ -24,6 +24,7 @@ setup(
         "peft>=0.12",
         "pyarrow",
         "webdataset",
+        "diffusers>=0.30",  # stage 1: SD 1.5 + IP-Adapter-Plus decoding
         "pillow",
         "tensorboard",     # --tensorboard-dir
         "matplotlib",      # tools/plot_loss.py

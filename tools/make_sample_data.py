@@ -5,7 +5,7 @@ trained on its text: the whole pipeline runs with no downloads.
     python tools/make_sample_data.py --output sample_data [--documents 64 --pairs 256 --seed 0]
 
 Writes: mmc4/docs_shard_0_v2.jsonl.zip + mmc4/images/, obelics/part-00000.parquet (image
-bytes in the rows), pairs/00000.tar (img2dataset webdataset layout), text.jsonl,
+bytes in the rows), pairs/00000.tar ... (img2dataset webdataset layout), text.jsonl,
 tokenizer.model.
 """
 
@@ -109,16 +109,19 @@ def write_obelics(out: str, docs):
     pq.write_table(table, os.path.join(out, "obelics", "part-00000.parquet"))
 
 
-def write_pairs(out: str, n: int, rng: random.Random):
+def write_pairs(out: str, n: int, rng: random.Random, shards: int = 1):
+    """n pairs over `shards` tars (pairs/00000.tar, ...), keys numbered across them."""
     import webdataset as wds
     os.makedirs(os.path.join(out, "pairs"), exist_ok=True)
     captions = []
-    with wds.TarWriter(os.path.join(out, "pairs", "00000.tar")) as sink:
-        for i in range(n):
-            im, caption = draw(rng)
-            captions.append(caption)
-            sink.write({"__key__": f"{i:09d}", "jpg": encode(im), "txt": caption,
-                        "json": {"key": f"{i:09d}", "caption": caption, "width": im.width, "height": im.height}})
+    per_shard = -(-n // shards)
+    for s in range(shards):
+        with wds.TarWriter(os.path.join(out, "pairs", f"{s:05d}.tar")) as sink:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                im, caption = draw(rng)
+                captions.append(caption)
+                sink.write({"__key__": f"{i:09d}", "jpg": encode(im), "txt": caption,
+                            "json": {"key": f"{i:09d}", "caption": caption, "width": im.width, "height": im.height}})
     return captions
 
 
@@ -139,6 +142,8 @@ def build_parser():
     p.add_argument("--output", default="sample_data")
     p.add_argument("--documents", type=int, default=64, help="interleaved documents (MMC4 and OBELICS each)")
     p.add_argument("--pairs", type=int, default=256, help="image-caption pairs")
+    p.add_argument("--pair-shards", type=int, default=1,
+                   help="webdataset shards the pairs are split over (stage 1 needs one per rank at least)")
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -153,7 +158,7 @@ def main(argv=None):
     obelics_docs = [interleaved_document(rng) for _ in range(args.documents)]
     write_mmc4(args.output, mmc4_docs, rng)
     write_obelics(args.output, obelics_docs)
-    captions = write_pairs(args.output, args.pairs, rng)
+    captions = write_pairs(args.output, args.pairs, rng, args.pair_shards)
     sentences = [s for d in mmc4_docs + obelics_docs for s, _ in d] + captions
     with open(os.path.join(args.output, "text.jsonl"), "w") as fh:
         for d in mmc4_docs:

@@ -243,13 +243,14 @@ OUTPUT_KINDS = {
     "release": (META_FILE, "format", "megatron-vl-release"),
     "hf-llama": ("config.json", "model_type", "llama"),
     "vlgpt-export": ("vlgpt_config.json", "format", "megatron-vl-vlgpt"),
+    "stage1-export": ("stage1_export.json", "format", "megatron-vl-stage1"),
 }
 
 
 def output_kind(path: str) -> Optional[str]:
     """Which of OUTPUT_KINDS a directory is a previous output of, or None. A VL-GPT export
     also holds an HF LLaMA config.json, so it is checked first."""
-    for kind in ("vlgpt-export", "release", "hf-llama"):
+    for kind in ("vlgpt-export", "release", "hf-llama", "stage1-export"):
         marker, key, value = OUTPUT_KINDS[kind]
         try:
             with open(os.path.join(path, marker)) as fh:

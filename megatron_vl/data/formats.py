@@ -279,7 +279,9 @@ def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocum
                     strict)
         return True
 
-    dataset = wds.WebDataset(path, shardshuffle=False, empty_check=False, handler=damaged)
+    # One shard, already chosen for this rank/worker by the caller: webdataset must not split it again.
+    dataset = wds.WebDataset(path, shardshuffle=False, empty_check=False, handler=damaged, nodesplitter=None,
+                             workersplitter=None)
     for sample in dataset:
         where = f"{path}:{sample.get('__key__')}"
         caption = sample.get("txt")

@@ -51,4 +51,9 @@ def build_framework(m: TokenizerModelConfig, seed: int) -> TokenizerFramework:
         m.visual_embed_dim, image_tokens, image_dim, text_tokens, text_dim, m.detokenizer_width, m.detokenizer_layers,
         m.detokenizer_heads, sd_dir=os.path.abspath(m.sd_model), ip_adapter_dir=os.path.abspath(m.ip_adapter),
         ip_adapter_weight=m.ip_adapter_weight))
+    # A condition whose λ is 0 (the paper's ablation) leaves its head out of the optimizer:
+    # no gradient reaches it, and weight decay must not move it either.
+    for weight, head in ((m.lambda_image, detokenizer.image_head), (m.lambda_text, detokenizer.text_head)):
+        if weight == 0:
+            head.requires_grad_(False)
     return TokenizerFramework(tokenizer, detokenizer, m.lambda_image, m.lambda_text)

@@ -94,8 +94,9 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
         if len(pending) == batch_size:
             flush()
     flush()
-    if not keys:
-        raise ValueError(f"{shard}: no readable pair")
+    if not keys:   # nothing of it reaches training either: counted, no store written
+        report.skip("shard without a readable pair", shard)
+        return 0
     path = targets_file(targets_dir, shard)
     meta = {"version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(os.path.getsize(shard)),
             "keys": json.dumps(keys), **encoders.sources}

@@ -1,0 +1,61 @@
+"""Export a stage-1 training checkpoint (train_tokenizer.py --save) to its two parts:
+
+    python tools/export_tokenizer.py --load ckpt/stage1 --save out/stage1 [--ckpt-step 10000]
+
+Writes out/stage1/image_tokenizer/ (CLIP tower + our causal transformer + the image processor:
+what tools/extract_image_features.py --image-tokenizer and the VL-GPT HF export read) and
+out/stage1/image_detokenizer/ (with the names of the SD 1.5 and IP-Adapter-Plus directories it
+decodes with: tools/reconstruct_images.py, generation). Atomic: a temporary directory renamed
+when complete; --save must be new, empty or a previous stage-1 export.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.convert.hf import CheckpointError, atomic_directory  # noqa: E402
+from megatron_vl.stage1.trainer import DETOKENIZER_DIR, TOKENIZER_DIR  # noqa: E402
+from megatron_vl.training.checkpoint import read_latest, tag_name  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="train_tokenizer.py --save directory")
+    p.add_argument("--ckpt-step", type=int, help="this iteration's checkpoint instead of the one 'latest' names")
+    p.add_argument("--save", required=True, help="output directory")
+    return p
+
+
+def export(load: str, save: str, ckpt_step=None) -> str:
+    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load)
+    if tag is None:
+        raise CheckpointError(f"--load {load}: no checkpoint ('latest' missing)")
+    src = os.path.join(load, tag)
+    for part in (TOKENIZER_DIR, DETOKENIZER_DIR):
+        if not os.path.isdir(os.path.join(src, part)):
+            raise CheckpointError(f"{src}: no {part}/ (not a train_tokenizer.py checkpoint?)")
+    with atomic_directory(save, "stage1-export", sources=(load,)) as tmp:
+        for part in (TOKENIZER_DIR, DETOKENIZER_DIR):
+            shutil.copytree(os.path.join(src, part), os.path.join(tmp, part))
+        with open(os.path.join(tmp, "stage1_export.json"), "w") as fh:
+            json.dump({"format": "megatron-vl-stage1", "checkpoint": os.path.abspath(src)}, fh, indent=2)
+    return src
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        src = export(args.load, args.save, args.ckpt_step)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {src} -> {args.save}/{TOKENIZER_DIR}, {args.save}/{DETOKENIZER_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
