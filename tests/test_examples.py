@@ -57,7 +57,8 @@ def entry_points(calls):
         if tool == "deepspeed":
             from deepspeed.launcher.runner import parse_args
             ds = parse_args(args)
-            world = ds.num_nodes * ds.num_gpus if ds.num_nodes > 0 and ds.num_gpus > 0 else None
+            # no --num_nodes and no hostfile: this machine alone
+            world = max(ds.num_nodes, 1) * ds.num_gpus if ds.num_gpus > 0 else None
             script, argv = ds.user_script, ds.user_args
         elif tool == "torchrun":
             from torch.distributed.run import get_args_parser
@@ -85,6 +86,13 @@ def check_entry_point(script, argv, world):
         parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"{script} rejects {argv}")
+    if os.path.basename(script) == "train_tokenizer.py":
+        from megatron_vl.stage1.config import TokenizerTrainConfig
+        cfg, _ = load_config(argv, parser=module.build_parser(), config_cls=TokenizerTrainConfig)
+        try:
+            return deepspeed_config(cfg, world)
+        except ConfigError as exc:
+            pytest.fail(f"{script} at world size {world}: {exc}")
     if os.path.basename(script) == "pretrain_vlgpt.py":
         cfg, _ = load_config(argv, parser=module.build_parser())
         try:
@@ -180,7 +188,10 @@ def test_quickstart_script(tmp_path):
     calls = run_recorded(os.path.join(ROOT, "examples/quickstart.sh"), tmp_path, OUT=str(tmp_path / "qs"))
     points = entry_points(calls)
     names = [os.path.basename(p[2]) for p in points]
-    assert names[-4:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py", "plot_loss.py"]
+    assert names[names.index("train_tokenizer.py"):names.index("train_tokenizer.py") + 3] == [
+        "train_tokenizer.py", "export_tokenizer.py", "extract_image_features.py"]
+    assert names[-5:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py", "reconstruct_images.py",
+                          "plot_loss.py"]
     for launcher, world, script, argv in points:
         check_entry_point(script, argv, world)
 
@@ -217,3 +228,21 @@ def test_ds_config_templates_run_on_a_real_engine(vl_data):
                                           os.path.join(ROOT, "examples/ds_configs", name), iters=1)]
         history = run_distributed(pretrain_rank, 2, argv, False, timeout=200)[-1]
         assert len(history) == 1 and history[0]["lm"] > 0, name
+
+
+def test_train_tokenizer_script_has_the_paper_settings(tmp_path):
+    calls = run_recorded(os.path.join(ROOT, "examples/train_tokenizer.sh"), tmp_path)
+    points = entry_points(calls)
+    (launcher, world, script, argv), export = points
+    assert (launcher, world, script) == ("deepspeed", 8, "train_tokenizer.py")
+    assert os.path.basename(export[2]) == "export_tokenizer.py"
+    check_entry_point(export[2], export[3], None)
+    ds = check_entry_point(script, argv, world)
+    from megatron_vl.stage1.config import TokenizerTrainConfig
+    cfg, _ = load_config(argv, config_cls=TokenizerTrainConfig)
+    # VL-GPT stage 1: AdamW lr 2e-4 cosine, global batch 1024, 10k iterations, 8 GPUs; N=32 of d=4096.
+    t, o, m = cfg.training, cfg.optimizer, cfg.model
+    assert (o.lr, o.lr_decay_style, t.global_batch_size, t.train_iters) == (2e-4, "cosine", 1024, 10000)
+    assert (m.num_image_tokens, m.visual_embed_dim, m.lambda_image, m.lambda_text) == (32, 4096, 1.0, 1.0)
+    assert ds["train_batch_size"] == 1024 and ds["gradient_accumulation_steps"] == 4
+    assert len(cfg.data.train_shards) == 6   # three weighted sources
