@@ -69,7 +69,7 @@ python -m torch.distributed.run --nproc_per_node 2 pretrain_vlgpt.py \
 
 step "7. export the checkpoint to Hugging Face format -> $OUT/vlgpt-hf"
 python tools/convert_checkpoint.py export-hf --load "$OUT/ckpt-vlgpt" --save "$OUT/vlgpt-hf" \
-    --image-tokenizer "$OUT/stage1/image_tokenizer"
+    --image-tokenizer "$OUT/stage1/image_tokenizer" --image-detokenizer "$OUT/stage1/image_detokenizer"
 
 step "8. load the export with transformers (LlamaForCausalLM + tokenizer) and continue prompts greedily"
 python tools/generate.py --hf-dir "$OUT/vlgpt-hf" --max-new-tokens 16 --no-add-bos \

@@ -3,6 +3,7 @@ diffusers (tiny random models in the real layouts), in the three modes, with dif
 classifier-free guidance; raw embeddings from a VL-GPT export decode too; the
 reconstruction evaluation scores with a CLIP image encoder."""
 
+import json
 import os
 
 import pytest
@@ -88,13 +89,21 @@ def test_generated_embeddings_of_an_export_decode_to_pngs(decoding, vl_data, tmp
     from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
     ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
     run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--save", ckpt, iters=2)])
-    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export])
+    # A detokenizer of another visual width is refused; the right one travels with the export.
+    other = ImageDetokenizer(ImageDetokenizerConfig(EMBED_DIM * 2, 17, 48, 77, 24, width=32, num_layers=1, num_heads=2))
+    other.save_pretrained(str(tmp_path / "other"))
+    out = run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export,
+                      "--image-detokenizer", tmp_path / "other"], expect=1)
+    assert f"reads visual embeddings of width {EMBED_DIM * 2}, the model's are {EMBED_DIM}" in out
+    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export,
+                "--image-detokenizer", decoding / "image_detokenizer"])
+    assert json.load(open(export / "vlgpt_config.json"))["image_detokenizer"] == "image_detokenizer"
     model = VLGPTForCausalLM.from_pretrained(str(export)).float()
     ids = torch.tensor([[1, 5, 7, model.image_token_ids["[IMG]"]]])
     gen = model.generate(ids, max_new_tokens=NUM_IMAGE_TOKENS + 1)
     assert len(gen.images) == 1 and gen.images[0].shape == (NUM_IMAGE_TOKENS, EMBED_DIM)
     torch.save(gen.images, tmp_path / "gen_images.pt")
-    out = run_script([PY, "tools/reconstruct_images.py", "--image-detokenizer", decoding / "image_detokenizer",
+    out = run_script([PY, "tools/reconstruct_images.py", "--image-detokenizer", export / "image_detokenizer",
                       "--embeddings", tmp_path / "gen_images.pt", "--mode", "all", "--steps", 2,
                       "--height", 40, "--width", 40, "--output", tmp_path / "png"])
     from PIL import Image
@@ -134,3 +143,27 @@ def test_missing_directories_are_named(decoding, tmp_path):
     with pytest.raises(FileNotFoundError, match="no IP-Adapter-Plus weights"):
         DiffusionDecoder(detok, ip_adapter_weight="missing.bin")
     assert os.path.isdir(detok.cfg.sd_dir)
+
+
+@pytest.mark.timeout(300)
+def test_eval_reconstruction_tool_scores_each_mode_over_the_shards(decoding, tmp_path):
+    import shutil
+    from megatron_vl.model.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, load_image_processor
+    from megatron_vl.testing.tiny_models import save_tiny_clip
+    from test_pair_stream import _shard
+    clip = save_tiny_clip(str(tmp_path / "clip"))
+    export = tmp_path / "export"
+    ImageTokenizer.from_clip(clip, ImageTokenizerConfig(NUM_IMAGE_TOKENS, EMBED_DIM, 1, 2)).save_pretrained(
+        str(export / "image_tokenizer"), load_image_processor(clip))
+    shutil.copytree(decoding / "image_detokenizer", export / "image_detokenizer")
+    save_tiny_ip_image_encoder(str(tmp_path / "clip-score"), seed=7)
+    _shard(tmp_path / "val.tar", "v", 8, 0, bad=[(0, "cutimage")])
+    out = run_script([PY, "tools/eval_reconstruction.py", "--export", export, "--shards", tmp_path / "val.tar",
+                      "--clip-score-model", tmp_path / "clip-score", "--modes", "both", "text", "--max-images", 5,
+                      "--batch-size", 2, "--steps", 2, "--output-json", tmp_path / "scores.json", "--no-progress"])
+    scores = json.load(open(tmp_path / "scores.json"))
+    assert sorted(scores["scores"]) == ["both", "text"]
+    assert all(s["images"] == 5 and -1 <= s["clip_similarity"] <= 1 for s in scores["scores"].values())
+    assert scores["skipped"] == {"image unreadable": 1}
+    assert f"both           5 {scores['scores']['both']['clip_similarity']:>16.4f}" in out
+    assert f"skipped (image unreadable): 1  first at {tmp_path / 'val.tar'}:v0000" in out

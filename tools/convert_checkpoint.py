@@ -7,7 +7,8 @@ r"""Convert between Hugging Face directories and megatron-vl checkpoints.
     python tools/convert_checkpoint.py export-hf --load ckpt/llama-7b-tp2 --save /models/llama-7b-export
     # VL-GPT training checkpoint (any TP/PP, ZeRO-3 included) -> HF directory + LoRA adapter
     python tools/convert_checkpoint.py export-hf --load ckpt/vlgpt-7b --save /models/vlgpt-7b-hf \
-        --image-tokenizer ckpt/image_tokenizer [--merge-lora] [--ckpt-step 20000] [--dtype bf16]
+        --image-tokenizer stage1/image_tokenizer [--image-detokenizer stage1/image_detokenizer] \
+        [--merge-lora] [--ckpt-step 20000] [--dtype bf16]
 
 A VL-GPT export loads as LlamaForCausalLM (language model; tokenizer with [IMG]/[/IMG]),
 PeftModel.from_pretrained(model, OUT/adapter) (the LoRA adapter, unless --merge-lora), and
@@ -54,14 +55,15 @@ def export_hf(args):
     if not is_release(args.load):
         summary = export_vlgpt(args.load, args.save, merge_lora=args.merge_lora, image_tokenizer=args.image_tokenizer,
                                tokenizer_model=args.tokenizer_model, iteration=args.ckpt_step,
-                               dtype=DTYPES[args.dtype])
+                               dtype=DTYPES[args.dtype], image_detokenizer=args.image_detokenizer)
         print(f"exported VL-GPT {args.load} (iteration {summary.iteration}) -> {args.save}: {summary.tensors} "
               f"language-model tensors, LoRA {summary.lora}, visual heads, tokenizer with [IMG]/[/IMG]"
-              + (", image tokenizer" if summary.image_tokenizer else ""))
+              + (", image tokenizer" if summary.image_tokenizer else "")
+              + (", image detokenizer" if args.image_detokenizer else ""))
         return
-    if args.merge_lora or args.image_tokenizer:
-        raise hf.CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora and "
-                                 "--image-tokenizer apply to VL-GPT training checkpoints")
+    if args.merge_lora or args.image_tokenizer or args.image_detokenizer:
+        raise hf.CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora, "
+                                 "--image-tokenizer and --image-detokenizer apply to VL-GPT training checkpoints")
     hf.check_output_dir(args.save, "hf-llama", (args.load,))
     shards, cfg, tp, pp = hf.load_release_shards(args.load)
     state_dict = hf.shards_to_hf(shards, cfg, tp, pp)
@@ -86,7 +88,10 @@ def build_parser():
     e.add_argument("--save", required=True, help="output directory: new, empty, or a previous export of the same kind (then replaced atomically); "
                    "anything else is refused, never deleted")
     e.add_argument("--merge-lora", action="store_true", help="fold the LoRA adapter into the weights")
-    e.add_argument("--image-tokenizer", help="image tokenizer directory to ship with the export")
+    e.add_argument("--image-tokenizer", help="image tokenizer directory to ship with the export "
+                   "(tools/export_tokenizer.py's image_tokenizer/)")
+    e.add_argument("--image-detokenizer", help="image detokenizer directory to ship with the export, so generated "
+                   "images can be decoded (tools/export_tokenizer.py's image_detokenizer/)")
     e.add_argument("--tokenizer-model", help="the training tokenizer, when it has moved since preprocessing")
     e.add_argument("--ckpt-step", type=int, help="export this iteration instead of the latest")
     e.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (auto: the run's precision, --bf16/--fp16/fp32)")

@@ -11,6 +11,7 @@ Layout written (atomically: a temporary sibling renamed when complete)::
     OUT/vlgpt_config.json                   visual width, image token ids, where the rest is
     OUT/vlgpt_heads.safetensors             visual projection and regression head
     OUT/image_tokenizer/                    the image tokenizer (when given)
+    OUT/image_detokenizer/                  the image detokenizer (when given: images out)
 
 ``megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT)`` puts it back together.
 """
@@ -36,6 +37,7 @@ VLGPT_CONFIG = "vlgpt_config.json"
 VLGPT_HEADS = "vlgpt_heads.safetensors"
 ADAPTER_DIR = "adapter"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
+IMAGE_DETOKENIZER_DIR = "image_detokenizer"
 FORMAT_VERSION = 1
 HEADS = {"embedding.visual_proj.weight": "visual_proj.weight", "embedding.visual_proj.bias": "visual_proj.bias",
          "head.regression.weight": "regression.weight", "head.regression.bias": "regression.bias"}
@@ -97,13 +99,24 @@ def _hf_tokenizer(meta: dict, override: Optional[str], ids: List[int]):
 
 def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer: Optional[str] = None,
                  tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, log=print) -> ExportSummary:
-    sources = (load, image_tokenizer, tokenizer_model)
+                 dtype: Optional[torch.dtype] = None, log=print,
+                 image_detokenizer: Optional[str] = None) -> ExportSummary:
+    sources = (load, image_tokenizer, tokenizer_model, image_detokenizer)
     check_output_dir(save, "vlgpt-export", sources)   # before any reading: refuse early
     w = read_training_checkpoint(load, iteration)
     cfg = w.cfg
     m, tp = cfg.model, len(w.per_tp_rank)
     ids = _image_token_ids(w)
+    if image_detokenizer:   # its input width must be the model's visual width
+        from ..model.image_detokenizer import CONFIG_NAME, ImageDetokenizerConfig
+        from ..model.directory import read_part_config
+        try:
+            width = read_part_config(image_detokenizer, CONFIG_NAME, ImageDetokenizerConfig, "image detokenizer").embed_dim
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"--image-detokenizer {exc}") from None
+        if width != cfg.model.visual_embed_dim:
+            raise CheckpointError(f"--image-detokenizer {image_detokenizer} reads visual embeddings of width {width}, "
+                                  f"the model's are {cfg.model.visual_embed_dim}")
     base = {(r, 0): {k: v for k, v in sd.items() if k.startswith(("embedding.word_embeddings", "layers.", "head."))
                      and ".lora_" not in k and not k.endswith("rows_delta") and k not in HEADS}
             for r, sd in enumerate(w.per_tp_rank)}
@@ -167,6 +180,8 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
             if not os.path.isdir(image_tokenizer):
                 raise CheckpointError(f"--image-tokenizer {image_tokenizer}: no such directory")
             shutil.copytree(image_tokenizer, os.path.join(tmp, IMAGE_TOKENIZER_DIR))
+        if image_detokenizer:
+            shutil.copytree(image_detokenizer, os.path.join(tmp, IMAGE_DETOKENIZER_DIR))
         meta = {"format": "megatron-vl-vlgpt", "version": FORMAT_VERSION,
                 "visual_embed_dim": m.visual_embed_dim, "num_image_tokens": cfg.data.num_image_tokens,
                 "image_token_ids": {IMG: ids[0], IMG_END: ids[1]},
@@ -174,6 +189,7 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
                 "lora": {"state": lora, "adapter": ADAPTER_DIR if lora == "adapter" else None,
                          "rank": cfg.lora.lora_rank, "alpha": cfg.lora.lora_alpha},
                 "image_tokenizer": IMAGE_TOKENIZER_DIR if image_tokenizer else None,
+                "image_detokenizer": IMAGE_DETOKENIZER_DIR if image_detokenizer else None,
                 "source": {"checkpoint": os.path.abspath(w.path), "iteration": w.iteration,
                            "tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
                            "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,

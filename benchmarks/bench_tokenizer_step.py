@@ -1,0 +1,96 @@
+"""Stage-1 throughput: images/s of train_tokenizer.py with targets computed on the fly (the
+frozen IP-Adapter image encoder and SD text encoder run every step) against targets read
+from the precomputed float16 stores, in one run, on the same models, shards and settings.
+Also prints what precomputing cost once. The image encoder's size is the knob: at SD 1.5's
+real ViT-H/14 it is most of a step.
+
+    python benchmarks/bench_tokenizer_step.py                       # CPU, one process
+    python benchmarks/bench_tokenizer_step.py --ip-width 512 --ip-layers 12 --iters 30
+
+Each run trains --iters steps and logs every --window; the first window (start-up, first
+batches) is left out and the rest's median images/s is reported.
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_inputs(root, args):
+    import io
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    from megatron_vl.testing.tiny_models import save_tiny_clip, save_tiny_ip_image_encoder, save_tiny_sd_text
+    save_tiny_clip(os.path.join(root, "clip"), args.image_size, args.clip_width, 2)
+    save_tiny_ip_image_encoder(os.path.join(root, "ip", "image_encoder"), args.image_size, args.ip_width,
+                               args.ip_layers)
+    save_tiny_sd_text(os.path.join(root, "sd"), width=args.text_width)
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "shards"))
+    for s in range(2):
+        with wds.TarWriter(os.path.join(root, "shards", f"{s:05d}.tar")) as sink:
+            for i in range(args.pairs // 2):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8)).save(
+                    buf, "JPEG")
+                sink.write({"__key__": f"{s}_{i:06d}", "jpg": buf.getvalue(), "txt": f"a picture number {i}"})
+    return os.path.join(root, "shards", "{00000..00001}.tar")
+
+
+def run(cmd):
+    env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{cmd[1]} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return proc.stdout
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--clip-width", type=int, default=64)
+    p.add_argument("--ip-width", type=int, default=256, help="IP-Adapter image encoder width (ViT-H: 1280)")
+    p.add_argument("--ip-layers", type=int, default=8, help="its depth (ViT-H: 32)")
+    p.add_argument("--text-width", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--window", type=int, default=4)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        shards = make_inputs(root, args)
+        t0 = time.perf_counter()
+        run([sys.executable, "tools/precompute_tokenizer_targets.py", "--train-shards", shards, "--sd-model",
+             os.path.join(root, "sd"), "--ip-adapter", os.path.join(root, "ip"), "--targets-dir",
+             os.path.join(root, "targets"), "--batch-size", str(args.micro_batch), "--no-progress"])
+        precompute_s = time.perf_counter() - t0
+        common = [sys.executable, "train_tokenizer.py", "--clip-model", os.path.join(root, "clip"),
+                  "--sd-model", os.path.join(root, "sd"), "--ip-adapter", os.path.join(root, "ip"),
+                  "--train-shards", shards, "--visual-embed-dim", "64", "--num-image-tokens", "32",
+                  "--tokenizer-heads", "2", "--detokenizer-width", "64", "--detokenizer-heads", "4",
+                  "--detokenizer-layers", "2", "--micro-batch-size", str(args.micro_batch), "--train-iters",
+                  str(args.iters), "--log-interval", str(args.window), "--shuffle-buffer", "32"]
+        rates = {}
+        for name, extra in (("on the fly", []), ("precomputed", ["--targets-dir", os.path.join(root, "targets")])):
+            out = run(common + extra)
+            windows = [float(x) for x in re.findall(r"images/s: ([0-9.]+)", out)]
+            rates[name] = statistics.median(windows[1:] or windows)
+    print(f"stage 1, one process, {os.cpu_count()} cores visible; IP image encoder width {args.ip_width} x "
+          f"{args.ip_layers} layers at {args.image_size}px; micro-batch {args.micro_batch}")
+    print(f"precomputing targets of {args.pairs} pairs:     {precompute_s:8.1f} s (once, incl. start-up)")
+    print(f"targets on the fly:                  {rates['on the fly']:8.2f} images/s")
+    print(f"precomputed targets:                 {rates['precomputed']:8.2f} images/s")
+    print(f"speed-up precomputed / on the fly:   {rates['precomputed'] / rates['on the fly']:8.2f} x")
+
+
+if __name__ == "__main__":
+    main()
