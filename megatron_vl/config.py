@@ -208,8 +208,21 @@ class LoraConfig:
         factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
 
 
+class Sections:
+    """What every entry point's top-level config (a dataclass of section dataclasses) shares."""
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Dict[str, Any]], source: str = "<dict>"):
+        cfg = cls()
+        apply_nested(cfg, data, source)
+        return cfg
+
+
 @dataclass
-class Config:
+class Config(Sections):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,15 +231,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-
-    def to_dict(self) -> Dict[str, Dict[str, Any]]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Dict[str, Any]], source: str = "<dict>") -> "Config":
-        cfg = cls()
-        apply_nested(cfg, data, source)
-        return cfg
 
     def validate(self, world_size: int) -> None:
         validate(self, world_size)

@@ -4,12 +4,11 @@ data sections. Optimizer, training, checkpoint and logging sections are pretrain
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import (CheckpointConfig, ConfigError, DataParallelConfig, LoggingConfig, LoopConfig,
-                      OptimizerConfig, opt, raise_errors, training_errors)
+                      OptimizerConfig, Sections, opt, raise_errors, training_errors)
 
 
 @dataclass
@@ -51,7 +50,7 @@ class PairDataConfig:
 
 
 @dataclass
-class TokenizerTrainConfig:
+class TokenizerTrainConfig(Sections):
     model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
     parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
@@ -59,9 +58,6 @@ class TokenizerTrainConfig:
     training: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
 
     def validate(self, world_size: int) -> None:
         m, d = self.model, self.data
