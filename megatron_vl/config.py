@@ -134,6 +134,8 @@ class DataConfig:
     num_image_tokens: int = opt(32, "N: visual embeddings per image (must match the feature store).")
     max_images_per_sample: int = opt(5, "Most image blocks in one packed sample.")
     num_workers: int = opt(2, "Data loader worker processes.")
+    pack: bool = opt(True, "Pack several documents (conversations) into each sample; --no-pack starts every "
+                     "document in a sample of its own, padded.")
 
 
 @dataclass
@@ -186,6 +188,11 @@ class CheckpointConfig:
     keep_last: Optional[int] = opt(None, "Keep only this many newest checkpoints.")
     ckpt_step: Optional[int] = opt(None, "Load the checkpoint of this iteration instead of the one "
                                    "'latest' names.")
+    finetune: bool = opt(
+        False, "Megatron's --finetune: take only the weights of the --load training checkpoint (its LoRA "
+        "adapters and [IMG]/[/IMG] row deltas merged into the base weights), start at iteration 0 with a fresh "
+        "optimizer, schedule and data position. Same architecture and tensor-parallel size; anything else of "
+        "the layout may differ. Once --save holds a checkpoint, a restart resumes from it instead.")
 
 
 @dataclass

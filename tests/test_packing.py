@@ -40,7 +40,7 @@ def test_layout_places_each_image_before_or_after_its_sentence():
     spans = np.array([2, 5, 0, 5, 10, 1])
     for position in range(6):
         after = coin_after(7, np.array([position, position]), np.array([0, 1]))
-        toks, imgs, vis = laid_out_document(tokens, spans, cfg, position, IMG, END)
+        toks, imgs, vis, _ = laid_out_document(tokens, spans, cfg, position, IMG, END)
         block = lambda i: [IMG, 0, 0, END]  # noqa: E731
         pos0, pos1 = (5 if after[0] else 2), (10 if after[1] else 5)
         expect = list(range(10, 10 + pos0)) + block(0) + list(range(10 + pos0, 10 + pos1)) + block(1) + \
@@ -59,7 +59,8 @@ def test_samples_are_exact_and_never_split_an_image(tmp_path):
     ds = PackedDataset(prefix, cfg, num_samples=6, cache_dir=str(tmp_path))
     stream = []   # the laid-out stream in document order, to compare samples against
     for k, d in enumerate(ds.doc_order[:9]):
-        toks, imgs, vis = laid_out_document(*ds._get_doc(int(d)), cfg, k, IMG, END)
+        doc_tokens, doc_spans, mask = ds._get_doc(int(d))
+        toks, imgs, vis, _ = laid_out_document(doc_tokens, doc_spans, cfg, k, IMG, END, mask)
         stream += [(int(t), int(i), int(v), k) for t, i, v in zip(toks, imgs, vis)]
     pos = 0
     for j in range(6):

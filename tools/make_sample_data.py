@@ -6,7 +6,8 @@ trained on its text: the whole pipeline runs with no downloads.
 
 Writes: mmc4/docs_shard_0_v2.jsonl.zip + mmc4/images/, obelics/part-00000.parquet (image
 bytes in the rows), pairs/00000.tar ... (img2dataset webdataset layout), text.jsonl,
-tokenizer.model.
+instruction data (llava/llava_instruct.json + images, coco/dataset_coco.json + train2014/,
+instructpix2pix/ and magicbrush/ parquet), tokenizer.model.
 """
 
 import argparse
@@ -23,11 +24,20 @@ SHAPES = ["circle", "square", "triangle"]
 RELATIONS = ["above", "below", "left of", "right of"]
 
 
+def scene(rng: random.Random):
+    """(first color, first shape, relation, second color, second shape)."""
+    (c1, c2), (s1, s2) = rng.sample(list(COLORS), 2), (rng.choice(SHAPES), rng.choice(SHAPES))
+    return c1, s1, rng.choice(RELATIONS), c2, s2
+
+
 def draw(rng: random.Random, size: int = 64):
     """(PNG/JPEG-able PIL image, caption)."""
+    return draw_scene(scene(rng), size)
+
+
+def draw_scene(spec, size: int = 64):
     from PIL import Image, ImageDraw
-    (c1, c2), (s1, s2) = rng.sample(list(COLORS), 2), (rng.choice(SHAPES), rng.choice(SHAPES))
-    relation = rng.choice(RELATIONS)
+    c1, s1, relation, c2, s2 = spec
     im = Image.new("RGB", (size, size), (245, 245, 240))
     d = ImageDraw.Draw(im)
     q = size // 4
@@ -125,6 +135,80 @@ def write_pairs(out: str, n: int, rng: random.Random, shards: int = 1):
     return captions
 
 
+def write_instruct(out: str, n: int, rng: random.Random):
+    """Instruction data in the four real layouts (stage 3); returns their text for the tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = []
+    # LLaVA json: two-turn conversations about an image, and a few text-only ones.
+    os.makedirs(os.path.join(out, "llava", "images"), exist_ok=True)
+    records = []
+    for i in range(n):
+        if i % 4 == 3:
+            color = rng.choice(list(COLORS))
+            conv = [{"from": "human", "value": f"Name a shape that could be {color}."},
+                    {"from": "gpt", "value": f"A {color} {rng.choice(SHAPES)}."}]
+            records.append({"id": f"text-{i}", "conversations": conv})
+        else:
+            spec = scene(rng)
+            im, caption = draw_scene(spec)
+            name = f"{i:05d}.jpg"
+            with open(os.path.join(out, "llava", "images", name), "wb") as fh:
+                fh.write(encode(im))
+            conv = [{"from": "human", "value": "<image>\nWhat does the picture show?"},
+                    {"from": "gpt", "value": f"It shows {caption}."},
+                    {"from": "human", "value": f"What color is the {spec[1]}?"},
+                    {"from": "gpt", "value": f"The {spec[1]} is {spec[0]}."}]
+            records.append({"id": f"img-{i}", "image": name, "conversations": conv})
+        texts += [t["value"].replace("<image>\n", "") for t in records[-1]["conversations"]]
+    with open(os.path.join(out, "llava", "llava_instruct.json"), "w") as fh:
+        json.dump(records, fh, indent=1)
+    # COCO captions, Karpathy layout: five phrasings of each drawing's caption.
+    os.makedirs(os.path.join(out, "coco", "train2014"), exist_ok=True)
+    images = []
+    for i in range(n):
+        im, caption = draw(rng)
+        name = f"COCO_train2014_{i:012d}.jpg"
+        with open(os.path.join(out, "coco", "train2014", name), "wb") as fh:
+            fh.write(encode(im))
+        sentences = [f"{p}{caption}." for p in ("", "There is ", "A drawing of ", "Shown here: ", "We see ")]
+        images.append({"filepath": "train2014", "filename": name, "cocoid": i, "imgid": i,
+                       "split": "val" if i % 8 == 7 else "train",
+                       "sentences": [{"raw": t, "tokens": t.lower().split()} for t in sentences]})
+        texts += sentences
+    with open(os.path.join(out, "coco", "dataset_coco.json"), "w") as fh:
+        json.dump({"images": images, "dataset": "coco"}, fh)
+    # InstructPix2Pix and MagicBrush parquet: recolour a shape.
+    def edit(spec):
+        new = rng.choice([c for c in COLORS if c not in (spec[0], spec[3])])
+        return (new, *spec[1:]), f"make the {spec[1]} {new}"
+    rows = {"original_image": [], "edit_prompt": [], "edited_image": []}
+    for i in range(n):
+        spec = scene(rng)
+        edited, prompt = edit(spec)
+        rows["original_image"].append({"bytes": encode(draw_scene(spec)[0], "PNG"), "path": f"{i}_0.png"})
+        rows["edit_prompt"].append(prompt)
+        rows["edited_image"].append({"bytes": encode(draw_scene(edited)[0], "PNG"), "path": f"{i}_1.png"})
+        texts.append(prompt)
+    os.makedirs(os.path.join(out, "instructpix2pix"), exist_ok=True)
+    pq.write_table(pa.table(rows), os.path.join(out, "instructpix2pix", "train-00000.parquet"))
+    rows = {"img_id": [], "turn_index": [], "source_img": [], "instruction": [], "target_img": []}
+    for i in range(n):
+        spec = scene(rng)
+        for turn in (1, 2):
+            edited, prompt = edit(spec)
+            rows["img_id"].append(str(100000 + i))
+            rows["turn_index"].append(turn)
+            rows["source_img"].append({"bytes": encode(draw_scene(spec)[0], "PNG"), "path": None})
+            rows["instruction"].append(prompt)
+            rows["target_img"].append({"bytes": encode(draw_scene(edited)[0], "PNG"), "path": None})
+            texts.append(prompt)
+            spec = edited
+    os.makedirs(os.path.join(out, "magicbrush"), exist_ok=True)
+    pq.write_table(pa.table(rows), os.path.join(out, "magicbrush", "train-00000.parquet"))
+    return texts
+
+
 def train_tokenizer(out: str, text_lines, vocab_size: int):
     import sentencepiece as spm
     corpus = os.path.join(out, "tokenizer_corpus.txt")
@@ -144,6 +228,9 @@ def build_parser():
     p.add_argument("--pairs", type=int, default=256, help="image-caption pairs")
     p.add_argument("--pair-shards", type=int, default=1,
                    help="webdataset shards the pairs are split over (stage 1 needs one per rank at least)")
+    p.add_argument("--instruct", type=int, default=16,
+                   help="records per instruction format (LLaVA json, COCO Karpathy json, InstructPix2Pix and "
+                        "MagicBrush parquet); 0 writes none")
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -159,6 +246,9 @@ def main(argv=None):
     write_mmc4(args.output, mmc4_docs, rng)
     write_obelics(args.output, obelics_docs)
     captions = write_pairs(args.output, args.pairs, rng, args.pair_shards)
+    # (the tokenizer is trained on the pretraining text only, as before the instruction data existed)
+    if args.instruct:
+        write_instruct(args.output, args.instruct, random.Random(args.seed + 1))
     sentences = [s for d in mmc4_docs + obelics_docs for s, _ in d] + captions
     with open(os.path.join(args.output, "text.jsonl"), "w") as fh:
         for d in mmc4_docs:

@@ -6,9 +6,17 @@ r"""Tokenize raw corpora into Megatron indexed binaries plus megatron-vl's image
     python tools/preprocess_data.py --input-format obelics --input 'obelics/*.parquet' --image-root obelics/images ...
     python tools/preprocess_data.py --input-format wds-pairs --input 'cc3m/{00000..00331}.tar' ...
     python tools/preprocess_data.py --input-format jsonl-text --input corpus.jsonl --json-keys text ...
+    # instruction data (stage 3): conversations laid out by a template, with a loss mask on the answers
+    python tools/preprocess_data.py --input-format llava --input llava_v1_5_mix665k.json --image-root llava/images \
+        --conversation-template vicuna_v1 --output-prefix data/llava --tokenizer-model llama/tokenizer.model --prepend-bos
+    python tools/preprocess_data.py --input-format coco-captions --input dataset_coco.json --image-root coco ...
+    python tools/preprocess_data.py --input-format instructpix2pix --input 'ip2p/*.parquet' ...
+    python tools/preprocess_data.py --input-format magicbrush --input 'magicbrush/*.parquet' ...
 
 Writes {output-prefix}_{key}_document.bin/.idx (key: text, or each --json-keys key), and for
-image formats the _images / _image_table sidecars and a .meta.json with the report.
+image formats the _images / _image_table sidecars and a .meta.json with the report; the
+instruction formats add the _loss_mask sidecar (answers only). Templates and their exact
+strings: megatron_vl/data/conversation.py.
 --partitions K processes the inputs in K groups and merges them (tools/merge_datasets.py).
 """
 
@@ -22,12 +30,15 @@ from megatron_vl.data.formats import Report, expand_inputs  # noqa: E402
 from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, remove_dataset,  # noqa: E402
                                          read_meta, sidecar)
 from megatron_vl.data.indexed import FeatureStore  # noqa: E402
+from megatron_vl.data.conversation import TEMPLATES  # noqa: E402
+from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS  # noqa: E402
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
-    p.add_argument("--input-format", required=True, choices=["mmc4", "obelics", "wds-pairs", "jsonl-text"])
+    p.add_argument("--input-format", required=True,
+                   choices=["mmc4", "obelics", "wds-pairs", "jsonl-text", *INSTRUCT_FORMATS])
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-type", default="sentencepiece", choices=["sentencepiece", "hf"])
     p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file or HF tokenizer directory")
@@ -41,6 +52,11 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--partitions", type=int, default=1, help="process the inputs in this many groups, then merge")
     p.add_argument("--strict", action="store_true", help="any skipped record is an error")
+    p.add_argument("--conversation-template", default="vicuna_v1", choices=sorted(TEMPLATES),
+                   help="instruction formats: how a conversation is laid out (megatron_vl/data/conversation.py)")
+    p.add_argument("--coco-splits", nargs="+", default=["train", "restval"],
+                   help="coco-captions: the Karpathy splits to take")
+    p.add_argument("--seed", type=int, default=0, help="coco-captions: seed of the per-image phrasing and caption")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -67,7 +83,9 @@ def main(argv=None):
                                              args.tokenizer_model, image_root=args.image_root, min_sim=args.min_sim,
                                              json_key=key, append_eod=args.append_eod,
                                              prepend_bos=args.prepend_bos, workers=args.workers,
-                                             strict=args.strict, progress=not args.no_progress)
+                                             strict=args.strict, progress=not args.no_progress,
+                                             template=args.conversation_template, coco_splits=args.coco_splits,
+                                             seed=args.seed)
                         report.merge(r)
                     if parts > 1:
                         merge_datasets(targets, prefix)

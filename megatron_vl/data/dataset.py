@@ -75,6 +75,8 @@ class PackedDataset:
         self.text = IndexedDataset(prefix)
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
+        # Instruction data: which tokens and images are answers (the only targets).
+        self.loss_mask = IndexedDataset(sidecar(prefix, "loss_mask")) if meta.get("loss_mask") else None
         num_images = meta.get("num_images", 0)
         self.fingerprint = meta["fingerprint"]
         # [images, N, d] float16: the memory-mapped store, or an empty array of the run's shape.
@@ -104,13 +106,18 @@ class PackedDataset:
     # --- index -----------------------------------------------------------------------------
 
     def _doc_spans(self, d: int) -> np.ndarray:
+        return self._doc_spans_and_kept(d)[0]
+
+    def _doc_spans_and_kept(self, d: int):
+        """(spans without the images extraction could not decode, which spans were kept)."""
         if self.spans is None:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, bool)
         spans = np.asarray(self.spans[d], np.int64)
+        keep = np.ones(len(spans) // 3, bool)
         if len(self.dropped_images) and len(spans):
             keep = ~np.isin(spans[2::3], self.dropped_images)
             spans = spans.reshape(-1, 3)[keep].reshape(-1)
-        return spans
+        return spans, keep
 
     def _index_key(self, num_samples) -> str:
         """Names the order caches after everything they depend on, the data's content
@@ -120,6 +127,8 @@ class PackedDataset:
                 "docs": [int(self.documents[0]), int(self.documents[-1]) + 1], "seq_length": self.cfg.seq_length,
                 "num_image_tokens": self.cfg.num_image_tokens, "max_images": self.cfg.max_images,
                 "seed": self.cfg.seed, "num_samples": num_samples}
+        if not self.cfg.pack_documents:
+            desc["pack_documents"] = False
         return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
@@ -173,7 +182,12 @@ class PackedDataset:
     def _get_doc(self, d: int):
         lo, hi = int(self.text.document_indices[d]), int(self.text.document_indices[d + 1])
         toks = self.text[lo] if hi - lo == 1 else np.concatenate([self.text[i] for i in range(lo, hi)])
-        return np.asarray(toks, np.int64), self._doc_spans(d)
+        spans, kept = self._doc_spans_and_kept(d)
+        mask = None
+        if self.loss_mask is not None:
+            raw = np.asarray(self.loss_mask[d], np.uint8)
+            mask = np.concatenate([raw[:len(toks)], raw[len(toks):][kept]])
+        return np.asarray(toks, np.int64), spans, mask
 
     def __getitem__(self, i: int) -> Dict[str, np.ndarray]:
         if not 0 <= i < len(self.shuffle):

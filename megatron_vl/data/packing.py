@@ -14,9 +14,14 @@ next sample, as in Megatron.
 The one rule for targets: the output at position t predicts element t+1 — cross-entropy
 when t+1 is a text token (``[IMG]`` and ``[/IMG]`` included), MSE against the stored
 embedding when t+1 is a visual position. The last position's target is the first element
-of the next sample. Two exceptions: with document isolation (``reset_attention_mask``) a
+of the next sample. Exceptions: with document isolation (``reset_attention_mask``) a
 target in the next document gets no loss, since the position cannot see that document; with
-``eod_mask_loss`` neither does the target of an end-of-document token.
+``eod_mask_loss`` neither does the target of an end-of-document token; and in instruction
+data (a loss mask per document) only answer elements are targets — the assistant's tokens
+and the whole block of an image it produces.
+
+``pack_documents=False`` starts every document in a sample of its own (padded): one
+conversation per sample; a longer one continues in the next samples.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class PackingConfig:
     embed_dim: Optional[int] = None
     """d of the stored features; text-only datasets emit zero features of this width so they
     blend with image datasets (default: read from the feature store, 1 without one)."""
+    pack_documents: bool = True
+    """Several documents per sample; False: each document starts a new (padded) sample."""
 
 
 def packing_config(cfg) -> PackingConfig:
@@ -52,7 +59,8 @@ def packing_config(cfg) -> PackingConfig:
     return PackingConfig(seq_length=cfg.model.seq_length, num_image_tokens=cfg.data.num_image_tokens,
                          max_images=cfg.data.max_images_per_sample, seed=cfg.training.seed,
                          reset_position_ids=cfg.data.reset_position_ids,
-                         reset_attention_mask=cfg.data.reset_attention_mask, eod_mask_loss=cfg.data.eod_mask_loss)
+                         reset_attention_mask=cfg.data.reset_attention_mask, eod_mask_loss=cfg.data.eod_mask_loss,
+                         pack_documents=cfg.data.pack)
 
 
 def _splitmix_bit(seed: int, doc_position: int, image_number: int) -> bool:
@@ -121,22 +129,36 @@ def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans
                 fill, images = 0, 0
                 if len(starts) > num_samples:
                     return np.asarray(starts, np.int64)
+        if not cfg.pack_documents and fill > 0:   # this document's sample ends here, padded
+            starts.append((k + 1, 0))
+            fill, images = 0, 0
+            if len(starts) > num_samples:
+                return np.asarray(starts, np.int64)
     return np.asarray(starts, np.int64)
 
 
 def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig, doc_position: int,
-                      img_id: int, img_end_id: int):
-    """(element tokens, image id per element or -1, visual index per element or -1)."""
+                      img_id: int, img_end_id: int, loss_mask: Optional[np.ndarray] = None):
+    """(element tokens, image id per element or -1, visual index per element or -1, answer
+    flag per element). loss_mask: one flag per token, then one per image in span order
+    (instruction data); without it every element is a target."""
     inserts, images = image_inserts(spans, cfg.seed, doc_position)
     N, block = cfg.num_image_tokens, cfg.num_image_tokens + 2
     total = len(tokens) + block * len(inserts)
     toks = np.zeros(total, np.int64)
     imgs = np.full(total, -1, np.int64)
     vis = np.full(total, -1, np.int64)
+    answer = np.ones(total, bool)
+    if loss_mask is not None:
+        token_flags = np.asarray(loss_mask[:len(tokens)], bool)
+        flags = dict(zip(spans[2::3].tolist(), np.asarray(loss_mask[len(tokens):], bool).tolist()))
     prev, out = 0, 0
     for pos, image in zip(inserts.tolist(), images.tolist()):
         n = pos - prev
         toks[out:out + n] = tokens[prev:pos]
+        if loss_mask is not None:
+            answer[out:out + n] = token_flags[prev:pos]
+            answer[out:out + block] = flags[image]
         out += n
         toks[out], toks[out + block - 1] = img_id, img_end_id
         imgs[out + 1:out + 1 + N] = image
@@ -144,16 +166,23 @@ def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig,
         out += block
         prev = pos
     toks[out:] = tokens[prev:]
-    return toks, imgs, vis
+    if loss_mask is not None:
+        answer[out:] = token_flags[prev:]
+    return toks, imgs, vis, answer
 
 
 def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray, get_doc: Callable,
                 features, cfg: PackingConfig, img_id: int, img_end_id: int, eod_id: Optional[int] = None) -> dict:
     """One sample: the laid-out elements from `start` up to `end` (exclusive), and the
-    element at `end` as the last position's target. get_doc(d) -> (tokens, spans)."""
+    element at `end` as the last position's target. get_doc(d) -> (tokens, spans) or
+    (tokens, spans, loss mask)."""
     S, N = cfg.seq_length, cfg.num_image_tokens
-    layout = lambda k: laid_out_document(*get_doc(int(doc_order[k])), cfg, k, img_id, img_end_id)  # noqa: E731
+
+    def layout(k):
+        tokens, spans, *mask = get_doc(int(doc_order[k]))
+        return laid_out_document(tokens, spans, cfg, k, img_id, img_end_id, mask[0] if mask else None)
     tokens = np.zeros(S, np.int64)
+    answer = np.zeros(S, bool)
     elem_img = np.full(S, -1, np.int64)
     elem_vis = np.full(S, -1, np.int64)
     segment = np.zeros(S, np.int64)
@@ -169,6 +198,7 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
         if n > 0:
             sl = slice(fill, fill + n)
             tokens[sl], elem_img[sl], elem_vis[sl] = doc[0][off:stop], doc[1][off:stop], doc[2][off:stop]
+            answer[sl] = doc[3][off:stop]
             segment[sl] = seg_no
             position[sl] = np.arange(n) if cfg.reset_position_ids else np.arange(fill, fill + n)
             fill, seg_no = fill + n, seg_no + 1
@@ -176,11 +206,11 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
             break
         k, off = k + 1, 0
     # The element at `end`; when `end` is the very end of its document, the next one's first.
-    next_token, nk, noff = IGNORE, end_k, end_off
+    next_token, next_answer, nk, noff = IGNORE, False, end_k, end_off
     while nk < len(doc_order):
-        toks = doc[0] if (doc is not None and nk == k) else layout(nk)[0]
-        if noff < len(toks):
-            next_token = int(toks[noff])
+        laid = doc if (doc is not None and nk == k) else layout(nk)
+        if noff < len(laid[0]):
+            next_token, next_answer = int(laid[0][noff]), bool(laid[3][noff])
             break
         nk, noff = nk + 1, 0
     # The last position's target lies in another document when `end` starts one.
@@ -193,9 +223,12 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
     if fill >= 2:
         labels[:fill - 1] = np.where(visual[1:fill], IGNORE, tokens[1:fill])
     if fill >= 1:
-        labels[fill - 1] = next_token
+        labels[fill - 1] = next_token if next_answer else IGNORE
+    # Only answer elements are targets (everything, outside instruction data).
+    if fill >= 2:
+        labels[:fill - 1][~answer[1:fill]] = IGNORE
     regression = np.zeros(S, bool)
-    regression[:S - 1] = visual[1:]
+    regression[:S - 1] = visual[1:] & answer[1:]
     if cfg.reset_attention_mask and fill >= 1:
         crosses = np.zeros(S, bool)
         crosses[:fill - 1] = segment[:fill - 1] != segment[1:fill]

@@ -8,8 +8,12 @@ For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's namin
                               triples — the token span of the sentence an image belongs to
                               and its row in the image table
 - ``P_image_table.bin/.idx``  uint8 MMIDIDX, one sequence per image: its encoded bytes
+- ``P_loss_mask.bin/.idx``    uint8 MMIDIDX, instruction data only, one sequence per document:
+                              1 per answer token, 0 per context token, then one flag per
+                              image in span order (1: an image the assistant produces)
 - ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report,
-                              and the content fingerprint of each of the three files
+                              the conversation template, and the content fingerprint of
+                              each of the files
 - ``P_image_features.*``      written later by tools/extract_image_features.py, tied to the
                               image table's fingerprint
 - ``P.lock``                  present while a run writes the prefix (a second run is refused)
@@ -31,7 +35,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..atomic import atomic_open, exclusive_lock
+from .conversation import Conversation, encode_pieces, get_template
 from .formats import RawDocument, Report, read_records, record_document
+from .instruct_formats import INSTRUCT_FORMATS, read_conversations
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
 from .tokenizer import Tokenizer
 
@@ -40,7 +46,7 @@ _worker_tokenizer: Optional[Tokenizer] = None
 
 
 def sidecar(prefix: str, kind: str) -> str:
-    return {"images": f"{prefix}_images", "table": f"{prefix}_image_table",
+    return {"images": f"{prefix}_images", "table": f"{prefix}_image_table", "loss_mask": f"{prefix}_loss_mask",
             "features": f"{prefix}_image_features", "meta": f"{prefix}.meta.json", "lock": f"{prefix}.lock"}[kind]
 
 
@@ -103,35 +109,64 @@ def encode_document(doc: RawDocument, append_eod: bool, tokenizer: Optional[Toke
     return tokens, images, skips
 
 
+def encode_conversation(conv: Conversation, template: str, tokenizer: Optional[Tokenizer] = None,
+                        prepend_bos: bool = False):
+    """(tokens, [(pos, pos, image bytes)], loss mask, [(reason, where)]) for one conversation:
+    the template's pieces tokenized; each image a zero-length span, so its block goes exactly
+    where the template put it. A record with an image that is missing or does not decode is
+    skipped whole (its turns would not make sense without it)."""
+    tok = tokenizer or _worker_tokenizer
+    pieces = get_template(template).render(conv)
+    tokens, mask, placed = encode_pieces(pieces, tok.encode, tok.eod_id, tok.bos_id if prepend_bos else None)
+    images, flags = [], []
+    for pos, ref, answer in placed:
+        data, why = _image_bytes(ref)
+        if why:
+            return None, [], None, [(why, f"{conv.source} ({ref.path or ref.name})")]
+        images.append((pos, pos, data))
+        flags.append(int(answer))
+    if not any(mask) and not any(flags):
+        return None, [], None, [("empty answer", conv.source)]
+    return tokens, images, mask + flags, []
+
+
 def _encode_task(args, tokenizer: Optional[Tokenizer] = None):
-    """Record -> (is a document, tokens, images, this record's report). Runs in a worker:
-    JSON parsing, tokenization and the image checks all happen here."""
+    """Record -> (is a document, tokens, images, loss mask or None, this record's report).
+    Runs in a worker: JSON parsing, tokenization and the image checks all happen here."""
     fmt, record, opts, (append_eod, prepend_bos) = args
     report = Report()
-    doc = record_document(fmt, record, report, **opts)
-    if doc is None:
-        return False, None, [], report
-    tokens, images, skips = encode_document(doc, append_eod, tokenizer, prepend_bos)
+    if isinstance(record, Conversation):
+        tokens, images, mask, skips = encode_conversation(record, opts["template"], tokenizer, prepend_bos)
+    else:
+        doc = record_document(fmt, record, report, **{k: v for k, v in opts.items() if k != "template"})
+        if doc is None:
+            return False, None, [], None, report
+        tokens, images, skips = encode_document(doc, append_eod, tokenizer, prepend_bos)
+        mask = None
     for reason, where in skips:
         report.skip(reason, where, opts["strict"])
     # Most records are clean: send no report back for them (less to pickle per record).
-    return True, tokens, images, report if report.skipped else None
+    return True, tokens, images, mask, report if report.skipped else None
 
 
 class DatasetWriter:
     """The four files of one dataset prefix, written together and renamed into place."""
 
-    def __init__(self, prefix: str, tokenizer_meta: Dict, multimodal: bool):
+    def __init__(self, prefix: str, tokenizer_meta: Dict, multimodal: bool, loss_mask: bool = False):
         self.prefix, self.meta, self.multimodal = prefix, tokenizer_meta, multimodal
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.tokens = IndexedDatasetWriter(prefix, optimal_token_dtype(tokenizer_meta["vocab_size"]))
         self.images = IndexedDatasetWriter(sidecar(prefix, "images"), np.int64) if multimodal else None
         self.table = IndexedDatasetWriter(sidecar(prefix, "table"), np.uint8) if multimodal else None
+        self.loss_mask = IndexedDatasetWriter(sidecar(prefix, "loss_mask"), np.uint8) if loss_mask else None
         self.num_images = 0
 
-    def add(self, tokens, images) -> None:
+    def add(self, tokens, images, mask=None) -> None:
         self.tokens.add_item(tokens)
         self.tokens.end_document()
+        if self.loss_mask is not None:
+            self.loss_mask.add_item(mask)
+            self.loss_mask.end_document()
         if self.multimodal:
             triples = []
             for start, end, data in images:
@@ -143,14 +178,15 @@ class DatasetWriter:
             self.images.end_document()
 
     def writers(self):
-        return [w for w in (self.tokens, self.images, self.table) if w is not None]
+        return [w for w in (self.tokens, self.images, self.table, self.loss_mask) if w is not None]
 
     def finalize(self, report: Report, extra: Dict) -> None:
         for w in self.writers():
             w.finalize()
-        names = {"tokens": self.tokens, "images": self.images, "table": self.table}
+        names = {"tokens": self.tokens, "images": self.images, "table": self.table, "loss_mask": self.loss_mask}
         meta = {"version": META_VERSION, "multimodal": self.multimodal, "tokenizer": self.meta,
                 "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
+                "loss_mask": self.loss_mask is not None,
                 "fingerprint": {k: w.fingerprint for k, w in names.items() if w is not None},
                 "report": report.to_dict(), **extra}
         with atomic_open(sidecar(self.prefix, "meta")) as fh:
@@ -164,33 +200,41 @@ class DatasetWriter:
 def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: str, tokenizer_model: str, *,
                      image_root: Optional[str] = None, min_sim: float = 0.0, json_key: str = "text",
                      append_eod: bool = False, prepend_bos: bool = False, workers: int = 1,
-                     strict: bool = False, progress: bool = True) -> Report:
-    """Tokenizes every document of `files` into the dataset `prefix`. Returns the report."""
+                     strict: bool = False, progress: bool = True, template: str = "vicuna_v1",
+                     coco_splits=("train", "restval"), seed: int = 0) -> Report:
+    """Tokenizes every document (or conversation, for the instruction formats, laid out by
+    `template`) of `files` into the dataset `prefix`. Returns the report."""
     with prefix_lock(prefix):
         return _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image_root, min_sim, json_key,
-                                 append_eod, prepend_bos, workers, strict, progress)
+                                 append_eod, prepend_bos, workers, strict, progress, template, coco_splits, seed)
 
 
 def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image_root, min_sim, json_key,
-                      append_eod, prepend_bos, workers, strict, progress) -> Report:
+                      append_eod, prepend_bos, workers, strict, progress, template, coco_splits, seed) -> Report:
     from tqdm import tqdm
     tokenizer = Tokenizer(tokenizer_type, tokenizer_model)
     if prepend_bos and (tokenizer.bos_id is None or tokenizer.bos_id < 0):
         raise ValueError(f"--prepend-bos: tokenizer {tokenizer_model} has no BOS token")
     multimodal = fmt != "jsonl-text"
+    conversational = fmt in INSTRUCT_FORMATS
+    if conversational:
+        get_template(template)   # an unknown name fails here, before any reading
     report = Report()
-    writer = DatasetWriter(prefix, tokenizer.meta(), multimodal)
+    writer = DatasetWriter(prefix, tokenizer.meta(), multimodal, loss_mask=conversational)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_type, tokenizer_model)) \
         if workers > 1 else None
-    opts = {"image_root": image_root, "min_sim": min_sim, "json_key": json_key, "strict": strict}
+    opts = {"image_root": image_root, "min_sim": min_sim, "json_key": json_key, "strict": strict,
+            "template": template}
     bar = tqdm(desc=f"preprocess {os.path.basename(prefix)}", unit="doc", disable=not progress, smoothing=0.1)
     try:
         for path in files:
-            records = read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
+            records = read_conversations(fmt, path, report, image_root=image_root, strict=strict,
+                                         coco_splits=coco_splits, seed=seed) if conversational else \
+                read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
             tasks = ((fmt, record, opts, (append_eod, prepend_bos)) for record in records)
             results = pool.imap(_encode_task, tasks, chunksize=64) if pool else \
                 map(functools.partial(_encode_task, tokenizer=tokenizer), tasks)
-            for is_document, tokens, images, record_report in results:
+            for is_document, tokens, images, mask, record_report in results:
                 if record_report is not None:
                     report.merge(record_report)
                 if not is_document:
@@ -199,11 +243,13 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
                 bar.update(1)
                 if tokens is None:
                     continue
-                writer.add(tokens, images)
+                writer.add(tokens, images, mask)
                 report.documents_written += 1
                 report.images_placed += len(images)
-        writer.finalize(report, {"format": fmt, "inputs": files, "append_eod": append_eod,
-                                 "prepend_bos": prepend_bos})
+        extra = {"format": fmt, "inputs": files, "append_eod": append_eod, "prepend_bos": prepend_bos}
+        if conversational:
+            extra["conversation_template"] = template
+        writer.finalize(report, extra)
     except BaseException:
         writer.abort()
         raise
@@ -239,13 +285,16 @@ def merge_datasets(inputs: List[str], output: str) -> Dict:
 def _merge_datasets(inputs: List[str], output: str) -> Dict:
     metas = [read_meta(p) for p in inputs]
     for p, m in zip(inputs[1:], metas[1:]):
-        if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"]:
+        if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"] or \
+                bool(m.get("loss_mask")) != bool(metas[0].get("loss_mask")):
             raise ValueError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
-    writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"])
+    writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"], bool(metas[0].get("loss_mask")))
     report = Report()
     try:
         for p, m in zip(inputs, metas):
             writer.tokens.append_dataset(p)
+            if writer.loss_mask is not None:
+                writer.loss_mask.append_dataset(sidecar(p, "loss_mask"))
             if writer.multimodal:
                 spans = IndexedDataset(sidecar(p, "images"))
                 for d in range(spans.num_documents):
@@ -261,7 +310,9 @@ def _merge_datasets(inputs: List[str], output: str) -> Dict:
             report.merge(r)
         writer.finalize(report, {"format": metas[0].get("format"), "inputs": [i for m in metas for i in m.get("inputs", [])],
                                  "append_eod": metas[0].get("append_eod"), "prepend_bos": metas[0].get("prepend_bos"),
-                                 "merged_from": inputs})
+                                 "merged_from": inputs,
+                                 **({"conversation_template": metas[0]["conversation_template"]}
+                                    if "conversation_template" in metas[0] else {})})
     except BaseException:
         writer.abort()
         raise
@@ -283,7 +334,7 @@ def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
 
 
 def remove_dataset(prefix: str) -> None:
-    for base in (prefix, sidecar(prefix, "images"), sidecar(prefix, "table")):
+    for base in (prefix, sidecar(prefix, "images"), sidecar(prefix, "table"), sidecar(prefix, "loss_mask")):
         for ext in (".bin", ".idx"):
             if os.path.exists(base + ext):
                 os.remove(base + ext)

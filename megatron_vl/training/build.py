@@ -210,6 +210,15 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
                             "initialisation")
             log(f"loaded pretrained weights from {cfg.checkpoint.load}; newly initialised: {', '.join(missing)}")
         loaded_from = cfg.checkpoint.load
+    elif cfg.checkpoint.load and cfg.checkpoint.finetune:
+        from ..convert.merged_weights import merged_rank_weights
+        weights = merged_rank_weights(cfg.checkpoint.load, cfg, state.tp_rank, cfg.checkpoint.ckpt_step)
+        missing = _load_canonical(module, names, weights, cfg.checkpoint.load)
+        if missing:
+            raise CheckpointError(f"{cfg.checkpoint.load}: lacks {missing}")
+        log(f"--finetune: weights of {cfg.checkpoint.load} (adapters merged); iteration, optimizer, schedule "
+            "and data position start fresh")
+        loaded_from = cfg.checkpoint.load
     else:
         _load_canonical(module, names, initial_weights(module, names, cfg, state), "initialisation")
     if cfg.lora.lora_rank > 0:

@@ -76,6 +76,29 @@ def is_release(load_dir: str) -> bool:
     return read_latest(load_dir) == "release"
 
 
+STAGE_FILE = "stage.json"
+
+
+def write_stage(tag_dir: str, stage: str) -> None:
+    import json
+    with atomic_open(os.path.join(tag_dir, STAGE_FILE)) as fh:
+        json.dump({"stage": stage}, fh)
+
+
+def read_stage(load_dir: str, ckpt_step: Optional[int] = None) -> Optional[str]:
+    """The stage that wrote the checkpoint --load names ('pretrain', 'instruct'), None when
+    unrecorded (written before stages were recorded: pretraining) or absent."""
+    import json
+    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    if tag is None or tag == "release":
+        return None
+    try:
+        with open(os.path.join(load_dir, tag, STAGE_FILE)) as fh:
+            return json.load(fh).get("stage")
+    except (OSError, ValueError):
+        return None
+
+
 def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Dict[str, Any],
                     tracker: Optional[RNGStatesTracker], keep_last: Optional[int] = None,
                     log: Callable[[str], None] = print,

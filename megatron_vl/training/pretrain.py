@@ -101,9 +101,15 @@ class VLGPTTrainer(Trainer):
         # what the HF export needs to place the [IMG]/[/IMG] rows (LoRA row deltas)
         return {"image_token_ids": list(self.data.image_token_ids), "tokenizer": self.data.tokenizer}
 
+    stage = "pretrain"
+
     def resume(self) -> None:
         if not self.built.loaded_from:   # pretrained weights were loaded instead: a fresh run
             super().resume()
+
+    def write_export(self, tag_dir: str) -> None:
+        if self.rank == 0:   # which stage wrote it: finetune_instruct.py resumes its own, starts from others
+            ckpt.write_stage(tag_dir, self.stage)
 
     def log_window(self, losses, lr, grad_norm, seconds_per_step, loss_scale) -> None:
         stats = StepStats(self.iteration, self.cfg.training.train_iters, self.consumed, losses["lm"],
@@ -127,9 +133,13 @@ def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text 
     return build_parser(description)
 
 
-def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> VLGPTTrainer:
-    """Runs a whole pretraining job; returns the VLGPTTrainer (exit_code, history)."""
+def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None, stage: str = "pretrain",
+             prepare=None) -> VLGPTTrainer:
+    """Runs a whole pretraining job (or, with stage="instruct" and its `prepare(cfg)` check,
+    an instruction-tuning one); returns the VLGPTTrainer (exit_code, history)."""
     cfg, _ = load_config(argv, parser=parser(description) if description else parser())
+    if prepare is not None:
+        prepare(cfg)
     launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world))
     world = launch.world_size
     try:
@@ -142,19 +152,20 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
     c = cfg.checkpoint
     if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
-            ckpt.is_release(c.load) and ckpt.read_latest(c.save) not in (None, "release"):
+            (ckpt.is_release(c.load) or c.finetune) and ckpt.read_latest(c.save) not in (None, "release"):
         # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
         if rank == 0:
             print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
                   f"pretrained weights in {c.load}", flush=True)
-        c.load = c.save
+        c.load, c.finetune = c.save, False
     data = build_data(cfg, world)
     built = build_model(cfg, state, tracker, data.image_token_ids, log=print if rank == 0 else (lambda m: None))
     if device.type == "cuda":
         built.module.to(device)
     engine, _ = initialize_engine(cfg, state, built, world)
     trainer = VLGPTTrainer(cfg, state, engine, built, data, tracker, device, world)
-    trainer.log(f"VL-GPT: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, "
+    trainer.stage = stage
+    trainer.log(f"VL-GPT{' instruction tuning' if stage == 'instruct' else ''}: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, "
                 f"ZeRO-{effective_zero_stage(cfg)}, "
                 f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}, "
                 f"global batch {data.global_batch} (micro {cfg.training.micro_batch_size} x "
@@ -163,6 +174,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     return run_training(trainer, owns_group)
 
 
-def run(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None, description: Optional[str] = None, stage: str = "pretrain",
+        prepare=None) -> int:
     """pretrain() with errors reported as one line (configuration: exit 2, checkpoint: 1)."""
-    return exit_code(lambda: pretrain(argv, description))
+    return exit_code(lambda: pretrain(argv, description, stage, prepare))

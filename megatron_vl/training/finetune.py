@@ -1,0 +1,42 @@
+"""Stage 3, instruction tuning, on the pretraining engine (finetune_instruct.py is its entry
+point). What differs from pretraining is checked and decided here, before the run starts:
+
+- the data must be instruction data (preprocessed with an instruction --input-format: it
+  carries the loss mask, so the loss covers the answers only);
+- one conversation never attends to another (--reset-attention-mask is always on);
+- --load of a stage-2 checkpoint (or of any checkpoint not written by this stage) takes its
+  weights only (Megatron's --finetune: LoRA adapters and [IMG]/[/IMG] rows merged, fresh
+  optimizer, schedule and data position; stage 3 then trains new adapters); --load of a
+  stage-3 checkpoint resumes it; a release checkpoint (import-hf) loads as in pretraining.
+"""
+
+from __future__ import annotations
+
+from ..config import Config, ConfigError
+from ..data.dataset import parse_blend
+from ..data.preprocess import read_meta
+from . import checkpoint as ckpt
+
+STAGE = "instruct"
+# The paper's stage-3 recipe, before the user's flags (which override them).
+DEFAULTS = ["--lora-rank", "16", "--lora-alpha", "32", "--lr", "5e-5", "--min-lr", "0"]
+
+
+def prepare(cfg: Config) -> None:
+    errors = []
+    for prefix in parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []:
+        try:
+            meta = read_meta(prefix)
+        except (FileNotFoundError, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        if not meta.get("loss_mask"):
+            errors.append(f"{prefix}: not instruction data (no loss mask; format {meta.get('format')!r}): "
+                          "preprocess it with --input-format llava, coco-captions, instructpix2pix or magicbrush")
+    if not cfg.data.reset_attention_mask:
+        errors.append("--no-reset-attention-mask: instruction tuning keeps each conversation to itself")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    c = cfg.checkpoint
+    if c.load and not ckpt.is_release(c.load) and ckpt.read_latest(c.load) is not None:
+        c.finetune = ckpt.read_stage(c.load, c.ckpt_step) != STAGE
