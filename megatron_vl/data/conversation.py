@@ -84,7 +84,8 @@ class Template:
         first = True
         for turn in conv.turns:
             if turn.role == USER:
-                context += self.first_user_prefix if first and self.first_user_prefix is not None else self.user_prefix
+                prefix = self.first_user_prefix if first and self.first_user_prefix is not None else self.user_prefix
+                context += prefix.format(sys=self.system_prompt)
                 first = False
                 if turn.images:
                     pieces.append(Piece("text", context, False))

@@ -158,7 +158,7 @@ def laid_out_document(tokens: np.ndarray, spans: np.ndarray, cfg: PackingConfig,
         toks[out:out + n] = tokens[prev:pos]
         if loss_mask is not None:
             answer[out:out + n] = token_flags[prev:pos]
-            answer[out:out + block] = flags[image]
+            answer[out + n:out + n + block] = flags[image]
         out += n
         toks[out], toks[out + block - 1] = img_id, img_end_id
         imgs[out + 1:out + 1 + N] = image

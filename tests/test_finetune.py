@@ -1,0 +1,142 @@
+"""Stage 2 -> stage 3 on the tiny model: instruction data in the four formats (the sample
+corpus's), weights-only start from a stage-2 checkpoint with its LoRA merged (checked
+against the HF export's own merge at TP=2), the loss on answers falls, exact resume under
+the deepspeed launcher and torchrun, export, an answer from the export."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import run_tool
+from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, logged_losses, run_script, tiny_args
+
+FORMATS = {"llava": ("llava/llava_instruct.json", "llava/images"), "coco-captions": ("coco/dataset_coco.json", "coco"),
+           "instructpix2pix": ("instructpix2pix/train-00000.parquet", None),
+           "magicbrush": ("magicbrush/train-00000.parquet", None)}
+
+
+@pytest.fixture(scope="module")
+def instruct(vl_data, tmp_path_factory):
+    """The four instruction datasets (with image features) beside the pretraining data, and
+    a stage-2 checkpoint trained with LoRA at TP=2."""
+    root = os.path.dirname(os.path.dirname(vl_data))
+    sample, out = os.path.join(root, "sample"), tmp_path_factory.mktemp("instruct")
+    prefixes = []
+    for fmt, (path, images) in FORMATS.items():
+        run_tool("tools/preprocess_data.py", "--input-format", fmt, "--input", os.path.join(sample, path),
+                 *(["--image-root", os.path.join(sample, images)] if images else []), "--output-prefix",
+                 str(out / fmt), "--tokenizer-model", os.path.join(sample, "tokenizer.model"), "--no-progress")
+        prefixes.append(str(out / f"{fmt}_text_document"))
+    run_tool("tools/extract_image_features.py", "--init-from-clip", os.path.join(root, "clip"), "--num-image-tokens",
+             str(NUM_IMAGE_TOKENS), "--embed-dim", str(EMBED_DIM), "--tokenizer-heads", "2", "--data-prefix",
+             *prefixes, "--no-progress")
+    stage2 = out / "stage2"
+    run_script(["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "pretrain_vlgpt.py",
+                *tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--lora-rank", 4, "--save", stage2, iters=3)])
+    return prefixes, stage2
+
+
+def _port():
+    from megatron_vl.testing.distributed import free_port
+    return free_port()
+
+
+def blend(prefixes):
+    return [x for p, w in zip(prefixes, ("0.4", "0.2", "0.2", "0.2")) for x in (w, p)]
+
+
+def ft_args(vl_data, prefixes, *extra, iters=6):
+    args = tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--lora-rank", 4, "--lr", "2e-3",
+                     "--global-batch-size", 4, *extra, iters=iters)
+    i = args.index("--data-path")
+    return args[:i] + ["--data-path", *blend(prefixes)] + args[i + 2:]
+
+
+@pytest.mark.timeout(300)
+def test_stage2_lora_merges_like_the_hf_export(instruct, tmp_path):
+    from megatron_vl.config import load_config
+    from megatron_vl.convert.hf import hf_to_shards, load_hf_state_dict
+    from megatron_vl.convert.merged_weights import merged_rank_weights
+    _, stage2 = instruct
+    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", stage2, "--save", tmp_path / "hf",
+                "--merge-lora"])
+    cfg, _ = load_config(["--config", str(stage2 / open(stage2 / "latest").read() / "config.yaml")])
+    hf = load_hf_state_dict(str(tmp_path / "hf"))
+    shards = hf_to_shards({k: v.float() for k, v in hf.items()}, cfg.model, 2, 1)
+    for r in range(2):
+        ours = merged_rank_weights(str(stage2), cfg, r)
+        for name, expected in shards[(r, 0)].items():
+            if name == "embedding.word_embeddings.weight" or name == "head.output.weight":
+                expected = expected[:ours[name].shape[0]]
+                got = ours[name][:expected.shape[0]]
+            else:
+                got = ours[name]
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+        assert not any(".lora_" in k or "rows_delta" in k for k in ours)
+
+
+@pytest.mark.timeout(600)
+def test_finetune_from_stage2_resumes_exactly_and_the_export_answers(vl_data, instruct, tmp_path):
+    prefixes, stage2 = instruct
+    ckpt = tmp_path / "stage3"
+    args = ft_args(vl_data, prefixes, "--load", stage2, "--save", ckpt, "--save-interval", 3)
+    straight = run_script(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "finetune_instruct.py", *args],
+                          timeout=400)
+    assert f"--finetune: weights of {stage2} (adapters merged)" in straight
+    assert "VL-GPT instruction tuning: world 2 = tp 2 x pp 1 x dp 1" in straight
+    lines = logged_losses(straight)
+    assert sorted(lines) == [1, 2, 3, 4, 5, 6]
+    resumed = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "finetune_instruct.py",
+                          *ft_args(vl_data, prefixes, "--load", ckpt, "--ckpt-step", 3, "--save", ckpt)],
+                         timeout=400)
+    assert f"loaded checkpoint {ckpt}/iter_0000003 (iteration 3, 12 samples consumed)" in resumed
+    assert logged_losses(resumed) == {i: lines[i] for i in (4, 5, 6)}
+
+    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    from megatron_vl.data.conversation import ASSISTANT, USER, Conversation, Turn, encode_pieces, get_template
+    from transformers import AutoTokenizer
+    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", tmp_path / "hf"])
+    model = VLGPTForCausalLM.from_pretrained(str(tmp_path / "hf")).float()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    pieces = get_template("vicuna_v1").render(Conversation("q", [Turn(USER, "Name a color."), Turn(ASSISTANT, "")]))
+    prompt, _, _ = encode_pieces(pieces[:-1], lambda t: tok(t, add_special_tokens=False).input_ids,
+                                 tok.eos_token_id, tok.bos_token_id)
+    gen = model.generate(torch.tensor([prompt]), max_new_tokens=8)
+    assert gen.tokens.shape[1] > len(prompt)
+
+
+@pytest.mark.timeout(300)
+def test_the_loss_on_answers_falls(vl_data, instruct):
+    prefixes, stage2 = instruct
+    out = run_script(["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "finetune_instruct.py",
+                      *ft_args(vl_data, prefixes, "--load", stage2, "--log-interval", 5, "--lr", "3e-3", iters=40)],
+                     timeout=280)
+    lm = {i: float(v[1]) for i, v in logged_losses(out).items()}
+    assert lm[40] < 0.9 * lm[5] and lm[35] < 0.9 * lm[5], lm
+
+
+def test_pretraining_data_and_crossed_conversations_are_refused(vl_data, instruct):
+    prefixes, _ = instruct
+    out = run_script([PY, "finetune_instruct.py", *tiny_args(vl_data)], expect=2)
+    assert f"{vl_data}: not instruction data (no loss mask; format 'mmc4')" in out
+    out = run_script([PY, "finetune_instruct.py", *ft_args(vl_data, prefixes, "--no-reset-attention-mask",
+                                                           "--tensor-model-parallel-size", 1)], expect=2)
+    assert "--no-reset-attention-mask: instruction tuning keeps each conversation to itself" in out
+
+
+def test_no_pack_puts_one_conversation_per_sample(instruct):
+    from megatron_vl.data.dataset import PackedDataset
+    from megatron_vl.data.packing import PackingConfig
+    prefixes, _ = instruct
+    for pack in (True, False):
+        cfg = PackingConfig(seq_length=128, num_image_tokens=NUM_IMAGE_TOKENS, max_images=5, reset_attention_mask=True,
+                            pack_documents=pack, embed_dim=EMBED_DIM)
+        ds = PackedDataset(prefixes[0], cfg)
+        documents = [len(np.unique(ds.sample_in_order(j)["segment_ids"][:ds.sample_in_order(j)["num_positions"]]))
+                     for j in range(len(ds))]
+        if pack:
+            assert max(documents) > 1
+        else:
+            assert max(documents) == 1 and len(ds) >= ds.text.num_documents
