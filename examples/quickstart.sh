@@ -5,14 +5,17 @@
 #   SD 1.5 and IP-Adapter-Plus in their real layouts) -> image features from the trained
 #   tokenizer -> a tiny HF LLaMA imported (checked against transformers at TP=2) -> stage 2:
 #   VL-GPT pretrained on 2 CPU processes -> exported to Hugging Face format -> loaded with
-#   transformers for a greedy continuation -> an image reconstructed through the detokenizer
-#   and diffusers -> loss curves as a PNG.  About 4 minutes on 2 cores once installed.
+#   transformers for a greedy continuation -> stage 3: instruction tuning on the sample's
+#   LLaVA / COCO-captions / InstructPix2Pix / MagicBrush data, exported, answering a question ->
+#   an image reconstructed through the detokenizer and diffusers -> loss curves as a PNG.
+#   About 3 minutes on 2 cores once installed.
 #   OUT=dir bash examples/quickstart.sh     (default: quickstart_out/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-quickstart_out}
 ITERS=${ITERS:-200}
 STAGE1_ITERS=${STAGE1_ITERS:-40}
+STAGE3_ITERS=${STAGE3_ITERS:-40}
 PIP="python -m pip install --disable-pip-version-check -q"
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 step() { printf '\n== [%s] %s\n' "$(date +%T)" "$*"; }
@@ -76,10 +79,38 @@ python tools/generate.py --hf-dir "$OUT/vlgpt-hf" --max-new-tokens 16 --no-add-b
     --prompt "This page shows a few drawings. The picture shows a red circle above a" \
     --prompt "The picture shows a green"
 
-step "9. an image of the corpus reconstructed by stage 1: tokenizer -> detokenizer -> SD 1.5 + IP-Adapter-Plus"
+step "9. stage 3: instruction data (LLaVA json, COCO Karpathy json, InstructPix2Pix and MagicBrush parquet) -> \
+conversations with an answer-only loss mask -> features -> finetune_instruct.py from the stage-2 checkpoint (LoRA) -> export -> an answer"
+for fmt in llava coco-captions instructpix2pix magicbrush; do
+    case $fmt in
+        llava) input=("$OUT/sample/llava/llava_instruct.json" --image-root "$OUT/sample/llava/images");;
+        coco-captions) input=("$OUT/sample/coco/dataset_coco.json" --image-root "$OUT/sample/coco");;
+        *) input=("$OUT/sample/$fmt/train-00000.parquet");;
+    esac
+    python tools/preprocess_data.py --input-format "$fmt" --input "${input[@]}" --conversation-template vicuna_v1 \
+        --output-prefix "$OUT/data/$fmt" --tokenizer-model "$OUT/sample/tokenizer.model" --prepend-bos --no-progress
+done
+python tools/extract_image_features.py --image-tokenizer "$OUT/stage1/image_tokenizer" --no-progress \
+    --data-prefix "$OUT/data/llava_text_document" "$OUT/data/coco-captions_text_document" \
+                  "$OUT/data/instructpix2pix_text_document" "$OUT/data/magicbrush_text_document"
+python -m torch.distributed.run --nproc_per_node 2 finetune_instruct.py \
+    --data-path 0.4 "$OUT/data/llava_text_document" 0.2 "$OUT/data/coco-captions_text_document" \
+                0.2 "$OUT/data/instructpix2pix_text_document" 0.2 "$OUT/data/magicbrush_text_document" --split 95,5,0 \
+    --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2 \
+    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 \
+    --micro-batch-size 2 --global-batch-size 4 --train-iters "$STAGE3_ITERS" --lr 2e-3 --lr-warmup-iters 5 \
+    --num-workers 0 --log-interval 10 --eval-interval 1000 --eval-iters 2 \
+    --load "$OUT/ckpt-vlgpt" --save "$OUT/ckpt-instruct" 2>&1 | tee "$OUT/finetune.log"
+python tools/convert_checkpoint.py export-hf --load "$OUT/ckpt-instruct" --save "$OUT/vlgpt-i-hf" --merge-lora \
+    --image-tokenizer "$OUT/stage1/image_tokenizer" --image-detokenizer "$OUT/stage1/image_detokenizer"
+python tools/generate.py --hf-dir "$OUT/vlgpt-i-hf" --max-new-tokens 12 --no-add-bos \
+    --prompt "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, \
+detailed, and polite answers to the user's questions. USER: Name a shape that could be red. ASSISTANT:"
+
+step "10. an image of the corpus reconstructed by stage 1: tokenizer -> detokenizer -> SD 1.5 + IP-Adapter-Plus"
 python tools/reconstruct_images.py --export "$OUT/stage1" --images "$OUT/sample/mmc4/images/$(ls "$OUT/sample/mmc4/images" | head -1)" \
     --mode all --steps 10 --output "$OUT/reconstruction"
 
-step "10. loss curves -> $OUT/loss.png"
+step "11. loss curves -> $OUT/loss.png"
 python tools/plot_loss.py --log "$OUT/pretrain.log" --output "$OUT/loss.png" --title "quickstart: tiny VL-GPT on 2 CPU processes"
-step "done: outputs in $OUT/ (export: $OUT/vlgpt-hf, stage 1: $OUT/stage1, reconstruction: $OUT/reconstruction, curves: $OUT/loss.png)"
+step "done: outputs in $OUT/ (export: $OUT/vlgpt-hf, stage 1: $OUT/stage1, stage 3: $OUT/vlgpt-i-hf, reconstruction: $OUT/reconstruction, curves: $OUT/loss.png)"

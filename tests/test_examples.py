@@ -93,7 +93,10 @@ def check_entry_point(script, argv, world):
             return deepspeed_config(cfg, world)
         except ConfigError as exc:
             pytest.fail(f"{script} at world size {world}: {exc}")
-    if os.path.basename(script) == "pretrain_vlgpt.py":
+    if os.path.basename(script) == "finetune_instruct.py":   # it runs with its defaults before the flags
+        from megatron_vl.training.finetune import DEFAULTS
+        argv = DEFAULTS + list(argv)
+    if os.path.basename(script) in ("pretrain_vlgpt.py", "finetune_instruct.py"):
         cfg, _ = load_config(argv, parser=module.build_parser())
         try:
             return deepspeed_config(cfg, world)
@@ -190,8 +193,9 @@ def test_quickstart_script(tmp_path):
     names = [os.path.basename(p[2]) for p in points]
     assert names[names.index("train_tokenizer.py"):names.index("train_tokenizer.py") + 3] == [
         "train_tokenizer.py", "export_tokenizer.py", "extract_image_features.py"]
-    assert names[-5:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py", "reconstruct_images.py",
-                          "plot_loss.py"]
+    assert names[-13:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py"] + ["preprocess_data.py"] * 4 + [
+        "extract_image_features.py", "finetune_instruct.py", "convert_checkpoint.py", "generate.py",
+        "reconstruct_images.py", "plot_loss.py"]
     for launcher, world, script, argv in points:
         check_entry_point(script, argv, world)
 
@@ -246,3 +250,21 @@ def test_train_tokenizer_script_has_the_paper_settings(tmp_path):
     assert (m.num_image_tokens, m.visual_embed_dim, m.lambda_image, m.lambda_text) == (32, 4096, 1.0, 1.0)
     assert ds["train_batch_size"] == 1024 and ds["gradient_accumulation_steps"] == 4
     assert len(cfg.data.train_shards) == 6   # three weighted sources
+
+
+def test_finetune_instruct_script_has_the_paper_settings(tmp_path):
+    calls = run_recorded(os.path.join(ROOT, "examples/finetune_instruct.sh"), tmp_path, DATA=str(tmp_path / "data"))
+    points = entry_points(calls)
+    names = [os.path.basename(p[2]) for p in points]
+    assert names == ["preprocess_data.py"] * 5 + ["extract_image_features.py", "finetune_instruct.py",
+                                                   "convert_checkpoint.py"]
+    for launcher, world, script, argv in points:
+        check_entry_point(script, argv, world)
+    launcher, world, script, argv = points[6]
+    assert (launcher, world) == ("deepspeed", 4)
+    from megatron_vl.training.finetune import DEFAULTS
+    cfg, _ = load_config(DEFAULTS + argv)
+    # VL-GPT-I: LoRA, lr 5e-5, global batch 512, 10k iterations, 4 GPUs.
+    assert (cfg.lora.lora_rank > 0, cfg.optimizer.lr, cfg.training.global_batch_size, cfg.training.train_iters) == \
+        (True, 5e-5, 512, 10000)
+    assert cfg.data.reset_attention_mask and len(cfg.data.data_path) == 10
