@@ -16,7 +16,9 @@ from ..model.lora import PARTS
 from .hf import CheckpointError, layer_map
 from .training_checkpoint import Tensors, read_training_checkpoint
 
+# Row-parallel parts split A over TP (B replicated); the others split B (A replicated).
 _ROW_PARTS = ("o", "down")
+# LoRA part -> our fused projection's path inside a layer (q -> attention.qkv, ...)
 _MODULE_OF = {part: (("attention." if attr in ("qkv", "out") else "mlp.") + attr)
               for attr, parts in PARTS.items() for part in parts}
 ARCHITECTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

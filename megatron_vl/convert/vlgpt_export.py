@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import save_file
 
 from ..data.tokenizer import IMG, IMG_END, add_image_tokens
-from ..model.lora import HF_PROJ, PARTS
+from ..model.lora import HF_PROJ
 from .hf import CheckpointError, atomic_directory, check_output_dir, hf_config_from_model, shards_to_hf, write_hf_files
+from .merged_weights import _MODULE_OF, _ROW_PARTS
 from .training_checkpoint import TrainedWeights, read_training_checkpoint
 
 VLGPT_CONFIG = "vlgpt_config.json"
@@ -41,11 +42,6 @@ IMAGE_DETOKENIZER_DIR = "image_detokenizer"
 FORMAT_VERSION = 1
 HEADS = {"embedding.visual_proj.weight": "visual_proj.weight", "embedding.visual_proj.bias": "visual_proj.bias",
          "head.regression.weight": "regression.weight", "head.regression.bias": "regression.bias"}
-# Row-parallel parts split A over TP (B replicated); the others split B (A replicated).
-_ROW_PARTS = ("o", "down")
-# LoRA part -> our fused projection's path inside a layer (q -> attention.qkv, ...)
-_MODULE_OF = {part: (("attention." if attr in ("qkv", "out") else "mlp.") + attr)
-              for attr, parts in PARTS.items() for part in parts}
 
 
 @dataclass
