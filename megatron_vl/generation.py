@@ -1,0 +1,264 @@
+"""Any-to-any generation from a VL-GPT export: prompts that mix text and images in, text and
+images out, batched.
+
+- Prompts: text where ``<image>`` marks each image (PIL images or files), tokenized by the
+  export's tokenizer; each image becomes ``[IMG] v_0 .. v_{N-1} [/IMG]`` with v = the export's
+  image tokenizer's embeddings (or given embeddings).
+- Decoding, per sequence, as VL-GPT decodes: text by greedy / temperature / top-k / top-p
+  sampling until ``[IMG]``; then N embeddings, each the regression head's prediction fed back
+  through the visual projection; then ``[/IMG]`` and text again. A text-to-image mode forces
+  ``[IMG]`` after the prompt and stops after the image.
+- Batches: prompts of different lengths are left-padded (attention mask; positions count
+  from each prompt's first real element), one KV cache (transformers' DynamicCache); stop at
+  EOS, at a stop string, or after max_new_tokens. Every tensor lives on the model's device
+  and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+IMAGE_TAG = "<image>"
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0       # 0: greedy
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1: off
+    stop: Sequence[str] = ()
+    seed: int = 0
+    text_to_image: bool = False    # force [IMG] after the prompt; stop after the image
+    text_only: bool = False        # never open an image ([IMG]/[/IMG] suppressed): answers, captions
+
+
+@dataclass
+class Prompt:
+    tokens: List[int]
+    visual: List[Optional[torch.Tensor]] = field(default_factory=list)   # per element: [d] or None
+
+
+@dataclass
+class Generation:
+    text: str                      # the generated text (images as "<image>")
+    tokens: List[int]              # generated elements (0 at visual positions)
+    images: List[torch.Tensor]     # each [N, d], in order
+    stopped_by: str                # "eos", "stop string", "max tokens", "image"
+
+
+def build_prompt(text: str, tokenize, image_embeds: Sequence[torch.Tensor], img_id: int, img_end_id: int,
+                 bos_id: Optional[int] = None) -> Prompt:
+    """Text with ``<image>`` tags + one [N, d] embedding block per tag -> a Prompt."""
+    parts = text.split(IMAGE_TAG)
+    if len(parts) - 1 != len(image_embeds):
+        raise ValueError(f"prompt has {len(parts) - 1} {IMAGE_TAG} tag(s) and {len(image_embeds)} image(s)")
+    p = Prompt([bos_id] if bos_id is not None else [], [None] if bos_id is not None else [])
+    for i, part in enumerate(parts):
+        if part:
+            ids = tokenize(part)
+            p.tokens += ids
+            p.visual += [None] * len(ids)
+        if i < len(image_embeds):
+            block = image_embeds[i]
+            p.tokens += [img_id] + [0] * block.shape[0] + [img_end_id]
+            p.visual += [None] + list(block) + [None]
+    return p
+
+
+def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """[b, vocab] -> [b] next tokens."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > s.top_p        # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optional[int] = None,
+             decode=None, pad_id: int = 0) -> List[Generation]:
+    """Generates for every prompt in one batch; `decode(ids) -> str` for stop strings and text."""
+    from transformers import DynamicCache
+    lm = model.causal_lm
+    dev = model.regression.weight.device
+    dtype = model.regression.weight.dtype
+    img, img_end = model.image_token_ids["[IMG]"], model.image_token_ids["[/IMG]"]
+    n_visual, d = model.config["num_image_tokens"], model.config["visual_embed_dim"]
+    b = len(prompts)
+    prompts = [Prompt(p.tokens + [img], p.visual + [None]) if sampling.text_to_image else p for p in prompts]
+    width = max(len(p.tokens) for p in prompts)
+    ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
+    vis = torch.zeros(b, width, d, device=dev, dtype=dtype)
+    vmask = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    attn = torch.zeros(b, width, dtype=torch.long, device=dev)
+    for r, p in enumerate(prompts):
+        off = width - len(p.tokens)                      # left padding
+        ids[r, off:] = torch.tensor(p.tokens, device=dev)
+        attn[r, off:] = 1
+        for j, v in enumerate(p.visual):
+            if v is not None:
+                vis[r, off + j] = v.to(dev, dtype)
+                vmask[r, off + j] = True
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    hidden = lm.model(inputs_embeds=model.embed(ids, vis, vmask), attention_mask=attn, position_ids=positions,
+                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+    next_pos = positions[:, -1:] + 1
+    # Per-row state: visual positions still to generate in the open image, whether [/IMG] is next.
+    remaining, close_next = [0] * b, [False] * b
+    for r, p in enumerate(prompts):
+        trailing = 0
+        while trailing < len(p.visual) and p.visual[-1 - trailing] is not None:
+            trailing += 1
+        opened = trailing < len(p.tokens) and p.tokens[-1 - trailing] == img
+        remaining[r] = n_visual - trailing if opened else 0
+        close_next[r] = opened and remaining[r] == 0
+    out_tokens: List[List[int]] = [[] for _ in range(b)]
+    out_visual: List[List[bool]] = [[] for _ in range(b)]
+    out_images: List[List[torch.Tensor]] = [[] for _ in range(b)]
+    current: List[List[torch.Tensor]] = [[] for _ in range(b)]
+    done: List[Optional[str]] = [None] * b
+    generator = torch.Generator().manual_seed(sampling.seed)
+    for _ in range(sampling.max_new_tokens):
+        if all(done):
+            break
+        logits = lm.lm_head(hidden)[:, -1]
+        if sampling.text_only:
+            logits[:, [img, img_end]] = float("-inf")
+        picked = _pick(logits, sampling, generator)
+        regressed = model.regression(hidden)[:, -1]                   # [b, d]
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        is_visual = torch.zeros(b, dtype=torch.bool, device=dev)
+        for r in range(b):
+            if done[r]:
+                continue
+            if remaining[r] > 0:
+                is_visual[r] = True
+                current[r].append(regressed[r].float().cpu())
+                out_tokens[r].append(0)
+                out_visual[r].append(True)
+                remaining[r] -= 1
+                close_next[r] = remaining[r] == 0
+                continue
+            if close_next[r]:
+                token, close_next[r] = img_end, False
+                out_images[r].append(torch.stack(current[r]))
+                current[r] = []
+            else:
+                token = int(picked[r])
+                remaining[r] = n_visual if token == img else 0
+            tokens[r] = token
+            out_tokens[r].append(token)
+            out_visual[r].append(False)
+            if token == img_end and sampling.text_to_image:
+                done[r] = "image"
+            elif eos_id is not None and token == eos_id:
+                done[r] = "eos"
+            elif sampling.stop and decode is not None and token != img_end:
+                text = decode([t for t in out_tokens[r] if t not in (0, img, img_end)])
+                if any(s in text for s in sampling.stop):
+                    done[r] = "stop string"
+        step = torch.where(is_visual[:, None, None], model.visual_proj(regressed[:, None].to(dtype)),
+                           lm.get_input_embeddings()(tokens[:, None]))
+        attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], 1)
+        hidden = lm.model(inputs_embeds=step, attention_mask=attn, position_ids=next_pos, past_key_values=cache,
+                          use_cache=True).last_hidden_state
+        next_pos = next_pos + 1
+    results = []
+    for r in range(b):
+        if current[r]:
+            out_images[r].append(torch.stack(current[r]))
+        text = ""
+        if decode is not None:   # text runs decoded; each image (its visual run) as <image>
+            pieces, run, prev_visual = [], [], False
+            for tok, visual in zip(out_tokens[r], out_visual[r]):
+                if visual and not prev_visual:
+                    if run:
+                        pieces.append(decode(run))
+                        run = []
+                    pieces.append(IMAGE_TAG)
+                elif not visual and tok not in (img, img_end):
+                    run.append(tok)
+                prev_visual = visual
+            if run:
+                pieces.append(decode(run))
+            text = "".join(pieces)
+            for stop in sampling.stop:
+                if stop in text:
+                    text = text[:text.index(stop)]
+        results.append(Generation(text, out_tokens[r], out_images[r], done[r] or "max tokens"))
+    return results
+
+
+class Generator:
+    """An export loaded for generation: its tokenizer, image tokenizer (prompt images) and,
+    when it ships one, its image detokenizer (images out, through diffusers)."""
+
+    def __init__(self, export_dir: str, device="cpu", dtype: Optional[torch.dtype] = None, add_bos: bool = True):
+        import os
+        from transformers import AutoTokenizer
+        from .modeling_vlgpt import VLGPTForCausalLM
+        self.dir = export_dir
+        self.model = VLGPTForCausalLM.from_pretrained(export_dir, dtype=dtype).to(device).eval()
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(export_dir)
+        self.add_bos = add_bos
+        self.processor = None
+        if self.model.image_tokenizer is not None:
+            from .model.image_tokenizer import load_image_processor
+            self.processor = load_image_processor(os.path.join(export_dir, self.model.config["image_tokenizer"]))
+        self.detokenizer_dir = os.path.join(export_dir, self.model.config["image_detokenizer"]) \
+            if self.model.config.get("image_detokenizer") else None
+        self._decoder = None
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence) -> List[torch.Tensor]:
+        """PIL images -> [N, d] each, by the export's image tokenizer."""
+        if not images:
+            return []
+        if self.model.image_tokenizer is None:
+            raise ValueError(f"{self.dir} ships no image tokenizer (export-hf --image-tokenizer): prompts cannot "
+                             "hold images")
+        tok = self.model.image_tokenizer
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        p = next(tok.parameters())
+        return list(tok(pixels.to(p.device, p.dtype)).float())
+
+    def prompt(self, text: str, images: Sequence = ()) -> Prompt:
+        ids = self.model.image_token_ids
+        bos = self.tokenizer.bos_token_id if self.add_bos else None
+        return build_prompt(text, self.encode, self.image_embeddings(images), ids["[IMG]"], ids["[/IMG]"], bos)
+
+    def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> List[Generation]:
+        return generate(self.model, prompts, sampling, self.tokenizer.eos_token_id, self.decode,
+                        pad_id=self.tokenizer.pad_token_id or 0)
+
+    def decoder(self, **kw):
+        if self._decoder is None:
+            if self.detokenizer_dir is None:
+                raise ValueError(f"{self.dir} ships no image detokenizer (export-hf --image-detokenizer): generated "
+                                 "images cannot be turned into pixels")
+            from .model.image_detokenizer import ImageDetokenizer
+            from .stage1.decode import DiffusionDecoder
+            self._decoder = DiffusionDecoder(ImageDetokenizer.from_pretrained(self.detokenizer_dir),
+                                             device=self.device, **kw)
+        return self._decoder
