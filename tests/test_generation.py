@@ -9,30 +9,7 @@ import pytest
 import torch
 
 from megatron_vl.generation import Generator, Prompt, Sampling, build_prompt, generate
-from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script, tiny_args
-
-
-@pytest.fixture(scope="module")
-def export(vl_data, tmp_path_factory):
-    from megatron_vl.model.detokenizer_targets import condition_shapes
-    from megatron_vl.model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig
-    from megatron_vl.model.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, load_image_processor
-    from megatron_vl.testing.tiny_models import save_tiny_ip_adapter, save_tiny_sd
-    d = tmp_path_factory.mktemp("generation")
-    root = os.path.dirname(os.path.dirname(vl_data))
-    clip = os.path.join(root, "clip")
-    ImageTokenizer.from_clip(clip, ImageTokenizerConfig(NUM_IMAGE_TOKENS, EMBED_DIM, 1, 2)).save_pretrained(
-        str(d / "image_tokenizer"), load_image_processor(clip))
-    save_tiny_sd(str(d / "sd"))
-    save_tiny_ip_adapter(str(d / "ip"), str(d / "sd"), "ip.safetensors")
-    shapes = condition_shapes(str(d / "ip" / "image_encoder"), str(d / "sd"))
-    ImageDetokenizer(ImageDetokenizerConfig(EMBED_DIM, *shapes, width=32, num_layers=1, num_heads=2,
-                                            sd_dir=str(d / "sd"), ip_adapter_dir=str(d / "ip"),
-                                            ip_adapter_weight="ip.safetensors")).save_pretrained(str(d / "detok"))
-    run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--save", d / "ckpt", iters=3)])
-    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", d / "ckpt", "--save", d / "hf",
-                "--image-tokenizer", d / "image_tokenizer", "--image-detokenizer", d / "detok"])
-    return d / "hf"
+from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script
 
 
 @pytest.fixture(scope="module")
