@@ -25,6 +25,8 @@ setup(
         "pyarrow",
         "webdataset",
         "diffusers>=0.30",  # stage 1: SD 1.5 + IP-Adapter-Plus decoding
+        "pycocoevalcap",    # CIDEr (its PTB tokenizer runs Java)
+        "torchmetrics",     # FID (Inception-v3 from a local file also needs torch-fidelity + torchvision)
         "pillow",
         "tensorboard",     # --tensorboard-dir
         "matplotlib",      # tools/plot_loss.py

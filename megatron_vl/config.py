@@ -178,6 +178,16 @@ class LoopConfig:
 class TrainingConfig(LoopConfig):
     recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
     visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
+    eval_tasks: List[str] = opt(
+        help="Benchmarks run on the training model at each --eval-interval and logged beside the losses "
+        "(coco_caption vqav2 okvqa vizwiz gqa; tools/evaluate.py's tasks).", factory=list)
+    eval_tasks_config: Optional[str] = opt(
+        None, "JSON {task: {questions, annotations, train_questions, train_annotations, image_root, "
+        "image_pattern}} naming each --eval-tasks task's local files.")
+    eval_image_tokenizer: Optional[str] = opt(
+        None, "The image tokenizer directory that made the data's features (it tokenizes the tasks' images).")
+    eval_max_items: int = opt(50, "Items per --eval-tasks task (the first ones of its file).")
+    eval_shots: List[int] = opt(help="Shot counts of the --eval-tasks prompts.", factory=lambda: [0])
 
 
 @dataclass
@@ -424,6 +434,8 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--rope-scaling-type {m.rope_scaling_type!r}: expected none or llama3")
     if not errors and tp * pp <= world_size:
         errors += training_errors(cfg, world_size)
+    from .eval.in_training import check_eval_tasks   # (late: evaluation imports the model side)
+    errors += check_eval_tasks(cfg)
     raise_errors(errors)
 
 

@@ -273,3 +273,37 @@ def test_text_to_image_task_scores_fid_and_clip_score(export, annotations, tmp_p
     r = evaluate(Generator(str(export)), "t2i", args, [0])
     figures = r["shots"][0]
     assert figures["count"] == 3 and figures["FID"] >= 0 and 0 <= figures["CLIP score"] <= 100
+
+
+@pytest.mark.timeout(400)
+def test_tasks_run_on_the_training_model_at_the_eval_interval(vl_data, annotations, tmp_path):
+    """ZeRO-3 on 2 ranks: every rank answers every item in lockstep; rank 0 prints, the
+    reporting rank logs the figures to TensorBoard beside the losses."""
+    from megatron_vl.model.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, load_image_processor
+    from megatron_vl.testing.distributed import free_port
+    from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, logged_losses, tiny_args
+    clip = os.path.join(os.path.dirname(os.path.dirname(vl_data)), "clip")
+    ImageTokenizer.from_clip(clip, ImageTokenizerConfig(NUM_IMAGE_TOKENS, EMBED_DIM, 1, 2)).save_pretrained(
+        str(tmp_path / "itok"), load_image_processor(clip))
+    a = annotations
+    json.dump({"vqav2": {"questions": str(a / "q.json"), "annotations": str(a / "a.json"),
+                         "train_questions": str(a / "q.json"), "train_annotations": str(a / "a.json"),
+                         "image_root": str(a / "val2014")},
+               "coco_caption": {"annotations": str(a / "dataset_coco.json"), "image_root": str(a)}},
+              open(tmp_path / "tasks.json", "w"))
+    out = run_script(["torchrun", "--nproc_per_node", 2, "--master_port", free_port(), "pretrain_vlgpt.py",
+                      *tiny_args(vl_data, "--zero-stage", 3, "--eval-interval", 1, "--eval-tasks", "vqav2",
+                                 "coco_caption", "--eval-tasks-config", tmp_path / "tasks.json",
+                                 "--eval-image-tokenizer", tmp_path / "itok", "--eval-max-items", 2,
+                                 "--eval-shots", 0, 1, "--tensorboard-dir", tmp_path / "tb", iters=2)], timeout=380)
+    assert sorted(logged_losses(out)) == [1, 2]
+    lines = [line for line in out.splitlines() if line.startswith("evaluation at iteration")]
+    assert [line.split(" |")[0] for line in lines] == ["evaluation at iteration 1", "evaluation at iteration 2"]
+    for part in ("vqav2 0-shot accuracy: ", "vqav2 1-shot accuracy: ", "coco_caption 0-shot CIDEr: "):
+        assert part in lines[0], lines[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"eval/vqav2/accuracy_0shot", "eval/coco_caption/CIDEr_1shot", "train/lm_loss"} <= set(events.Tags()["scalars"])
+    bad = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--eval-tasks", "vqav2")], expect=2)
+    assert "--eval-tasks needs --eval-tasks-config" in bad

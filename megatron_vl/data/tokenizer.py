@@ -41,6 +41,7 @@ class Tokenizer:
             self.eod_id = self._sp.eos_id()
             self.bos_id = self._sp.bos_id()
             self._encode = lambda text: self._sp.encode_as_ids(text)
+            self._decode = lambda ids: self._sp.decode_ids([i for i in ids if i < base])
         elif kind == "hf":
             from transformers import AutoTokenizer
             try:
@@ -52,6 +53,7 @@ class Tokenizer:
             self.eod_id = self._hf.eos_token_id
             self.bos_id = self._hf.bos_token_id
             self._encode = lambda text: self._hf(text, add_special_tokens=False)["input_ids"]
+            self._decode = lambda ids: self._hf.decode(list(ids))
         else:
             raise TokenizerError(f"unknown --tokenizer-type {kind!r} (sentencepiece or hf)")
         if self.eod_id is None or self.eod_id < 0:
@@ -59,6 +61,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> List[int]:
         return list(self._encode(text))
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids])
 
     def meta(self) -> Dict:
         return {"type": self.kind, "model": self.model, "vocab_size": self.vocab_size, "eod_id": self.eod_id,

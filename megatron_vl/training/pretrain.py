@@ -36,6 +36,7 @@ class VLGPTTrainer(Trainer):
         t = cfg.training
         self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
         self.kernels_logged = False
+        self.evaluator = None        # built at the first --eval-tasks evaluation
 
     # --- data ---------------------------------------------------------------------------
     def batches(self, consumed: int):
@@ -69,8 +70,32 @@ class VLGPTTrainer(Trainer):
     # --- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> None:
-        if self.data.valid is None:
-            return
+        if self.data.valid is not None:
+            self._held_out_loss()
+        if self.cfg.training.eval_tasks:
+            self._eval_tasks()
+
+    @torch.no_grad()
+    def _eval_tasks(self) -> None:
+        from ..eval.in_training import TrainingEvaluator
+        if self.evaluator is None:
+            self.evaluator = TrainingEvaluator(self.cfg, self.engine, self.device, self.data.tokenizer,
+                                               self.data.image_token_ids)
+        self.engine.eval()
+        results = self.evaluator.run()
+        self.engine.train()
+        scalars, parts = {}, []
+        for task, by_shots in results.items():
+            for shots, figures in by_shots.items():
+                for metric, value in figures.items():
+                    if isinstance(value, (int, float)) and metric != "count":
+                        scalars[f"eval/{task}/{metric}_{shots}shot"] = value
+                        parts.append(f"{task} {shots}-shot {metric}: {value:.2f}")
+        self.log(f"evaluation at iteration {self.iteration} | " + " | ".join(parts))
+        self.sinks.scalars(scalars, self.iteration)
+
+    @torch.no_grad()
+    def _held_out_loss(self) -> None:
         t = self.cfg.training
         total = t.eval_iters * self.data.global_batch
         batches = self._batches(self.data.valid, 0, total, digest=False)
