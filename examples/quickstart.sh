@@ -5,7 +5,7 @@
 #   SD 1.5 and IP-Adapter-Plus in their real layouts) -> image features from the trained
 #   tokenizer -> a tiny HF LLaMA imported (checked against transformers at TP=2) -> stage 2:
 #   VL-GPT pretrained on 2 CPU processes -> exported to Hugging Face format -> loaded with
-#   transformers for a greedy continuation -> stage 3: instruction tuning on the sample's
+#   transformers for a greedy continuation and a generated image -> stage 3: instruction tuning on the sample's
 #   LLaVA / COCO-captions / InstructPix2Pix / MagicBrush data, exported, answering a question ->
 #   an image reconstructed through the detokenizer and diffusers -> loss curves as a PNG.
 #   About 3 minutes on 2 cores once installed.
@@ -74,10 +74,12 @@ step "7. export the checkpoint to Hugging Face format -> $OUT/vlgpt-hf"
 python tools/convert_checkpoint.py export-hf --load "$OUT/ckpt-vlgpt" --save "$OUT/vlgpt-hf" \
     --image-tokenizer "$OUT/stage1/image_tokenizer" --image-detokenizer "$OUT/stage1/image_detokenizer"
 
-step "8. load the export with transformers (LlamaForCausalLM + tokenizer) and continue prompts greedily"
+step "8. generate from the export (transformers + its visual ends): text, and images out through the detokenizer + diffusers"
 python tools/generate.py --hf-dir "$OUT/vlgpt-hf" --max-new-tokens 16 --no-add-bos \
     --prompt "This page shows a few drawings. The picture shows a red circle above a" \
     --prompt "The picture shows a green"
+python tools/generate.py --hf-dir "$OUT/vlgpt-hf" --no-add-bos --prompt "A photo of a red circle" --text-to-image \
+    --image-out "$OUT/generated" --diffusion-steps 10
 
 step "9. stage 3: instruction data (LLaVA json, COCO Karpathy json, InstructPix2Pix and MagicBrush parquet) -> \
 conversations with an answer-only loss mask -> features -> finetune_instruct.py from the stage-2 checkpoint (LoRA) -> export -> an answer"

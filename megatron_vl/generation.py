@@ -46,8 +46,9 @@ class Prompt:
 class Generation:
     text: str                      # the generated text (images as "<image>")
     tokens: List[int]              # generated elements (0 at visual positions)
-    images: List[torch.Tensor]     # each [N, d], in order
+    images: List[torch.Tensor]     # each complete image's [N, d], in order
     stopped_by: str                # "eos", "stop string", "max tokens", "image"
+    partial: Optional[torch.Tensor] = None   # [n < N, d]: an image max_new_tokens cut short
 
 
 def build_prompt(text: str, tokenize, image_embeds: Sequence[torch.Tensor], img_id: int, img_end_id: int,
@@ -179,8 +180,7 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
         next_pos = next_pos + 1
     results = []
     for r in range(b):
-        if current[r]:
-            out_images[r].append(torch.stack(current[r]))
+        partial = torch.stack(current[r]) if current[r] else None   # not an image: never decoded
         text = ""
         if decode is not None:   # text runs decoded; each image (its visual run) as <image>
             pieces, run, prev_visual = [], [], False
@@ -199,7 +199,7 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
             for stop in sampling.stop:
                 if stop in text:
                     text = text[:text.index(stop)]
-        results.append(Generation(text, out_tokens[r], out_images[r], done[r] or "max tokens"))
+        results.append(Generation(text, out_tokens[r], out_images[r], done[r] or "max tokens", partial))
     return results
 
 

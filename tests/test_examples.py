@@ -193,7 +193,8 @@ def test_quickstart_script(tmp_path):
     names = [os.path.basename(p[2]) for p in points]
     assert names[names.index("train_tokenizer.py"):names.index("train_tokenizer.py") + 3] == [
         "train_tokenizer.py", "export_tokenizer.py", "extract_image_features.py"]
-    assert names[-13:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py"] + ["preprocess_data.py"] * 4 + [
+    assert names[-14:] == ["pretrain_vlgpt.py", "convert_checkpoint.py", "generate.py", "generate.py"] + \
+        ["preprocess_data.py"] * 4 + [
         "extract_image_features.py", "finetune_instruct.py", "convert_checkpoint.py", "generate.py",
         "reconstruct_images.py", "plot_loss.py"]
     for launcher, world, script, argv in points:

@@ -117,11 +117,14 @@ def main(argv=None):
             for j, picture in enumerate(pictures):
                 paths.append(os.path.join(args.image_out, f"{i:03d}_{j}.png"))
                 picture.save(paths[-1])
+        cut = "" if result.partial is None else f"an image cut short after {len(result.partial)} of its " \
+            f"{gen.model.config['num_image_tokens']} embeddings (--max-new-tokens)"
         if args.json:
             print(json.dumps({"prompt": text, "text": result.text, "images": paths, "num_images": len(result.images),
-                              "stopped_by": result.stopped_by}), flush=True)
+                              "stopped_by": result.stopped_by, "note": cut}), flush=True)
         else:
-            print(f"prompt: {text!r}\n  -> {result.text!r}" + "".join(f"\n  image: {p}" for p in paths), flush=True)
+            print(f"prompt: {text!r}\n  -> {result.text!r}" + "".join(f"\n  image: {p}" for p in paths)
+                  + (f"\n  note: {cut}, not decoded" if cut else ""), flush=True)
     return 0
 
 
