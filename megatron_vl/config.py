@@ -97,6 +97,9 @@ class DataParallelConfig:
     distributed_backend: str = opt(
         "auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.",
         choices=["auto", "nccl", "gloo"])
+    distributed_timeout_minutes: int = opt(
+        10, "Timeout of the process group's collectives (Megatron's flag): a rank that waits longer for the "
+        "others fails instead of hanging.")
 
     def model_parallel(self):
         """(tensor-parallel size, pipeline stages)."""

@@ -135,3 +135,27 @@ def test_padded_vocab():
     assert cfg.model.padded_vocab_size(1) == 32128
     assert cfg.model.padded_vocab_size(2) == 32256
     assert cfg.model.padded_vocab_size(8) == 32768  # 1024 x 32
+
+
+def test_distributed_timeout_minutes_reaches_the_process_group(monkeypatch):
+    """Megatron's --distributed-timeout-minutes: the process group's collective timeout."""
+    import datetime
+    import torch.distributed as dist
+    from megatron_vl.parallel import state
+    from megatron_vl.parallel.launcher import detect_launch
+    cfg, _ = load_config(["--distributed-timeout-minutes", "45"])
+    assert cfg.parallel.distributed_timeout_minutes == 45
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    import os
+    saved = dict(os.environ)   # init_distributed exports RANK etc. for DeepSpeed: put them back after
+    try:
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+        state.init_distributed("gloo", single_process_group=True, launch=detect_launch(),
+                               timeout_minutes=cfg.parallel.distributed_timeout_minutes)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert seen["timeout"] == datetime.timedelta(minutes=45)

@@ -13,7 +13,7 @@ from megatron_vl.model.detokenizer_targets import ImageConditionEncoder, conditi
 from megatron_vl.model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig
 from megatron_vl.stage1.decode import MODES, DiffusionDecoder
 from megatron_vl.testing.tiny_models import save_tiny_ip_adapter, save_tiny_ip_image_encoder, save_tiny_sd
-from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script, tiny_args
+from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script
 
 LAYOUTS = ["ip-adapter-plus_sd15.bin", "ip-adapter-plus_sd15.safetensors"]
 
@@ -84,19 +84,16 @@ def test_guidance_negatives_are_diffusers_own_and_modes_route_the_conditions(dec
 
 
 @pytest.mark.timeout(400)
-def test_generated_embeddings_of_an_export_decode_to_pngs(decoding, vl_data, tmp_path):
-    """gen.images of a VL-GPT export (regression-head embeddings) -> reconstruct_images.py."""
+def test_generated_embeddings_of_an_export_decode_to_pngs(export, tmp_path):
+    """gen.images of a VL-GPT export (regression-head embeddings) -> reconstruct_images.py;
+    the export ships the detokenizer it decodes with (export-hf --image-detokenizer)."""
     from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
-    ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
-    run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--save", ckpt, iters=2)])
-    # A detokenizer of another visual width is refused; the right one travels with the export.
+    # A detokenizer of another visual width is refused.
     other = ImageDetokenizer(ImageDetokenizerConfig(EMBED_DIM * 2, 17, 48, 77, 24, width=32, num_layers=1, num_heads=2))
     other.save_pretrained(str(tmp_path / "other"))
-    out = run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export,
-                      "--image-detokenizer", tmp_path / "other"], expect=1)
+    out = run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", export.parent / "ckpt", "--save",
+                      tmp_path / "hf", "--image-detokenizer", tmp_path / "other"], expect=1)
     assert f"reads visual embeddings of width {EMBED_DIM * 2}, the model's are {EMBED_DIM}" in out
-    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export,
-                "--image-detokenizer", decoding / "image_detokenizer"])
     assert json.load(open(export / "vlgpt_config.json"))["image_detokenizer"] == "image_detokenizer"
     model = VLGPTForCausalLM.from_pretrained(str(export)).float()
     ids = torch.tensor([[1, 5, 7, model.image_token_ids["[IMG]"]]])

@@ -179,7 +179,7 @@ class DeepSpeedMPU:
 
 
 def init_distributed(backend: str = "auto", single_process_group: bool = False,
-                     launch: Optional[LaunchInfo] = None) -> LaunchInfo:
+                     launch: Optional[LaunchInfo] = None, timeout_minutes: Optional[float] = None) -> LaunchInfo:
     """Initialises torch.distributed from what the launcher said (parallel/launcher.py:
     torchrun, deepspeed, mpirun, srun; detected here unless `launch` is given) and returns
     it. The launcher's rank, world size, local rank and master address are exported as
@@ -201,8 +201,12 @@ def init_distributed(backend: str = "auto", single_process_group: bool = False,
                 os.environ.setdefault(key, value)
             if "MASTER_ADDR" not in os.environ:
                 init_method = f"tcp://127.0.0.1:{free_port()}"
+        kwargs = {}
+        if timeout_minutes:
+            import datetime
+            kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size,
-                                init_method=init_method)
+                                init_method=init_method, **kwargs)
     return launch
 
 

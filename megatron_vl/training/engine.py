@@ -306,7 +306,8 @@ def start_process(cfg, validate: Callable[[int], None]):
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in softmax tails is ~100x slower on CPU
     owns_group = not dist.is_initialized()
-    init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch)
+    init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch,
+                     timeout_minutes=cfg.parallel.distributed_timeout_minutes)
     if launch.rank == 0:
         print(launch.describe(), flush=True)
     return launch, device, owns_group
