@@ -201,3 +201,17 @@ def test_generate_runs_on_cuda(vl_data, tmp_path):
     assert out.tokens.device.type == "cuda" and out.tokens.shape[1] == ids.shape[1] + 12
     cpu = VLGPTForCausalLM.from_pretrained(str(export)).float().generate(ids.cpu(), max_new_tokens=12)
     assert torch.equal(out.tokens.cpu(), cpu.tokens)
+
+
+def test_a_stale_extension_build_lock_is_named(tmp_path, monkeypatch):
+    """A JIT build killed half-way leaves a lock every later run would wait on silently."""
+    import time
+    from megatron_vl.training.engine import stale_build_locks
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.write_text("")
+    assert stale_build_locks() == []                      # a build going on now
+    old = time.time() - 20 * 60
+    os.utime(lock, (old, old))
+    assert stale_build_locks() == [str(lock)]

@@ -292,6 +292,26 @@ class Trainer:
             dist.destroy_process_group()
 
 
+def stale_build_locks(max_age_minutes: float = 15.0) -> List[str]:
+    """Lock files of torch JIT extension builds (DeepSpeed's shm comm op on CPU) older than
+    max_age_minutes: a build killed half-way leaves one, and every later run waits on it
+    forever without a word."""
+    import glob
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+        root = get_default_build_root()
+    now = time.time()
+    found = []
+    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            if now - os.path.getmtime(path) > max_age_minutes * 60:
+                found.append(path)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def start_process(cfg, validate: Callable[[int], None]):
     """Reads the launcher's environment, refuses bad settings before any process-group work,
     picks the device and joins the process group. Returns (launch, device, owns_group)."""
@@ -305,6 +325,11 @@ def start_process(cfg, validate: Callable[[int], None]):
                           "training); use --bf16 on CPU")
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in softmax tails is ~100x slower on CPU
+        if launch.local_rank == 0:
+            for lock in stale_build_locks():
+                print(f"warning: {lock} is over 15 minutes old: a JIT extension build killed half-way? This "
+                      f"run will wait on it forever unless another process is building; if none is, remove "
+                      f"{os.path.dirname(lock)}", flush=True)
     owns_group = not dist.is_initialized()
     init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch,
                      timeout_minutes=cfg.parallel.distributed_timeout_minutes)
