@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-IMAGE_TAG = "<image>"
+from .data.instruct_formats import IMAGE_TAG
 
 
 @dataclass

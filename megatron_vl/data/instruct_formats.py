@@ -33,7 +33,7 @@ from .conversation import ASSISTANT, USER, Conversation, Turn
 from .formats import ImageRef, Report
 
 INSTRUCT_FORMATS = ("llava", "coco-captions", "instructpix2pix", "magicbrush")
-IMAGE_TAG = "<image>"
+IMAGE_TAG = "<image>"      # where an image sits in a text (LLaVA data, generation prompts)
 _TAG_WITH_NEWLINE = re.compile(r"\n?<image>\n?")
 CAPTION_PROMPTS = (
     "Describe the image briefly.",

@@ -18,7 +18,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from ..generation import IMAGE_TAG, Prompt, build_prompt
+from ..generation import Prompt, build_prompt
 from .runner import ANSWER_TOKENS, DEFAULT_ANSWER_TOKENS, _image
 from .tasks import TASKS, load_items, prompt, score, support
 
@@ -106,6 +106,7 @@ class TrainingEvaluator:
     def run(self) -> Dict[str, Dict]:
         t = self.cfg.training
         dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None and self.tokenizer.bos_id >= 0 else None
         results = {}
         for task, files in self.tasks.items():
             items = load_items(task, files)[:t.eval_max_items]
@@ -117,8 +118,6 @@ class TrainingEvaluator:
                     examples = support(item, pool, shots, t.seed)
                     text = prompt(task, item, examples)
                     images = [_image(e.image) for e in examples] + [_image(item.image)]
-                    bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None and self.tokenizer.bos_id >= 0 \
-                        else None
                     p = build_prompt(text, self.tokenizer.encode, self._embeddings(images), self.img, self.img_end,
                                      bos)
                     answers[item.id] = self._answer(p, ANSWER_TOKENS.get(task, DEFAULT_ANSWER_TOKENS), dtype)
@@ -143,5 +142,3 @@ def check_eval_tasks(cfg) -> List[str]:
         errors.append("--eval-tasks needs --eval-image-tokenizer (the image tokenizer of the data's features)")
     return errors
 
-
-__all__ = ["TrainingEvaluator", "check_eval_tasks", "read_task_files", "IMAGE_TAG"]
