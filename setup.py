@@ -18,6 +18,7 @@ setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "numpy",
+        "numba",           # the sample index at corpus scale (data/sample_index.py)
         "pyyaml",
         "tqdm",
         "sentencepiece",

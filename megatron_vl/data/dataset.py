@@ -17,7 +17,8 @@ import numpy as np
 
 from ..atomic import atomic_open
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
-from .packing import PackingConfig, build_sample_starts, materialize
+from .packing import PackingConfig, materialize
+from .sample_index import SampleIndexBuilder, SpanTable
 from .preprocess import read_meta, sidecar
 from .tokenizer import IMG, IMG_END
 
@@ -105,9 +106,6 @@ class PackedDataset:
 
     # --- index -----------------------------------------------------------------------------
 
-    def _doc_spans(self, d: int) -> np.ndarray:
-        return self._doc_spans_and_kept(d)[0]
-
     def _doc_spans_and_kept(self, d: int):
         """(spans without the images extraction could not decode, which spans were kept)."""
         if self.spans is None:
@@ -132,21 +130,24 @@ class PackedDataset:
         return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
+        """(document order, sample starts): a fresh shuffle of the documents per epoch, each
+        epoch extending the starts of the ones before (sample_index.py, compiled)."""
         rng = np.random.RandomState(self.cfg.seed % 2**32)
-        order_parts: List[np.ndarray] = []
-        target = num_samples if num_samples is not None else None
+        spans = SpanTable.empty(self.text.num_documents) if self.spans is None else \
+            SpanTable.from_indexed(self.spans, self.dropped_images)
+        builder = SampleIndexBuilder(self.doc_tokens, spans, self.cfg)
+        parts: List[np.ndarray] = []
         while True:
-            order_parts.append(rng.permutation(self.documents))
-            order = np.concatenate(order_parts)
-            starts = build_sample_starts(order, self.doc_tokens, self._doc_spans, self.cfg,
-                                         target if target is not None else 1 << 62)
-            if target is None:
+            parts.append(rng.permutation(self.documents))
+            if num_samples is None:
                 # One epoch: the last, partial sample is dropped (its end is not a real start).
-                return order, starts
-            if len(starts) > target:
-                return order, starts
-            if len(order_parts) > 10_000:
-                raise ValueError(f"{self.prefix}: cannot make {target} samples (documents too short?)")
+                builder.extend(parts[-1])
+                return parts[-1], builder.starts.copy()
+            builder.extend(parts[-1], num_samples + 1)
+            if builder.finished:
+                return np.concatenate(parts), builder.starts.copy()
+            if len(parts) > 10_000:
+                raise ValueError(f"{self.prefix}: cannot make {num_samples} samples (documents too short?)")
 
     def _load_or_build_index(self, num_samples, cache_dir):
         base = os.path.join(cache_dir or os.path.dirname(os.path.abspath(self.prefix)),

@@ -210,6 +210,23 @@ def init_distributed(backend: str = "auto", single_process_group: bool = False,
     return launch
 
 
+def release_shm_name() -> None:
+    """Removes the name of this rank's DeepSpeed shared-memory allreduce buffer (CPU runs
+    with every rank on one host: /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>,
+    ~66 MB). DeepSpeed never unlinks it, so every CPU run leaks one per rank until /dev/shm
+    fills. Collective: after the barrier every rank has mapped every buffer, and a mapping
+    outlives its name."""
+    if not dist.is_initialized():
+        return
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 free right now (for single-process groups and tests)."""
     import socket

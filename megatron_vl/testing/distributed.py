@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, List
 
-from ..parallel.state import free_port
+from ..parallel.state import free_port, release_shm_name
 
 __all__ = ["DistributedFailure", "free_port", "run_distributed"]
 
@@ -34,7 +34,7 @@ def _child(fn, rank, world_size, port, args, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        dist.barrier()
+        release_shm_name()   # collective: a barrier, then this rank's DeepSpeed buffer name
         results.put((rank, "ok", value))
     except BaseException:  # report everything, including assertion failures
         results.put((rank, "error", traceback.format_exc()))

@@ -23,7 +23,7 @@ from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
 from ..parallel.layers import shard_parts
 from ..parallel.pipeline import build_pipeline_module
-from ..parallel.state import ParallelState
+from ..parallel.state import ParallelState, release_shm_name
 from .checkpoint import is_release
 from .optim import build_optimizer, build_scheduler
 
@@ -238,6 +238,7 @@ def make_engine(cfg, module: nn.Module, world_size: int, mpu=None):
     scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.training.train_iters)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu, dist_init_required=False)
+    release_shm_name()
     return engine, ds_config
 
 
