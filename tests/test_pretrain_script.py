@@ -2,6 +2,7 @@
 SIGTERM, killed in the middle of a save, fed a NaN loss, given a layout it must refuse,
 and learning on the sample data."""
 
+import glob
 import math
 import os
 import signal
@@ -32,6 +33,7 @@ LAYOUTS = {"zero3-lora": ["--zero-stage", 3, "--lora-rank", 4], "tp2": ["--tenso
 def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
     """The acceptance runs: under each launcher, ZeRO-3 + LoRA and TP=2 train 4 steps and
     save; new processes resume from step 2 and log exactly the straight run's lines."""
+    shm_before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     for name, layout in LAYOUTS.items():
         ckpt = tmp_path / name
         args = tiny_args(vl_data, "--global-batch-size", 4, *layout, "--tensorboard-dir", tmp_path / f"tb-{name}")
@@ -44,6 +46,8 @@ def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
         assert f"loaded checkpoint {ckpt}/iter_0000002 (iteration 2, 8 samples consumed)" in resumed_out
         assert logged_losses(resumed_out) == {i: straight[i] for i in (3, 4)}, name
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / f"tb-{name}"))
+    # DeepSpeed's shared-memory allreduce buffers (66 MB a rank, deepspeed launcher) are not left behind.
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
 
 
 @pytest.mark.timeout(300)
