@@ -58,7 +58,7 @@ def losses_of(logits, visual_pred, batch):
 def train_and_reference(rank, world, argv):
     """Trains and saves, then evaluates the training model on fixed_batch: (text loss, visual
     loss) always, (logits, visual predictions) from a plain module (not a pipeline)."""
-    from megatron_vl.parallel.pipeline import pipeline_inputs
+    from megatron_vl.training.pipeline_stages import pipeline_inputs
     from megatron_vl.training.pretrain import pretrain
     trainer = pretrain(argv)
     assert trainer.exit_code == 0

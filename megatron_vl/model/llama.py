@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..config import ModelConfig
-from ..parallel.cross_entropy import fused_lm_head_loss
+from ..parallel.cross_entropy import cross_entropy, fused_lm_head_loss
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, normal_init
 from ..parallel.mappings import copy_to_group, gather_from_group
 from ..parallel.random import RNGStatesTracker
@@ -141,7 +141,7 @@ class LlamaHead(nn.Module):
     def loss(self, local_logits, labels):
         """Per-position cross-entropy; labels == -100 are ignored. Consumes local_logits
         (its buffer becomes the softmax)."""
-        return ops.cross_entropy(local_logits, labels, self.tp_group, self.vocab_size, impl=self.impl,
+        return cross_entropy(local_logits, labels, self.tp_group, self.vocab_size, impl=self.impl,
                                  inplace=True)
 
     def output_weight(self):

@@ -11,7 +11,7 @@ visual targets (each MSE is averaged over the d features of its position).
 
 As with ``LlamaModel``, the stage pieces (``VLGPTEmbedding``, the decoder layers,
 ``VLGPTHead``) are separate modules so pipeline stages are built from the same classes
-(parallel/pipeline.py); ``VLGPTModel`` strings together what one stage holds.
+(training/pipeline_stages.py); ``VLGPTModel`` strings together what one stage holds.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import ops
 from .mappings import all_reduce, group_rank
 
 
@@ -152,3 +153,18 @@ def fused_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch
     total, losses = _FusedLMHeadLoss.apply(h, weight, target.reshape(-1), loss_weights.reshape(-1), group,
                                            vocab_size, ignore_index, chunk_size)
     return total, losses.view(target.shape)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
+                  vocab_size: Optional[int] = None, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, impl: str = "auto", inplace: bool = False) -> torch.Tensor:
+    """Per-position loss, shape of target (0 where target == ignore_index): liger's fused
+    kernel on CUDA when the vocabulary is neither split nor padded, the vocab-parallel
+    implementation otherwise. inplace: the logits buffer may be overwritten (see
+    vocab_parallel_cross_entropy)."""
+    if tp_group is None and (vocab_size is None or vocab_size == logits.shape[-1]):
+        fused = ops.fused_cross_entropy(logits, target, ignore_index, label_smoothing, impl)
+        if fused is not None:
+            return fused
+    return vocab_parallel_cross_entropy(logits, target, tp_group, vocab_size, ignore_index, label_smoothing,
+                                        inplace)

@@ -22,7 +22,7 @@ from ..convert.hf import (CheckpointError, hf_to_shards, layer_map, load_release
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
 from ..parallel.layers import shard_parts
-from ..parallel.pipeline import build_pipeline_module
+from .pipeline_stages import build_pipeline_module
 from ..parallel.state import ParallelState, release_shm_name
 from .checkpoint import is_release
 from .optim import build_optimizer, build_scheduler

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..ops._dispatch import check_required, implementations
 from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
-from ..parallel.pipeline import pipe_head, pipeline_inputs
+from .pipeline_stages import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState
 from . import checkpoint as ckpt

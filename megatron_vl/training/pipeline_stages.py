@@ -1,4 +1,5 @@
 """VL-GPT as a DeepSpeed ``PipelineModule``, built from the same layer classes as VLGPTModel.
+(Here, beside the engine, not in parallel/: the parallel core knows no model.)
 
 What crosses a stage boundary is one tuple (hidden states, position ids, segment ids): the
 grad-carrying float first (DeepSpeed partitions the first tensor across TP ranks), integer
@@ -18,8 +19,8 @@ from .. import ops
 from ..config import ModelConfig
 from ..model.llama import LlamaDecoderLayer, _rope_scaling, recompute_contexts
 from ..model.vlgpt import VLGPTEmbedding, VLGPTHead
-from .random import RNGStatesTracker
-from .state import ParallelState
+from ..parallel.random import RNGStatesTracker
+from ..parallel.state import ParallelState
 
 
 class EmbeddingPipe(VLGPTEmbedding):
