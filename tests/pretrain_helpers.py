@@ -40,8 +40,8 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
     initial weight, so a resumed run only matches if the checkpoint restored them all."""
     if perturb_init:
         import megatron_vl.training.build as build
-        original = build.initial_weights
-        build.initial_weights = lambda *a, **kw: {k: v + 0.05 for k, v in original(*a, **kw).items()}
+        original = build.iter_initial_weights
+        build.iter_initial_weights = lambda *a, **kw: ((k, v + 0.05) for k, v in original(*a, **kw))
     from megatron_vl.training.pretrain import pretrain
     trainer = pretrain(argv)
     assert trainer.exit_code == 0, f"exit code {trainer.exit_code}"

@@ -44,6 +44,11 @@ def _tp(param: nn.Parameter, dim: int) -> nn.Parameter:
     return param
 
 
+def _shape(weight: torch.Tensor) -> torch.Size:
+    """The base weight's shape on this TP rank, also when ZeRO-3 built it partitioned."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def _init_a(rows: int, cols: int, seed: int, name: str) -> torch.Tensor:
     """peft's lora_A init (kaiming-uniform, a=sqrt(5)) from a generator keyed by the global
     name, so any TP/PP layout starts from the same adapters."""
@@ -64,7 +69,7 @@ class LoraColumnParallelLinear(nn.Module):
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for part, size in zip(parts, self.local_output_sizes):
             if part in targets:
-                a = _init_a(cfg.lora_rank, base.weight.shape[1], seed, f"{global_name}.{part}")
+                a = _init_a(cfg.lora_rank, _shape(base.weight)[1], seed, f"{global_name}.{part}")
                 self.lora_A[part] = nn.Parameter(a.to(base.weight.dtype))
                 self.lora_B[part] = _tp(nn.Parameter(base.weight.new_zeros(size, cfg.lora_rank)), 0)
 
@@ -88,10 +93,10 @@ class LoraRowParallelLinear(nn.Module):
         self.scale = cfg.lora_alpha / cfg.lora_rank
         self.dropout = nn.Dropout(cfg.lora_dropout)
         world, rank = group_size(self.group), group_rank(self.group)
-        full = _init_a(cfg.lora_rank, base.weight.shape[1] * world, seed, f"{global_name}.{part}")
+        full = _init_a(cfg.lora_rank, _shape(base.weight)[1] * world, seed, f"{global_name}.{part}")
         a = shard_parts(full, [full.shape[1]], rank, world, dim=1)
         self.lora_A = nn.ParameterDict({part: _tp(nn.Parameter(a.to(base.weight.dtype)), 1)})
-        self.lora_B = nn.ParameterDict({part: nn.Parameter(base.weight.new_zeros(base.weight.shape[0],
+        self.lora_B = nn.ParameterDict({part: nn.Parameter(base.weight.new_zeros(_shape(base.weight)[0],
                                                                                  cfg.lora_rank))})
 
     def forward(self, x):
@@ -114,7 +119,7 @@ class TrainableRowsEmbedding(nn.Module):
     def __init__(self, base: nn.Module, token_ids: Sequence[int], hidden: int):
         super().__init__()
         self.base = base
-        vocab = base.word_embeddings.weight.shape[0] * group_size(base.word_embeddings.tp_group)
+        vocab = _shape(base.word_embeddings.weight)[0] * group_size(base.word_embeddings.tp_group)
         self.register_buffer("row_index", _row_index(vocab, 0, token_ids), persistent=False)
         self.rows_delta = nn.Parameter(base.word_embeddings.weight.new_zeros(len(token_ids), hidden))
 
@@ -130,11 +135,11 @@ class TrainableRowsOutput(nn.Module):
     def __init__(self, base: ColumnParallelLinear, token_ids: Sequence[int]):
         super().__init__()
         self.base, self.group = base, base.tp_group
-        local = base.weight.shape[0]
+        local = _shape(base.weight)[0]
         index = _row_index(local, group_rank(self.group) * local, token_ids)
         self.register_buffer("local_rows", torch.nonzero(index).flatten(), persistent=False)
         self.register_buffer("delta_rows", index[self.local_rows] - 1, persistent=False)
-        self.rows_delta = nn.Parameter(base.weight.new_zeros(len(token_ids), base.weight.shape[1]))
+        self.rows_delta = nn.Parameter(base.weight.new_zeros(len(token_ids), _shape(base.weight)[1]))
 
     @property
     def weight(self):

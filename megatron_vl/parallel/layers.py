@@ -9,6 +9,9 @@ the layers' initialisation and by checkpoint conversion alike.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -49,9 +52,27 @@ def _mark_parallel(param: nn.Parameter, dim: int) -> None:
     param.partition_dim = dim
 
 
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_initialization():
+    """Layers built inside leave their weights uninitialised (torch.empty of this rank's
+    slice only): the caller writes every weight afterwards (training/build.py), so neither
+    the full tensors nor the random draws of the constructors are spent."""
+    previous = getattr(_deferred, "on", False)
+    _deferred.on = True
+    try:
+        yield
+    finally:
+        _deferred.on = previous
+
+
 def _init_sharded(local: torch.Tensor, full_shape, parts, rank, world, dim, init_method) -> None:
     """Initialises the full weight and keeps this rank's slice, so a TP=N model starts from
     exactly the weights of the TP=1 model with the same seed."""
+    if getattr(_deferred, "on", False) or local.is_meta:
+        return
     full = torch.empty(full_shape, dtype=torch.float32)
     init_method(full)
     with torch.no_grad():

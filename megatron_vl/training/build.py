@@ -12,7 +12,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ..config import Config, deepspeed_config, effective_zero_stage
@@ -26,6 +25,7 @@ from .pipeline_stages import build_pipeline_module
 from ..parallel.state import ParallelState, release_shm_name
 from .checkpoint import is_release
 from .optim import build_optimizer, build_scheduler
+from .partitioned import assign, construction, full_shape
 
 VISUAL_PARAMS = ("embedding.visual_proj.weight", "embedding.visual_proj.bias",
                  "head.regression.weight", "head.regression.bias")
@@ -75,43 +75,48 @@ def _split(name: str, cfg: Config):
     return None
 
 
-def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState,
-                    only: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """This rank's slice of the initial weights, by canonical name. Each full tensor comes
+def iter_initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState,
+                         only: Optional[Sequence[str]] = None):
+    """(canonical name, this rank's TP slice) of each initial weight, one at a time. Each full tensor comes
     from a generator keyed by (seed, name) and is cut like the TP layers cut it, so every
     TP/PP layout starts from the same model; one full tensor exists at a time (the largest is
     the vocabulary table), never the whole model. `only`: just these canonical names."""
     m, seed = cfg.model, cfg.training.seed
-    out = {}
     for local, p in module.named_parameters():
         name = names[local]
         if only is not None and name not in only:
             continue
         split = _split(name, cfg)
+        local_shape = full_shape(p)
         if split is None:
-            shape = tuple(p.shape)
+            shape = tuple(local_shape)
         elif split[0] == "vocab":
-            shape = (m.vocab_size, p.shape[1])
+            shape = (m.vocab_size, local_shape[1])
         elif split[1] == 0:
-            shape = (sum(split[0]), p.shape[1])
+            shape = (sum(split[0]), local_shape[1])
         else:
-            shape = (p.shape[0], p.shape[1] * state.tp)
+            shape = (local_shape[0], local_shape[1] * state.tp)
+        # The vocabulary tables are drawn straight into their padded size (padding rows, never
+        # predicted, stay zero): the same numbers as a [vocab, h] draw, one tensor fewer.
+        rows = m.padded_vocab_size(state.tp) if split is not None and split[0] == "vocab" else shape[0]
         if name.endswith("norm.weight"):
             full = torch.ones(shape)
         elif name.endswith(".bias"):
             full = torch.zeros(shape)
         else:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-            full = torch.empty(shape).normal_(0.0, m.init_method_std, generator=gen)
-        if split is not None:
-            if split[0] == "vocab":   # padding rows (never predicted) are zero
-                full = torch.cat([full, full.new_zeros(m.padded_vocab_size(state.tp) - shape[0], shape[1])])
-                parts = [full.shape[0]]
-            else:
-                parts = split[0] if split[1] == 0 else [shape[1]]
+            full = torch.zeros((rows,) + tuple(shape[1:]))
+            full[:shape[0]].normal_(0.0, m.init_method_std, generator=gen)
+        if split is not None and state.tp > 1:
+            parts = [rows] if split[0] == "vocab" else split[0] if split[1] == 0 else [shape[1]]
             full = shard_parts(full, parts, state.tp_rank, state.tp, split[1])
-        out[name] = full.to(p.dtype)
-    return out
+        yield name, full.to(p.dtype)
+
+
+def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState,
+                    only: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """iter_initial_weights as a dict (for the few weights a release checkpoint lacks)."""
+    return dict(iter_initial_weights(module, names, cfg, state, only))
 
 
 def _grow(t: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -123,6 +128,29 @@ def _grow(t: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "head.output.weight")
+
+
+class LazyShard(dict):
+    """A rank's release shard read one tensor at a time, when asked for (a ZeRO-3 rank then
+    holds one whole tensor beside its partitions, never the whole shard). Tensors set on it
+    (grown vocabulary tables) take precedence."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        with safe_open(path, "pt") as fh:
+            self.names = set(fh.keys())
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, name) or name in self.names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(self.path, "pt") as fh:
+            return fh.get_tensor(name)
 
 
 def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, torch.Tensor]:
@@ -142,7 +170,7 @@ def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, t
         raise CheckpointError(f"{path}: vocabulary of {ck_model.vocab_size} tokens does not fit --vocab-size "
                               f"{m.vocab_size}")
     if (ck_tp, ck_pp) == (state.tp, state.pp):
-        shard = load_file(os.path.join(shard_dir(path, state.tp_rank, state.pp_rank), "model.safetensors"))
+        shard = LazyShard(os.path.join(shard_dir(path, state.tp_rank, state.pp_rank), "model.safetensors"))
         if ck_model.vocab_size != m.vocab_size or ck_model.padded_vocab_size(ck_tp) != m.padded_vocab_size(state.tp):
             for key in VOCAB_TENSORS:
                 if key in shard:
@@ -173,16 +201,15 @@ def _load_canonical(module: nn.Module, names: Dict[str, str], weights: Dict[str,
     """Copies this rank's slice of each weight into module; returns the canonical names that
     `weights` lacks."""
     missing = []
-    with torch.no_grad():
-        for local, p in module.named_parameters():
-            name = names[local]
-            if name not in weights:
-                missing.append(name)
-                continue
-            src = weights[name]
-            if src.shape != p.shape:
-                raise CheckpointError(f"{source}: {name} has shape {tuple(src.shape)}, the model {tuple(p.shape)}")
-            p.copy_(src)
+    for local, p in module.named_parameters():
+        name = names[local]
+        if name not in weights:
+            missing.append(name)
+            continue
+        src = weights[name]
+        if src.shape != full_shape(p):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(src.shape)}, the model {tuple(full_shape(p))}")
+        assign(p, src)
     return missing
 
 
@@ -190,13 +217,14 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
                 log=print) -> BuiltModel:
     m, t = cfg.model, cfg.training
     pipeline = state.pp > 1
-    if pipeline:
-        module = build_pipeline_module(m, state, rng_tracker, t.recompute_activations, cfg.data.reset_attention_mask,
-                                       t.visual_loss_weight)
-        offset = 0
-    else:
-        module = VLGPTModel(m, state, rng_tracker, t.recompute_activations, t.visual_loss_weight)
-        offset = module.layer_offset
+    with construction(cfg, state, state.world_size, pipeline):
+        if pipeline:
+            module = build_pipeline_module(m, state, rng_tracker, t.recompute_activations,
+                                           cfg.data.reset_attention_mask, t.visual_loss_weight)
+            offset = 0
+        else:
+            module = VLGPTModel(m, state, rng_tracker, t.recompute_activations, t.visual_loss_weight)
+            offset = module.layer_offset
     names = _names(module, pipeline, offset, m.num_layers)
     loaded_from = None
     if cfg.checkpoint.load and is_release(cfg.checkpoint.load):
@@ -220,7 +248,9 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
             "and data position start fresh")
         loaded_from = cfg.checkpoint.load
     else:
-        _load_canonical(module, names, initial_weights(module, names, cfg, state), "initialisation")
+        params = {names[local]: p for local, p in module.named_parameters()}
+        for name, weight in iter_initial_weights(module, names, cfg, state):
+            assign(params[name], weight)
     if cfg.lora.lora_rank > 0:
         counts = apply_lora(module, cfg.lora, new_token_ids, t.seed,
                             lambda n: canonical_name(n, pipeline, offset, m.num_layers))
