@@ -106,7 +106,7 @@ class LoraRowParallelLinear(nn.Module):
 
 def _row_index(vocab_rows: int, offset: int, token_ids: Sequence[int]) -> torch.Tensor:
     """vocabulary row (of this slice) -> 1 + its position in token_ids, 0 for other rows."""
-    index = torch.zeros(vocab_rows, dtype=torch.long)
+    index = torch.zeros(vocab_rows, dtype=torch.long, device="cpu")   # also when built on the meta device
     for k, t in enumerate(token_ids):
         if offset <= t < offset + vocab_rows:
             index[t - offset] = k + 1

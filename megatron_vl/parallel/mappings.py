@@ -9,11 +9,23 @@ import torch
 import torch.distributed as dist
 
 
+class LayoutGroup:
+    """A group's size and this rank's place in it, without processes: enough to build a
+    rank's layers (on the meta device, to count or plan), never to communicate."""
+
+    def __init__(self, size: int, rank: int):
+        self.size, self.rank = size, rank
+
+
 def group_size(group) -> int:
+    if isinstance(group, LayoutGroup):
+        return group.size
     return 1 if group is None else dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
+    if isinstance(group, LayoutGroup):
+        return group.rank
     return 0 if group is None else dist.get_rank(group)
 
 

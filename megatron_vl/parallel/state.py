@@ -96,6 +96,18 @@ class ParallelState:
         return cls()
 
     @classmethod
+    def layout(cls, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0) -> "ParallelState":
+        """A rank of a layout without processes (groups are LayoutGroups: sizes and ranks
+        only): builds that rank's layers, e.g. on the meta device, and cannot communicate."""
+        from .mappings import LayoutGroup
+        state = cls(tp=tp, pp=pp, dp=dp, rank=rank, groups=group_ranks(tp, pp, dp))
+        pp_rank, dp_rank, tp_rank = state.coordinates
+        for attr, size, axis_rank in (("tp_group", tp, tp_rank), ("pp_group", pp, pp_rank), ("dp_group", dp, dp_rank)):
+            if size > 1:
+                setattr(state, attr, LayoutGroup(size, axis_rank))
+        return state
+
+    @classmethod
     def build(cls, tp: int = 1, pp: int = 1, world_size: Optional[int] = None,
               rank: Optional[int] = None) -> "ParallelState":
         """Creates the groups for this layout. torch.distributed must be initialised when
