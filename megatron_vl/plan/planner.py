@@ -1,0 +1,75 @@
+"""Every layout a cluster allows for a model and batch, estimated and ranked (fits first,
+then the fastest step)."""
+
+from __future__ import annotations
+
+from typing import List
+
+from .counts import rank_parameters
+from .model import GiB, Cluster, Estimate, Layout, memory, step_time
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg, cluster: Cluster, global_batch: int) -> List[Layout]:
+    """TP within a node (dividing the heads), PP dividing the layers, DP the rest; ZeRO 1-3
+    (2 and 3 without pipelining: DeepSpeed refuses the pair); micro-batches dividing the
+    per-rank batch; recompute off and on."""
+    m = cfg.model
+    out = []
+    for tp in _divisors(cluster.gpus):
+        if tp > cluster.gpus_per_node or m.num_attention_heads % tp or m.kv_heads % tp:
+            continue
+        for pp in _divisors(cluster.gpus // tp):
+            if m.num_layers % pp:
+                continue
+            dp = cluster.gpus // (tp * pp)
+            for zero in ((1, 2, 3) if pp == 1 else (1,)):
+                for micro in MICRO_BATCHES:
+                    if global_batch % (micro * dp):
+                        continue
+                    for recompute in (False, True):
+                        out.append(Layout(tp, pp, dp, zero, micro, recompute))
+    return out
+
+
+def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int) -> Estimate:
+    stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero)
+    dtype_bytes = 4 if not (cfg.training.bf16 or cfg.training.fp16) else 2
+    gas = global_batch // (layout.micro * layout.dp)
+    seq = cfg.model.seq_length
+    per_stage = [memory(s, layout, cfg.model, seq, gas, dtype_bytes) for s in stages]
+    # Stage 0 keeps the most micro-batches in flight; the last holds the head: the busiest rank.
+    busiest = max(per_stage, key=lambda parts: sum(parts.values()))
+    seconds, mfu = step_time(stages, layout, cfg.model, cluster, seq, global_batch, dtype_bytes)
+    est = Estimate(layout, busiest, seconds, mfu)
+    est.fits = est.total <= (cluster.memory_gib - cluster.reserved_gib) * GiB
+    return est
+
+
+def plan(cfg, cluster: Cluster, global_batch: int) -> List[Estimate]:
+    estimates = [estimate(cfg, lay, cluster, global_batch) for lay in layouts(cfg, cluster, global_batch)]
+    return sorted(estimates, key=lambda e: (not e.fits, e.step_seconds, e.total))
+
+
+def table(estimates: List[Estimate], cluster: Cluster, limit: int = 20) -> str:
+    head = (f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'recomp':>6} | {'weights':>8} {'grads':>8} "
+            f"{'optim':>8} {'activ':>8} {'buffers':>8} {'total':>8} GiB | {'fits':>4} | {'step s':>7} {'MFU':>5}")
+    lines = [head, "-" * len(head)]
+    for e in estimates[:limit]:
+        lay, mem = e.layout, e.memory
+        lines.append(f"{lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero:>4} {lay.micro:>5} "
+                     f"{'yes' if lay.recompute else 'no':>6} | "
+                     + " ".join(f"{mem[k] / GiB:8.2f}" for k in ("weights", "gradients", "optimizer", "activations",
+                                                              "buffers"))
+                     + f" {e.total / GiB:8.2f}     | {'yes' if e.fits else 'NO':>4} | {e.step_seconds:7.2f} "
+                     f"{e.mfu * 100:4.1f}%")
+    fitting = sum(e.fits for e in estimates)
+    lines.append(f"{len(estimates)} layouts, {fitting} fit in {cluster.memory_gib:g} GiB less "
+                 f"{cluster.reserved_gib:g} reserved; {cluster.gpus} GPUs, {cluster.gpus_per_node} per node, "
+                 f"{cluster.peak_tflops:g} TFLOP/s peak at {cluster.kernel_efficiency:.0%} efficiency")
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Which TP x PP x DP x ZeRO x micro-batch x recompute layouts fit a cluster, and how fast.
+
+The model comes from the same flags (or --config YAML) as pretrain_vlgpt.py; it is built on
+the meta device to count each rank's parameters, so LoRA and the visual parts count exactly
+as in training. The paper's stage-2 run (LLaMA-7B + LoRA r=32, seq 512, global batch 4096,
+bf16) on 32 A100-40GB:
+
+    python tools/plan_parallelism.py --preset A100-40GB --gpus 32 \\
+        --hidden-size 4096 --num-layers 32 --num-attention-heads 32 --ffn-hidden-size 11008 \\
+        --vocab-size 32002 --seq-length 512 --visual-embed-dim 4096 \\
+        --lora-rank 32 --lora-alpha 64 --global-batch-size 4096 --bf16
+
+Memory is per rank (the busiest pipeline stage), in GiB: weights, gradients, optimizer
+states (Adam moments + fp32 copy), activations at the sequence length, DeepSpeed buffers.
+Step time and MFU come from FLOPs at --kernel-efficiency of peak plus the collectives over
+the stated bandwidths. What it cannot know: the allocator's fragmentation and the CUDA/NCCL
+context (kept out with --reserved-gib), kernel speeds of your GPUs (measure one MFU and pass
+it as --kernel-efficiency; --peak-tflops overrides the preset's peak), link contention, stragglers, and the data loader.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.config import build_parser, load_config  # noqa: E402
+from megatron_vl.plan.model import PRESETS, Cluster  # noqa: E402
+from megatron_vl.plan.planner import plan, table  # noqa: E402
+
+
+def cluster_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("cluster (the planner's own flags)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="A100-40GB",
+                   help="GPU type: memory, peak bf16 TFLOP/s, NVLink and InfiniBand bandwidth per GPU")
+    g.add_argument("--gpus", type=int, default=32, help="GPUs in the job")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="default: the preset's (8)")
+    g.add_argument("--gpu-memory-gib", type=float, default=None, help="default: the preset's")
+    g.add_argument("--intra-node-gbps", type=float, default=None, help="GB/s per GPU inside a node")
+    g.add_argument("--inter-node-gbps", type=float, default=None, help="GB/s per GPU across nodes")
+    g.add_argument("--kernel-efficiency", type=float, default=None,
+                   help="fraction of peak the kernels reach (default 0.5)")
+    g.add_argument("--reserved-gib", type=float, default=None,
+                   help="GiB per GPU kept for CUDA context, NCCL and fragmentation (default 3)")
+    g.add_argument("--top", type=int, default=20, help="rows to print")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser(parser=argparse.ArgumentParser(description=__doc__, parents=[cluster_parser()],
+                                                         formatter_class=argparse.RawDescriptionHelpFormatter))
+    t0 = time.perf_counter()
+    cfg, ns = load_config(argv, parser=parser)
+    preset = PRESETS[ns.preset]
+    changes = {k: v for k, v in (("gpus_per_node", ns.gpus_per_node), ("memory_gib", ns.gpu_memory_gib),
+                                 ("peak_tflops", cfg.logging.peak_tflops), ("intra_node_gbps", ns.intra_node_gbps),
+                                 ("inter_node_gbps", ns.inter_node_gbps), ("kernel_efficiency", ns.kernel_efficiency),
+                                 ("reserved_gib", ns.reserved_gib)) if v is not None}
+    cluster = Cluster(**{**preset.__dict__, "gpus": ns.gpus, **changes})
+    batch = cfg.training.global_batch_size or cfg.training.micro_batch_size * cluster.gpus
+    estimates = plan(cfg, cluster, batch)
+    if not estimates:
+        print(f"no layout: {cluster.gpus} GPUs cannot split {cfg.model.num_layers} layers / "
+              f"{cfg.model.num_attention_heads} heads / global batch {batch}", file=sys.stderr)
+        return 2
+    m = cfg.model
+    print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads, FFN "
+          f"{m.ffn_hidden_size}, vocab {m.vocab_size}, visual d {m.visual_embed_dim}, LoRA r={cfg.lora.lora_rank}; "
+          f"seq {m.seq_length}, global batch {batch}, "
+          f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}; {ns.preset} x {cluster.gpus}")
+    print(table(estimates, cluster, ns.top))
+    print(f"planned in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
