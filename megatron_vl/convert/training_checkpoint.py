@@ -140,3 +140,97 @@ def read_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> 
                       if k not in ("module", "optimizer", "param_shapes", "frozen_param_shapes",
                                    "frozen_param_fragments", "lr_scheduler", "ds_config")}
     return TrainedWeights(cfg, tag_dir, int(client.get("iteration", 0)), client, per_tp_rank)
+
+
+@dataclass
+class TrainingState:
+    """Everything a run under another layout needs from a training checkpoint: the weights
+    (TrainedWeights), Adam's moments and the fp32 master weights of the trainable
+    parameters, by canonical name per TP rank, the optimizer's step and the schedule."""
+    weights: TrainedWeights
+    layout: dict                 # tp, pp, dp, zero of the run that wrote it
+    moments: List[Dict[str, Tensors]]   # per TP rank: name -> {"fp32", "exp_avg", "exp_avg_sq"}
+    step: float
+    lr_scheduler: Optional[dict]
+
+
+def _zero12_moments(files: List[str], pipeline: bool, layers: int) -> tuple:
+    """(name -> {fp32, exp_avg, exp_avg_sq}, step) from the DP ranks' ZeRO-1/2 files of one
+    model-parallel rank: each rank's partition of each parameter group, and DeepSpeed's map
+    of where each parameter's fragment sits in it (param_slice_mappings)."""
+    pieces: Dict[str, Dict[str, list]] = {}
+    step = 0.0
+    for f in files:   # in DP rank order: fragments concatenate into the whole parameter
+        sd = _load(f, mmap=True)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(sd["param_slice_mappings"]):
+            flats = {"fp32": sd["single_partition_of_fp32_groups"][group],
+                     "exp_avg": base[group]["exp_avg"], "exp_avg_sq": base[group]["exp_avg_sq"]}
+            step = float(base[group]["step"])
+            for name, frag in mapping.items():
+                entry = pieces.setdefault(canonical_name(name, pipeline, 0, layers), {k: [] for k in flats})
+                for key, flat in flats.items():
+                    entry[key].append(flat.narrow(0, frag.start, frag.numel))
+    return {n: {k: torch.cat(v) for k, v in e.items()} for n, e in pieces.items()}, step
+
+
+def _zero3_moments(tag_dir: str, tp_rank: int, layers: int) -> tuple:
+    """The same for ZeRO-3: per parameter (param_shapes order) ceil(numel / dp) elements per
+    DP rank, as the weights (_zero3_rank)."""
+    models = sorted(glob.glob(os.path.join(tag_dir, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt")),
+                    key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
+    shapes = _load(models[0])["param_shapes"]
+    optims = [_load(_optim_file(f), mmap=True)["optimizer_state_dict"] for f in models]
+    dp = len(optims)
+    out: Dict[str, Tensors] = {}
+    step = 0.0
+    for group, group_shapes in enumerate(shapes):
+        flats = [{"fp32": o["fp32_flat_groups"][group], "exp_avg": o["optimizer_state_dict"]["state"][group]["exp_avg"],
+                  "exp_avg_sq": o["optimizer_state_dict"]["state"][group]["exp_avg_sq"]} for o in optims]
+        step = float(optims[0]["optimizer_state_dict"]["state"][group]["step"])
+        offset = 0
+        for name, shape in group_shapes.items():
+            numel, per_rank = math.prod(shape), math.ceil(math.prod(shape) / dp)
+            out[canonical_name(name, False, 0, layers)] = {
+                key: torch.cat([f[key].narrow(0, offset, per_rank) for f in flats])[:numel].view(tuple(shape)).clone()
+                for key in ("fp32", "exp_avg", "exp_avg_sq")}
+            offset += per_rank
+    return out, step
+
+
+def read_training_state(load_dir: str, iteration: Optional[int] = None) -> TrainingState:
+    """Weights, optimizer moments, step and schedule of a ZeRO >= 1 training checkpoint,
+    read offline whatever layout wrote it (ZeRO-0 keeps torch's per-index optimizer state,
+    which names no parameter: refused)."""
+    weights = read_training_checkpoint(load_dir, iteration)
+    cfg, tag_dir = weights.cfg, weights.path
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    zero, layers = effective_zero_stage(cfg), cfg.model.num_layers
+    if zero == 0:
+        raise CheckpointError(f"{tag_dir}: written with ZeRO-0, whose optimizer state cannot be moved to another "
+                              "layout; resume it under its own layout, or use --finetune for the weights only")
+    moments: List[Dict[str, Tensors]] = [{} for _ in range(tp)]
+    step = 0.0
+    if zero == 3:
+        for r in range(tp):
+            moments[r], step = _zero3_moments(tag_dir, r, layers)
+        model_file = glob.glob(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"))[0]
+    else:
+        by_mp: Dict[int, List[str]] = {}
+        for f in glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_*_optim_states.pt")):
+            m = re.search(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim", f)
+            by_mp.setdefault(int(m.group(2)), []).append((int(m.group(1)), f))
+        if len(by_mp) != tp * pp:
+            raise CheckpointError(f"{tag_dir}: optimizer files for {len(by_mp)} model-parallel ranks, the run that "
+                                  f"wrote it had tp {tp} x pp {pp}")
+        for mp_rank, files in sorted(by_mp.items()):
+            found, step = _zero12_moments([f for _, f in sorted(files)], pp > 1, layers)
+            moments[mp_rank % tp].update(found)   # pipeline ranks: model-parallel rank = stage * tp + tp rank
+        for r in range(tp):   # the flat fragments take their parameters' shapes
+            for name, entry in moments[r].items():
+                shape = weights.per_tp_rank[r][name].shape
+                moments[r][name] = {k: v.view(shape).clone() for k, v in entry.items()}
+        model_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    states = _load(model_file, mmap=True)
+    layout = {"tp": tp, "pp": pp, "dp": int(states.get("dp_world_size", 1)), "zero": zero}
+    return TrainingState(weights, layout, moments, step, states.get("lr_scheduler"))

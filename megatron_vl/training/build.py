@@ -37,6 +37,9 @@ class BuiltModel:
     pipeline: bool
     counts: Dict[str, int]
     loaded_from: Optional[str] = None
+    resharded: Optional[object] = None
+    """The checkpoint's TrainingState when --load names one written under another layout."""
+    layout_then: Optional[dict] = None
 
 
 def canonical_name(name: str, pipeline: bool, layer_offset: int, num_layers: int) -> str:
@@ -227,6 +230,7 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
             offset = module.layer_offset
     names = _names(module, pipeline, offset, m.num_layers)
     loaded_from = None
+    layout_then = _layout_change(cfg, state)
     if cfg.checkpoint.load and is_release(cfg.checkpoint.load):
         weights = release_weights(cfg.checkpoint.load, cfg, state)
         missing = _load_canonical(module, names, weights, cfg.checkpoint.load)
@@ -247,7 +251,7 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
         log(f"--finetune: weights of {cfg.checkpoint.load} (adapters merged); iteration, optimizer, schedule "
             "and data position start fresh")
         loaded_from = cfg.checkpoint.load
-    else:
+    elif layout_then is None:
         params = {names[local]: p for local, p in module.named_parameters()}
         for name, weight in iter_initial_weights(module, names, cfg, state):
             assign(params[name], weight)
@@ -256,7 +260,28 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
                             lambda n: canonical_name(n, pipeline, offset, m.num_layers))
     else:
         counts = parameter_counts(module.parameters())
-    return BuiltModel(module, pipeline, counts, loaded_from)
+    resharded = None
+    if layout_then is not None:   # every weight, LoRA's included, from the checkpoint, cut for this rank
+        from ..convert.training_checkpoint import read_training_state
+        from .reshard import resharded_weights
+        resharded = read_training_state(cfg.checkpoint.load, cfg.checkpoint.ckpt_step)
+        names = _names(module, pipeline, offset, m.num_layers)
+        params = {names[local]: p for local, p in module.named_parameters()}
+        for name, weight in resharded_weights(resharded, module, names, cfg, state).items():
+            assign(params[name], weight.to(params[name].dtype))
+    return BuiltModel(module, pipeline, counts, loaded_from, resharded, layout_then)
+
+
+def _layout_change(cfg: Config, state: ParallelState) -> Optional[dict]:
+    """The layout that wrote the training checkpoint --load names, when it is not this run's
+    (None otherwise: same layout, a release or --finetune load, or nothing to load)."""
+    c = cfg.checkpoint
+    if not c.load or c.finetune or is_release(c.load) or not os.path.isdir(c.load):
+        return None
+    from .reshard import saved_layout
+    then = saved_layout(c.load, c.ckpt_step)
+    now = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "zero": effective_zero_stage(cfg)}
+    return then if then is not None and then != now else None
 
 
 def make_engine(cfg, module: nn.Module, world_size: int, mpu=None):

@@ -129,8 +129,30 @@ class VLGPTTrainer(Trainer):
     stage = "pretrain"
 
     def resume(self) -> None:
-        if not self.built.loaded_from:   # pretrained weights were loaded instead: a fresh run
+        if self.built.resharded is not None:
+            self._resume_under_new_layout()
+        elif not self.built.loaded_from:   # pretrained weights were loaded instead: a fresh run
             super().resume()
+
+    def _resume_under_new_layout(self) -> None:
+        """The checkpoint was written under another layout: the weights are in (build_model);
+        the optimizer, schedule and counters follow here (training/reshard.py)."""
+        from .build import _names
+        from .reshard import describe, restore_optimizer
+        saved = self.built.resharded
+        names = _names(self.built.module, self.pipeline, 0, self.cfg.model.num_layers)
+        restore_optimizer(self.engine, self.built.module, names, saved, self.cfg, self.state)
+        client = saved.weights.client
+        self.iteration, self.consumed = int(client["iteration"]), int(client["consumed_train_samples"])
+        self.skipped_total = client.get("skipped_total", 0)
+        self.skipped_consecutive = client.get("skipped_consecutive", 0)
+        self.restore_client_state(client)
+        now = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,
+               "zero": effective_zero_stage(self.cfg)}
+        self.log(f"loaded checkpoint {saved.weights.path} (iteration {self.iteration}, {self.consumed} samples "
+                 f"consumed) written at {describe(self.built.layout_then)}; this run: {describe(now)}: weights, "
+                 "LoRA, visual heads, Adam moments and step, learning-rate schedule and data position carried "
+                 "over; RNG streams restart from the seed")
 
     def write_export(self, tag_dir: str) -> None:
         if self.rank == 0:   # which stage wrote it: finetune_instruct.py resumes its own, starts from others

@@ -1,0 +1,133 @@
+"""Resuming a training checkpoint under another TP / PP / DP / ZeRO layout.
+
+The checkpoint is read offline, as export-hf reads it (convert/training_checkpoint.py): the
+fp32 weights, Adam's two moments, the step, the schedule, the data position. Each tensor is
+put back together from the old TP slices and cut for this rank (the same split rules the
+layers use); the weights go into the model before DeepSpeed wraps it (so its fp32 copies
+start from them), the moments into DeepSpeed's optimizer partitions through its
+tensor-fragment API afterwards. DeepSpeed's own loader is not used: it reads only the layout
+that wrote the files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..convert.hf import CheckpointError
+from ..parallel.layers import shard_parts, unshard_parts
+from . import checkpoint as ckpt
+
+
+def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
+    """tp, pp, dp, zero of the run that wrote the checkpoint --load names (None: not a
+    training checkpoint, or nothing there yet)."""
+    import glob
+    import yaml
+    from ..config import Config, effective_zero_stage
+    tag = ckpt.tag_name(ckpt_step) if ckpt_step is not None else ckpt.read_latest(load_dir)
+    if tag is None or tag == "release":
+        return None
+    tag_dir = os.path.join(load_dir, tag)
+    try:
+        with open(os.path.join(tag_dir, "config.yaml")) as fh:
+            cfg = Config.from_dict(yaml.safe_load(fh), os.path.join(tag_dir, "config.yaml"))
+    except FileNotFoundError:
+        return None
+    p = cfg.parallel
+    model_files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    if not model_files:
+        return None
+    states = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
+    return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
+            "dp": int(states.get("dp_world_size", 1)), "zero": effective_zero_stage(cfg)}
+
+
+def describe(layout: dict) -> str:
+    return f"tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}, ZeRO-{layout['zero']}"
+
+
+def _split_rule(name: str, param: nn.Parameter, cfg):
+    """How a parameter is cut over TP: None (whole on every rank), "vocab", or (parts, dim)."""
+    from .build import VOCAB_TENSORS, _split
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    if name in VOCAB_TENSORS:
+        return "vocab"
+    fused = _split(name, cfg)
+    if fused is not None and fused[0] != "vocab":
+        return fused
+    dim = param.partition_dim
+    return None, dim
+
+
+def reshard(name: str, slices, param: nn.Parameter, cfg, tp: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's tensor of `name` from the old TP ranks' slices (rank order)."""
+    rule = _split_rule(name, param, cfg)
+    if rule is None:
+        return slices[0]
+    if rule == "vocab":   # padding rows (never predicted) depend on the TP size: cut and pad anew
+        full = torch.cat(list(slices))[:cfg.model.vocab_size]
+        padded = cfg.model.padded_vocab_size(tp)
+        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
+        return shard_parts(full, [padded], tp_rank, tp, 0)
+    parts, dim = rule
+    whole = sum(s.shape[dim] for s in slices)
+    parts = list(parts) if parts is not None else [whole]
+    full = unshard_parts(list(slices), parts, dim) if len(slices) > 1 else slices[0]
+    return shard_parts(full, parts, tp_rank, tp, dim) if tp > 1 else full
+
+
+def resharded_weights(state, module: nn.Module, names: Dict[str, str], cfg, parallel) -> Dict[str, torch.Tensor]:
+    """This rank's weights (fp32 masters for the trainable ones), by canonical name."""
+    per_rank = state.weights.per_tp_rank
+    out = {}
+    for local, p in module.named_parameters():
+        name = names[local]
+        if name not in per_rank[0]:
+            raise CheckpointError(f"{state.weights.path}: lacks {name} (another model or LoRA setting?)")
+        slices = [state.moments[r][name]["fp32"] if name in state.moments[r] else per_rank[r][name]
+                  for r in range(len(per_rank))]
+        out[name] = reshard(name, slices, p, cfg, parallel.tp, parallel.tp_rank)
+    return out
+
+
+def restore_optimizer(engine, module: nn.Module, names: Dict[str, str], state, cfg, parallel) -> None:
+    """Adam's moments and step into the new engine's optimizer partitions, the schedule
+    into its scheduler, the step counters into the engine."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    # torch's AdamW creates its state at the first step; DeepSpeed's fragment API writes into
+    # that state, so it is made now (zeros, this step count) and linked to the parameters.
+    # ZeRO-3 hands its fp32 partitions to the optimizer's groups only while it steps them.
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or \
+        [flat for group in optimizer.param_groups for flat in group["params"]]
+    for flat in flats:
+        if not optimizer.state.get(flat):
+            optimizer.state[flat] = {"step": torch.tensor(float(state.step)),
+                                     "exp_avg": torch.zeros_like(flat, memory_format=torch.preserve_format),
+                                     "exp_avg_sq": torch.zeros_like(flat, memory_format=torch.preserve_format)}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:   # ZeRO-1/2 (ZeRO-3 reads the optimizer state directly)
+        link()
+    for local, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = names[local]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if name not in state.moments[0]:
+                raise CheckpointError(f"{state.weights.path}: no optimizer state for {name}")
+            value = reshard(name, [m[name][key] for m in state.moments], p, cfg, parallel.tp, parallel.tp_rank)
+            safe_set_full_optimizer_state(p, value.to(torch.float32), key)
+    if state.lr_scheduler is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state.lr_scheduler)
+        # The scheduler's state sets the next rate only at its next step; the optimizer's
+        # groups carry the rate the coming update uses.
+        for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    client = state.weights.client
+    engine.global_steps = int(client.get("iteration", 0))
+    engine.global_samples = int(client.get("consumed_train_samples", 0))
