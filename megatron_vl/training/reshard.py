@@ -122,12 +122,16 @@ def restore_optimizer(engine, module: nn.Module, names: Dict[str, str], state, c
                 raise CheckpointError(f"{state.weights.path}: no optimizer state for {name}")
             value = reshard(name, [m[name][key] for m in state.moments], p, cfg, parallel.tp, parallel.tp_rank)
             safe_set_full_optimizer_state(p, value.to(torch.float32), key)
-    if state.lr_scheduler is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(state.lr_scheduler)
-        # The scheduler's state sets the next rate only at its next step; the optimizer's
-        # groups carry the rate the coming update uses.
-        for group, lr in zip(optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+    scheduler = engine.lr_scheduler
+    if state.lr_scheduler is not None and scheduler is not None:
+        # Only the position moves over: a pipeline stage may hold fewer parameter groups than
+        # the run that wrote the checkpoint (the schedule is the same function of the step).
+        scheduler.last_epoch = state.lr_scheduler["last_epoch"]
+        scheduler._step_count = state.lr_scheduler.get("_step_count", scheduler.last_epoch + 1)
+        rates = scheduler.get_lr()   # the rate of the coming update, which the optimizer's groups carry
+        for group, lr in zip(optimizer.param_groups, rates):
             group["lr"] = lr
+        scheduler._last_lr = list(rates)
     client = state.weights.client
     engine.global_steps = int(client.get("iteration", 0))
     engine.global_samples = int(client.get("consumed_train_samples", 0))
