@@ -58,6 +58,13 @@ def _prefetch(typingctx, array, index):
 _AHEAD = 16
 
 
+@njit(cache=True, inline="always")
+def _emit(out, n_out, position, offset):
+    """Writes the next sample's start; returns (rows, fill, images) of a fresh sample."""
+    out[n_out, 0], out[n_out, 1] = position, offset
+    return n_out + 1, 0, 0
+
+
 @njit(cache=True, error_model="numpy")
 def _gather(docs, doc_table, pairs):
     """The documents' token counts and spans in order, so that the packing loop reads memory
@@ -120,32 +127,24 @@ def _pack(k_base, tokens, span_ptr, spans, seed, S, block, max_images, pack_docu
                 offset += take
                 prev += take
                 if fill == S:
-                    out[n_out, 0], out[n_out, 1] = position, offset
-                    n_out += 1
-                    fill, images = 0, 0
+                    n_out, fill, images = _emit(out, n_out, position, offset)
                     if n_out >= limit:
                         return n_out, k + 1, fill, images, True
             if e == n_img:
                 break
-            if fill + block > S or images == max_images:
-                out[n_out, 0], out[n_out, 1] = position, offset
-                n_out += 1
-                fill, images = 0, 0
+            if fill + block > S or images == max_images:   # this sample ends padded before the block
+                n_out, fill, images = _emit(out, n_out, position, offset)
                 if n_out >= limit:
                     return n_out, k + 1, fill, images, True
             fill += block
             images += 1
             offset += block
             if fill == S:
-                out[n_out, 0], out[n_out, 1] = position, offset
-                n_out += 1
-                fill, images = 0, 0
+                n_out, fill, images = _emit(out, n_out, position, offset)
                 if n_out >= limit:
                     return n_out, k + 1, fill, images, True
-        if not pack_documents and fill > 0:
-            out[n_out, 0], out[n_out, 1] = position + 1, 0
-            n_out += 1
-            fill, images = 0, 0
+        if not pack_documents and fill > 0:   # this document's sample ends here, padded
+            n_out, fill, images = _emit(out, n_out, position + 1, 0)
             if n_out >= limit:
                 return n_out, k + 1, fill, images, True
         k += 1

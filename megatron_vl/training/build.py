@@ -278,10 +278,10 @@ def _layout_change(cfg: Config, state: ParallelState) -> Optional[dict]:
     c = cfg.checkpoint
     if not c.load or c.finetune or is_release(c.load) or not os.path.isdir(c.load):
         return None
-    from .reshard import saved_layout
+    from .reshard import same_layout, saved_layout
     then = saved_layout(c.load, c.ckpt_step)
     now = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "zero": effective_zero_stage(cfg)}
-    return then if then is not None and then != now else None
+    return then if then is not None and not same_layout(then, now) else None
 
 
 def make_engine(cfg, module: nn.Module, world_size: int, mpu=None):

@@ -12,6 +12,7 @@ that wrote the files.
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Optional
 
 import torch
@@ -35,19 +36,28 @@ def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
     try:
         with open(os.path.join(tag_dir, "config.yaml")) as fh:
             cfg = Config.from_dict(yaml.safe_load(fh), os.path.join(tag_dir, "config.yaml"))
-    except FileNotFoundError:
+    except (OSError, ValueError, yaml.YAMLError):   # not ours, or damaged: the checkpoint check says which
         return None
     p = cfg.parallel
-    model_files = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-    if not model_files:
+    zero = effective_zero_stage(cfg)
+    # DP size from the optimizer files' names (nothing is unpickled here: a damaged file is
+    # named later by the checkpoint check); ZeRO-0 has none and loads at any DP size.
+    ranks = {re.search(r"zero_pp_rank_(\d+)_mp_rank_00_optim", f).group(1)
+             for f in glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))}
+    if zero and not ranks:   # incomplete: the checkpoint check names the missing files
         return None
-    states = torch.load(model_files[0], map_location="cpu", weights_only=False, mmap=True)
     return {"tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-            "dp": int(states.get("dp_world_size", 1)), "zero": effective_zero_stage(cfg)}
+            "dp": len(ranks) if zero else None, "zero": zero}
 
 
 def describe(layout: dict) -> str:
-    return f"tp {layout['tp']} x pp {layout['pp']} x dp {layout['dp']}, ZeRO-{layout['zero']}"
+    dp = layout["dp"] if layout["dp"] is not None else "any"
+    return f"tp {layout['tp']} x pp {layout['pp']} x dp {dp}, ZeRO-{layout['zero']}"
+
+
+def same_layout(then: dict, now: dict) -> bool:
+    """ZeRO-0 checkpoints (dp None) load at any data-parallel size."""
+    return all(then[k] == now[k] for k in ("tp", "pp", "zero")) and then["dp"] in (None, now["dp"])
 
 
 def _split_rule(name: str, param: nn.Parameter, cfg):
