@@ -66,42 +66,46 @@ def _emit(out, n_out, position, offset):
 
 
 @njit(cache=True, error_model="numpy")
-def _gather(docs, doc_table, pairs):
-    """The documents' token counts and spans in order, so that the packing loop reads memory
-    sequentially (one pass of independent reads, prefetched, is faster than taking the
-    misses inside the branchy loop). doc_table rows: (tokens, first span, span count)."""
+def _gather_table(docs, doc_table, table, ptr):
+    """The documents' rows (tokens, first span, span count) in order, and where each one's
+    spans will sit; returns the span count. Gathering first lets the packing loop read memory
+    sequentially: one pass of independent, prefetched reads is faster than taking the
+    misses inside the branchy loop. Buffers are the builder's, reused chunk after chunk."""
     n = docs.shape[0]
-    table = np.empty((n, 3), np.int64)
     for k in range(n):
         if k + _AHEAD < n:
             _prefetch(doc_table, docs[k + _AHEAD] * 3)
         d = docs[k]
         table[k, 0], table[k, 1], table[k, 2] = doc_table[d, 0], doc_table[d, 1], doc_table[d, 2]
-    ptr = np.zeros(n + 1, np.int64)
+    ptr[0] = 0
     for k in range(n):
         ptr[k + 1] = ptr[k] + table[k, 2]
-    spans = np.empty((ptr[n], 2), pairs.dtype)
-    for k in range(n):
-        if k + _AHEAD < n:
-            _prefetch(pairs, table[k + _AHEAD, 1] * 2)
-        lo, p = table[k, 1], ptr[k]
-        for j in range(table[k, 2]):
-            spans[p + j, 0], spans[p + j, 1] = pairs[lo + j, 0], pairs[lo + j, 1]
-    return table[:, 0].copy(), ptr, spans
+    return ptr[n]
 
 
 @njit(cache=True, error_model="numpy")
-def _pack(k_base, tokens, span_ptr, spans, seed, S, block, max_images, pack_documents,
+def _gather_spans(n, table, ptr, pairs, spans):
+    """Each document's (start, end) int32 pairs, moved as one int64 each."""
+    for k in range(n):
+        if k + _AHEAD < n:
+            _prefetch(pairs, table[k + _AHEAD, 1])
+        lo, p = table[k, 1], ptr[k]
+        for j in range(table[k, 2]):
+            spans[p + j] = pairs[lo + j]
+
+
+@njit(cache=True, error_model="numpy")
+def _pack(k_base, table, n_docs, span_ptr, spans, seed, S, block, max_images, pack_documents,
           k_first, fill, images, out, n_out, limit, inserts):
-    """Lays out documents k_first: of a chunk of the order (their token counts and spans
-    gathered in order by _gather) into `out` (rows (position in the global order, element
+    """Lays out documents k_first:n_docs of a chunk of the order (their rows and spans
+    gathered in order by _gather_*) into `out` (rows (position in the global order, element
     offset)) from the carried (fill, images). Returns (rows written, next k, fill, images,
     finished): it stops before a document whose samples might not fit in `out`, or once
     `limit` rows exist."""
     capacity = out.shape[0]
     k = k_first
-    while k < tokens.shape[0]:
-        n_tok = tokens[k]
+    while k < n_docs:
+        n_tok = table[k, 0]
         lo, n_img = span_ptr[k], span_ptr[k + 1] - span_ptr[k]
         # Each row a document adds consumes at least one of its elements, except one padded
         # end before a block: elements + 2 bounds the rows it can add.
@@ -217,6 +221,11 @@ class SampleIndexBuilder:
         longest = int((doc_tokens + counts * block).max()) if len(counts) else 0
         self._rows = np.zeros((1024, 2), np.int32 if longest < 2**31 else np.int64)
         self._n, self._fill, self._images, self.order_length = 1, 0, 0, 0
+        # Gather buffers, reused for every chunk (fresh ones would fault their pages in each time).
+        self._table = np.zeros((self.CHUNK, 3), np.int64)
+        self._ptr = np.zeros(self.CHUNK + 1, np.int64)
+        self._spans = np.zeros((0, 2), spans.pairs.dtype)
+        self._pairs_as_int64 = np.ascontiguousarray(spans.pairs).view(np.int64).reshape(-1)
         self.finished = False
 
     @property
@@ -237,30 +246,34 @@ class SampleIndexBuilder:
             self.order_length += len(order_part[lo:lo + self.CHUNK])
 
     CHUNK = 1 << 16
-    """Documents gathered at once: the gathered arrays (a few MB) reuse heap memory instead
-    of faulting in fresh pages each time."""
+    """Documents gathered at once (the gather buffers' size)."""
 
     def _extend_chunk(self, docs: np.ndarray, limit: Optional[int], k_base: int) -> None:
-        cfg, block = self.cfg, self.cfg.num_image_tokens + 2
-        tokens, ptr, spans = _gather(docs, self._doc_table, self.spans.pairs)
+        cfg, block, n = self.cfg, self.cfg.num_image_tokens + 2, len(docs)
+        table, ptr = self._table, self._ptr
+        total = _gather_table(docs, self._doc_table, table, ptr)
+        if total > len(self._spans):
+            self._spans = np.empty((2 * total, 2), self.spans.pairs.dtype)
+        _gather_spans(n, table, ptr, self._pairs_as_int64, self._spans.view(np.int64).reshape(-1))
         limit = (1 << 62) if limit is None else limit
         # Expected rows with room to spare; _pack stops at a document that might not fit.
-        expected = (int(tokens.sum()) + int(ptr[-1]) * block) // cfg.seq_length * 5 // 4 + 64
+        expected = (int(table[:n, 0].sum()) + int(total) * block) // cfg.seq_length * 5 // 4 + 64
         if not cfg.pack_documents:
-            expected += len(docs)
+            expected += n
         self._reserve(min(self._n + expected, limit))
         k = 0
         while True:
-            n, k, self._fill, self._images, done = _pack(
-                k_base, tokens, ptr, spans, _U(cfg.seed % (1 << 64)), cfg.seq_length, block, cfg.max_images,
-                cfg.pack_documents, k, self._fill, self._images, self._rows, self._n, limit, self._inserts)
-            self._n = n
+            rows, k, self._fill, self._images, done = _pack(
+                k_base, table, n, ptr, self._spans, _U(cfg.seed % (1 << 64)), cfg.seq_length, block,
+                cfg.max_images, cfg.pack_documents, k, self._fill, self._images, self._rows, self._n, limit,
+                self._inserts)
+            self._n = rows
             if done:
                 self.finished = True
                 return
-            if k >= len(docs):
+            if k >= n:
                 return
-            self._reserve(self._n + int(tokens[k]) + int(ptr[k + 1] - ptr[k]) * block + 2)
+            self._reserve(self._n + int(table[k, 0]) + int(table[k, 2]) * block + 2)
 
     def _reserve(self, rows: int) -> None:
         """At least `rows` rows of room, growing geometrically."""
