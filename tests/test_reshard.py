@@ -68,3 +68,14 @@ def test_a_dropped_moment_is_caught(vl_data, straight):
     assert wrong[HALF + 1] == pytest.approx(losses[HALF + 1], abs=1e-5)   # the weights came through
     with pytest.raises(AssertionError, match="iteration 4"):
         _assert_match(losses, wrong)
+
+
+@pytest.mark.timeout(300)
+def test_lora_run_moves_from_tp2_zero1_to_dp2_zero3(vl_data, tmp_path):
+    """Frozen base, adapters, [IMG]/[/IMG] row deltas and visual heads with their moments."""
+    lora = ["--lora-rank", 4, "--lora-alpha", 8, "--global-batch-size", 8]
+    straight = _losses(_run(2, tiny_args(vl_data, *lora, "--tensor-model-parallel-size", 2, "--save", tmp_path,
+                                         "--save-interval", HALF, iters=ITERS)))
+    resumed = _run(2, tiny_args(vl_data, *lora, "--zero-stage", 3, "--load", tmp_path, "--ckpt-step", HALF,
+                                iters=ITERS))
+    _assert_match(straight, _losses(resumed))

@@ -10,8 +10,9 @@ Memory (bytes, the busiest rank: pipeline stage 0 holds the most micro-batches i
   layer with a fused attention kernel: no s^2 score tensor), s*b*h*(10 + 24/t) 16-bit
   values a layer, or only the layer input with --recompute-activations (plus one layer's
   worth while it recomputes), times the micro-batches in flight (1F1B: pp on stage 0);
-- buffers: DeepSpeed's gradient bucket (ZeRO-2/3: up to reduce_bucket_size elements), ZeRO-3's
-  gathered parameters (prefetch bucket plus a layer), and the largest tensor whole.
+- buffers: DeepSpeed's gradient bucket and its reduced copy (up to reduce_bucket_size
+  elements each), ZeRO-3's gathered parameters (up to stage3_max_live_parameters: they stay
+  gathered while reused within stage3_max_reuse_distance), and the largest tensor whole.
 
 Step time: FLOPs (6 x trainable + 4 x frozen per token: a frozen weight gets no weight
 gradient; +2 x all with recompute; attention 6 x s x h per layer and token; MFU counts these
@@ -89,8 +90,11 @@ def activation_bytes(seq: int, micro: int, hidden: int, layers: int, tp: int, re
 
 
 def memory(counts: dict, layout: Layout, model, seq: int, gas: int, dtype_bytes: int,
-           reduce_bucket: int = 500_000_000, prefetch_bucket: int = 50_000_000) -> Dict[str, float]:
-    """Bytes per rank by part, for one pipeline stage's counts (rank_parameters' entries)."""
+           reduce_bucket: int = 500_000_000, max_live: int = 1_000_000_000) -> Dict[str, float]:
+    """Bytes per rank by part, for one pipeline stage's counts (rank_parameters' entries).
+    reduce_bucket, max_live: DeepSpeed's reduce_bucket_size and stage3_max_live_parameters
+    (their defaults; ZeRO-3 also keeps parameters gathered up to stage3_max_reuse_distance,
+    1e9 by default, so a stage below 1e9 elements stays whole through forward and backward)."""
     z, dp = layout.zero, layout.dp
     held = counts["trainable"] + counts["frozen"]
     trainable_slice = counts["trainable_slice"]
@@ -116,14 +120,12 @@ def memory(counts: dict, layout: Layout, model, seq: int, gas: int, dtype_bytes:
     # Buffers: the gradient bucket of ZeRO-2/3 (up to reduce_bucket_size elements), ZeRO-3's
     # gathered parameters (a layer in use plus the prefetch bucket), the largest tensor whole.
     buffers = counts["largest"] * dtype_bytes
-    bucket = min(reduce_bucket, trainable_slice) * dtype_bytes
-    if z <= 1:   # the gradients flattened into a bucket for the all-reduce, and its result
-        buffers += 2 * bucket
-    else:        # the contiguous gradient bucket, reduce-scattered out of place
-        buffers += 2 * bucket
-    if z == 3:
+    # ZeRO-0/1 flatten the gradients into a bucket for the all-reduce; ZeRO-2/3 fill a
+    # contiguous bucket: either way reduced out of place, so two of them.
+    buffers += 2 * min(reduce_bucket, trainable_slice) * dtype_bytes
+    if z == 3:   # parameters stay gathered while within max_reuse_distance / max_live_parameters
         stage = counts["trainable_slice"] + counts["frozen_slice"]
-        buffers += (min(prefetch_bucket, stage) + stage / max(layers, 1)) * dtype_bytes
+        buffers += min(max_live, stage) * dtype_bytes
     return {"weights": held * dtype_bytes, "gradients": grads, "optimizer": optimizer,
             "activations": activations, "buffers": buffers}
 
