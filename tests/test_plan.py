@@ -57,3 +57,25 @@ def test_paper_model_parameters_per_rank(tp, pp, dp, zero):
         assert counts[0]["frozen_slice"] == 6_739_464_192
         assert counts[0]["trainable_slice"] == 79_953_920 + 2 * (D * H + D) + 2 * 2 * H
         assert counts[0]["frozen"] == 210_866_176 and counts[0]["trainable"] == 3_571_712
+
+
+def test_planner_cli_prints_the_paper_run_table_and_help(capsys):
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "plan_parallelism", os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "plan_parallelism.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--preset", "A100-40GB", "--gpus", "32", "--global-batch-size", "4096", "--bf16",
+                      "--top", "400"] + [str(a) for a in PAPER]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:3].strip().isdigit()]
+    assert rows and rows[0][-4] == "yes"                      # the best layout fits
+    fits = [r[-4] == "yes" for r in rows]
+    assert fits == sorted(fits, reverse=True)                 # fitting layouts first
+    # ZeRO-3 over 32: the weights column is the held elements in bf16 (counted by hand above).
+    zero3 = next(r for r in rows if r[:6] == ["1", "1", "32", "3", "1", "no"])
+    assert float(zero3[7]) == pytest.approx((210_866_176 + 3_571_712) * 2 / 2**30, abs=0.005)
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "--preset A100-40GB --gpus 32" in capsys.readouterr().out
