@@ -15,7 +15,10 @@ command on the sample data: examples/quickstart.sh, step "model 6"):
     srun --nodes 4 --ntasks-per-node 8 python pretrain_vlgpt.py ...   # examples/slurm/*.sbatch
     # MPI (Open MPI / MPICH; with mpi4py rank 0 broadcasts the rendezvous address)
     mpirun -np 16 python pretrain_vlgpt.py ...
-    # resume: the same command with --load ckpt (the checkpoint 'latest' names, or --ckpt-step N)
+    # resume: the same command with --load ckpt (the checkpoint 'latest' names, or --ckpt-step N);
+    # another TP/PP/DP size or ZeRO stage than the run that wrote it is fine (weights, Adam
+    # state, schedule and data position carry over)
+    # which layout fits a cluster: python tools/plan_parallelism.py --preset A100-40GB --gpus 32 ...
 
 Start from an HF LLaMA: tools/convert_checkpoint.py import-hf --hf-dir llama-7b --save llama-7b-mvl,
 then --load llama-7b-mvl (a release checkpoint: weights only; [IMG]/[/IMG] rows are added at the
