@@ -23,7 +23,8 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import yaml
@@ -34,6 +35,26 @@ from ..training.checkpoint import read_latest, tag_name
 from .hf import CheckpointError
 
 Tensors = Dict[str, torch.Tensor]
+
+
+class LazyTensors(Mapping):
+    """name -> value, each value made when asked for (from memory-mapped files): a reader
+    of a whole checkpoint holds one parameter at a time, never the model."""
+
+    def __init__(self, loaders: Dict[str, Callable[[], object]]):
+        self._loaders = loaders
+
+    def __getitem__(self, name):
+        return self._loaders[name]()
+
+    def __contains__(self, name) -> bool:
+        return name in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 @dataclass
@@ -72,13 +93,13 @@ def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
                     key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
     if not models:
         raise CheckpointError(f"{tag_dir}: no zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt")
-    states = [_load(f) for f in models]
+    states = [_load(f, mmap=True) for f in models]
     dp = len(states)
     optims = [_load(_optim_file(f), mmap=True)["optimizer_state_dict"] for f in models]
     if optims[0]["partition_count"] != dp:
         raise CheckpointError(f"{tag_dir}: optimizer state was partitioned {optims[0]['partition_count']} ways "
                               f"but {dp} rank files exist for TP rank {tp_rank}")
-    out: Tensors = {}
+    loaders = {}
 
     def gather(pieces, shape, name):
         numel = math.prod(shape)
@@ -88,14 +109,16 @@ def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
         return full[:numel].view(shape).clone()
 
     for name, shape in (states[0].get("frozen_param_shapes") or {}).items():
-        out[name] = gather([s["frozen_param_fragments"][name] for s in states], tuple(shape), name)
+        loaders[name] = lambda name=name, shape=tuple(shape): gather(
+            [s["frozen_param_fragments"][name] for s in states], shape, name)
     for group, shapes in enumerate(states[0]["param_shapes"]):
-        flats = [o["fp32_flat_groups"][group] for o in optims]
         offset = 0
         for name, shape in shapes.items():
             per_rank = math.ceil(math.prod(shape) / dp)
-            out[name] = gather([f.narrow(0, offset, per_rank) for f in flats], tuple(shape), name)
+            loaders[name] = lambda name=name, shape=tuple(shape), group=group, offset=offset, n=per_rank: gather(
+                [o["fp32_flat_groups"][group].narrow(0, offset, n) for o in optims], shape, name)
             offset += per_rank
+    out = LazyTensors(loaders)
     return out, states[0]
 
 
@@ -124,17 +147,21 @@ def read_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> 
             params, client_rank = _zero3_rank(tag_dir, r)
             names = {k: canonical_name(k, False, 0, layers) for k in params}
         elif pp == 1:
-            client_rank = _load(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))
+            client_rank = _load(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"), mmap=True)
             params = _parameters_only(client_rank["module"], client_rank.get("buffer_names"))
             names = {k: canonical_name(k, False, 0, layers) for k in params}
         else:
             client_rank = _load(os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))
             params, names = {}, {}
             for idx in range(layers + 2):
-                for k, v in _load(os.path.join(tag_dir, f"layer_{idx:02d}-model_{r:02d}-model_states.pt")).items():
+                for k, v in _load(os.path.join(tag_dir, f"layer_{idx:02d}-model_{r:02d}-model_states.pt"),
+                                  mmap=True).items():
                     params[f"{idx}.{k}"] = v
                     names[f"{idx}.{k}"] = canonical_name(f"{idx}.{k}", True, 0, layers)
-        per_tp_rank.append({names[k]: v for k, v in params.items()})
+        if isinstance(params, LazyTensors):
+            per_tp_rank.append(LazyTensors({names[k]: params._loaders[k] for k in params}))
+        else:
+            per_tp_rank.append({names[k]: v for k, v in params.items()})
         if r == 0:
             client = {k: v for k, v in client_rank.items()
                       if k not in ("module", "optimizer", "param_shapes", "frozen_param_shapes",
@@ -154,11 +181,15 @@ class TrainingState:
     lr_scheduler: Optional[dict]
 
 
-def _zero12_moments(files: List[str], pipeline: bool, layers: int) -> tuple:
-    """(name -> {fp32, exp_avg, exp_avg_sq}, step) from the DP ranks' ZeRO-1/2 files of one
-    model-parallel rank: each rank's partition of each parameter group, and DeepSpeed's map
-    of where each parameter's fragment sits in it (param_slice_mappings)."""
-    pieces: Dict[str, Dict[str, list]] = {}
+_MOMENT_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _zero12_moments(files: List[str], shapes: Dict[str, tuple], pipeline: bool, layers: int) -> tuple:
+    """(name -> {fp32, exp_avg, exp_avg_sq} made on demand, step) from the DP ranks' ZeRO-1/2
+    files of one model-parallel rank: each rank's partition of each parameter group, and
+    DeepSpeed's map of where each parameter's fragment sits in it (param_slice_mappings).
+    shapes: the parameters' shapes by canonical name."""
+    where: Dict[str, list] = {}
     step = 0.0
     for f in files:   # in DP rank order: fragments concatenate into the whole parameter
         sd = _load(f, mmap=True)["optimizer_state_dict"]
@@ -168,10 +199,12 @@ def _zero12_moments(files: List[str], pipeline: bool, layers: int) -> tuple:
                      "exp_avg": base[group]["exp_avg"], "exp_avg_sq": base[group]["exp_avg_sq"]}
             step = float(base[group]["step"])
             for name, frag in mapping.items():
-                entry = pieces.setdefault(canonical_name(name, pipeline, 0, layers), {k: [] for k in flats})
-                for key, flat in flats.items():
-                    entry[key].append(flat.narrow(0, frag.start, frag.numel))
-    return {n: {k: torch.cat(v) for k, v in e.items()} for n, e in pieces.items()}, step
+                where.setdefault(canonical_name(name, pipeline, 0, layers), []).append((flats, frag))
+
+    def load(name):
+        return {key: torch.cat([flats[key].narrow(0, frag.start, frag.numel) for flats, frag in where[name]])
+                .view(shapes[name]) for key in _MOMENT_KEYS}
+    return LazyTensors({name: (lambda name=name: load(name)) for name in where}), step
 
 
 def _zero3_moments(tag_dir: str, tp_rank: int, layers: int) -> tuple:
@@ -179,23 +212,26 @@ def _zero3_moments(tag_dir: str, tp_rank: int, layers: int) -> tuple:
     DP rank, as the weights (_zero3_rank)."""
     models = sorted(glob.glob(os.path.join(tag_dir, f"zero_pp_rank_*_mp_rank_{tp_rank:02d}_model_states.pt")),
                     key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f).group(1)))
-    shapes = _load(models[0])["param_shapes"]
+    shapes = _load(models[0], mmap=True)["param_shapes"]
     optims = [_load(_optim_file(f), mmap=True)["optimizer_state_dict"] for f in models]
     dp = len(optims)
-    out: Dict[str, Tensors] = {}
+    loaders = {}
     step = 0.0
-    for group, group_shapes in enumerate(shapes):
+
+    def load(group, offset, per_rank, shape):
         flats = [{"fp32": o["fp32_flat_groups"][group], "exp_avg": o["optimizer_state_dict"]["state"][group]["exp_avg"],
                   "exp_avg_sq": o["optimizer_state_dict"]["state"][group]["exp_avg_sq"]} for o in optims]
+        return {key: torch.cat([f[key].narrow(0, offset, per_rank) for f in flats])[:math.prod(shape)].view(shape)
+                for key in _MOMENT_KEYS}
+    for group, group_shapes in enumerate(shapes):
         step = float(optims[0]["optimizer_state_dict"]["state"][group]["step"])
         offset = 0
         for name, shape in group_shapes.items():
-            numel, per_rank = math.prod(shape), math.ceil(math.prod(shape) / dp)
-            out[canonical_name(name, False, 0, layers)] = {
-                key: torch.cat([f[key].narrow(0, offset, per_rank) for f in flats])[:numel].view(tuple(shape)).clone()
-                for key in ("fp32", "exp_avg", "exp_avg_sq")}
+            per_rank = math.ceil(math.prod(shape) / dp)
+            loaders[canonical_name(name, False, 0, layers)] = \
+                lambda g=group, o=offset, n=per_rank, sh=tuple(shape): load(g, o, n, sh)
             offset += per_rank
-    return out, step
+    return LazyTensors(loaders), step
 
 
 def read_training_state(load_dir: str, iteration: Optional[int] = None) -> TrainingState:
@@ -223,13 +259,14 @@ def read_training_state(load_dir: str, iteration: Optional[int] = None) -> Train
         if len(by_mp) != tp * pp:
             raise CheckpointError(f"{tag_dir}: optimizer files for {len(by_mp)} model-parallel ranks, the run that "
                                   f"wrote it had tp {tp} x pp {pp}")
+        shapes: List[Dict[str, tuple]] = [{} for _ in range(tp)]
+        loaders: List[dict] = [{} for _ in range(tp)]
         for mp_rank, files in sorted(by_mp.items()):
-            found, step = _zero12_moments([f for _, f in sorted(files)], pp > 1, layers)
-            moments[mp_rank % tp].update(found)   # pipeline ranks: model-parallel rank = stage * tp + tp rank
-        for r in range(tp):   # the flat fragments take their parameters' shapes
-            for name, entry in moments[r].items():
-                shape = weights.per_tp_rank[r][name].shape
-                moments[r][name] = {k: v.view(shape).clone() for k, v in entry.items()}
+            r = mp_rank % tp   # pipeline ranks: model-parallel rank = stage * tp + tp rank
+            shapes[r].update({name: tuple(v.shape) for name, v in weights.per_tp_rank[r].items()})
+            found, step = _zero12_moments([f for _, f in sorted(files)], shapes[r], pp > 1, layers)
+            loaders[r].update(found._loaders)
+        moments = [LazyTensors(lo) for lo in loaders]
         model_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     states = _load(model_file, mmap=True)
     layout = {"tp": tp, "pp": pp, "dp": int(states.get("dp_world_size", 1)), "zero": zero}

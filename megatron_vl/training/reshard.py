@@ -127,10 +127,11 @@ def restore_optimizer(engine, module: nn.Module, names: Dict[str, str], state, c
         if not p.requires_grad:
             continue
         name = names[local]
+        if name not in state.moments[0]:
+            raise CheckpointError(f"{state.weights.path}: no optimizer state for {name}")
+        entries = [m[name] for m in state.moments]   # read now, one parameter at a time
         for key in ("exp_avg", "exp_avg_sq"):
-            if name not in state.moments[0]:
-                raise CheckpointError(f"{state.weights.path}: no optimizer state for {name}")
-            value = reshard(name, [m[name][key] for m in state.moments], p, cfg, parallel.tp, parallel.tp_rank)
+            value = reshard(name, [e[key] for e in entries], p, cfg, parallel.tp, parallel.tp_rank)
             safe_set_full_optimizer_state(p, value.to(torch.float32), key)
     scheduler = engine.lr_scheduler
     if state.lr_scheduler is not None and scheduler is not None:
