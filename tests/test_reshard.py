@@ -1,13 +1,14 @@
-"""Resuming under another layout: 2 steps at TP=2 x ZeRO-1, then 2 more at PP=2 and at
-DP=4 x ZeRO-3 match the straight run (which is what a resume at the original layout gives:
-test_pretrain checks that). A dropped Adam moment must show, or the check proves nothing."""
+"""Resuming under another layout: 2 steps at TP=2 x ZeRO-1, then PP=2 continues to step 6,
+and from its step-4 checkpoint DP=4 x ZeRO-3 does: every step matches the straight run
+(which is what a resume at the original layout gives: test_pretrain checks that). A dropped
+Adam moment must show, or the check proves nothing."""
 
 import pytest
 
 from megatron_vl.testing.distributed import run_distributed
 from pretrain_helpers import pretrain_rank, tiny_args
 
-ITERS, HALF = 4, 2
+ITERS, HALF = 6, 2
 
 
 def _losses(history):
@@ -39,25 +40,29 @@ def straight(vl_data, tmp_path_factory):
     return _losses(_run(2, args)), save
 
 
-def _assert_match(straight, resumed, tol=1e-5):
-    assert sorted(resumed) == list(range(HALF + 1, ITERS + 1))
+def _assert_match(straight, resumed, tol=1e-5, start=HALF):
+    assert sorted(resumed) == list(range(start + 1, ITERS + 1))
     for it in resumed:
         for a, b in zip(straight[it], resumed[it]):
             assert abs(a - b) <= tol, f"iteration {it}: straight {straight[it]}, resumed {resumed[it]}"
 
 
 @pytest.mark.timeout(600)
-def test_resume_at_pp2_and_at_dp4_zero3_continues_the_run(vl_data, straight, capfd):
+def test_resume_at_pp2_and_then_at_dp4_zero3_continues_the_run(vl_data, straight, tmp_path, capfd):
     losses, save = straight
-    common = ["--global-batch-size", 8, "--load", save, "--ckpt-step", HALF]
-    pp2 = _run(2, tiny_args(vl_data, *common, "--pipeline-model-parallel-size", 2, iters=ITERS))
+    pp2_save = tmp_path / "pp2"
+    pp2 = _run(2, tiny_args(vl_data, "--global-batch-size", 8, "--load", save, "--ckpt-step", HALF,
+                            "--pipeline-model-parallel-size", 2, "--save", pp2_save, "--save-interval", 2,
+                            iters=ITERS))
     out = capfd.readouterr().out
     assert (f"loaded checkpoint {save}/iter_0000002 (iteration 2, 16 samples consumed) written at tp 2 x pp 1 x dp 1, "
             f"ZeRO-1; this run: tp 1 x pp 2 x dp 1, ZeRO-1: weights, LoRA, visual heads, Adam moments") in out
     _assert_match(losses, _losses(pp2))
-    dp4 = _run(4, tiny_args(vl_data, *common, "--zero-stage", 3, iters=ITERS))
-    assert "this run: tp 1 x pp 1 x dp 4, ZeRO-3" in capfd.readouterr().out
-    _assert_match(losses, _losses(dp4))
+    # A pipeline-parallel checkpoint (one file set per stage) moves on to ZeRO-3 over 4 ranks.
+    dp4 = _run(4, tiny_args(vl_data, "--global-batch-size", 8, "--load", pp2_save, "--ckpt-step", 4,
+                            "--zero-stage", 3, iters=ITERS))
+    assert "written at tp 1 x pp 2 x dp 1, ZeRO-1; this run: tp 1 x pp 1 x dp 4, ZeRO-3" in capfd.readouterr().out
+    _assert_match(losses, _losses(dp4), start=4)
 
 
 @pytest.mark.timeout(300)
