@@ -53,8 +53,24 @@ def test_launcher_trains_saves_and_resumes_exactly(vl_data, tmp_path, launcher):
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= shm_before
 
 
+def test_both_preemption_signals_request_the_stop():
+    """SIGTERM (scancel) and SIGUSR1 (sbatch --signal=USR1@120) reach the same stop request;
+    the whole path, save and exit 0 and resume, runs below with SIGUSR1."""
+    from megatron_vl.training.engine import StopRequest
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for sig in before:
+            stop = StopRequest()
+            assert stop.signal is None
+            os.kill(os.getpid(), sig)
+            assert stop.signal == sig
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1])
 def test_preemption_signal_saves_exits_zero_and_resume_continues(vl_data, tmp_path, sig):
     """Two ranks started as srun starts them (SLURM variables only: the master host comes
     from the node list, the port from the job id); rank 0 alone gets the signal — SIGTERM
