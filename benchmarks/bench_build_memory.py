@@ -15,26 +15,22 @@ Adam moments once the first step runs.
 
 import argparse
 import os
-import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_vl.plan.measure import peak_bytes, rss_bytes  # noqa: E402
 from megatron_vl.testing.distributed import run_distributed  # noqa: E402
 
 MB = 1024 * 1024
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_bytes() / MB
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_bytes() / MB
 
 
 def _rank(rank, world, argv):
