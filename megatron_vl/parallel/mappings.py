@@ -30,7 +30,12 @@ def group_rank(group) -> int:
 
 
 def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce, no autograd; returns x."""
+    """In-place all-reduce, no autograd; returns x. Over a LayoutGroup only meta tensors
+    pass (shapes only: a rank's layer run on the meta device to plan its memory)."""
+    if isinstance(group, LayoutGroup):
+        if not x.is_meta:
+            raise RuntimeError("a LayoutGroup has no processes: only meta tensors pass its all-reduce")
+        return x
     if group is not None:
         dist.all_reduce(x, op=op, group=group)
     return x

@@ -79,13 +79,15 @@ def stage_parameters(cfg, tp: int, pp: int, pp_rank: int) -> StageParameters:
     return _stage(_model_key(cfg), _Holder(cfg), tp, pp, pp_rank)
 
 
-def rank_parameters(cfg, tp: int, pp: int, dp: int, zero_stage: int) -> List[dict]:
+def rank_parameters(cfg, tp: int, pp: int, dp: int, zero_stage: int,
+                    persistence_threshold: int = ZERO3_PERSISTENCE_THRESHOLD) -> List[dict]:
     """Per pipeline stage: trainable and frozen elements a rank holds, and before ZeRO-3."""
     out = []
     for stage in range(pp):
         params = stage_parameters(cfg, tp, pp, stage)
-        out.append({"stage": stage,
-                    "trainable": params.held(True, zero_stage, dp), "frozen": params.held(False, zero_stage, dp),
+        out.append({"stage": stage, "last": stage == pp - 1,
+                    "trainable": params.held(True, zero_stage, dp, persistence_threshold),
+                    "frozen": params.held(False, zero_stage, dp, persistence_threshold),
                     "trainable_slice": params.total(True), "frozen_slice": params.total(False),
                     "largest": params.largest})
     return out

@@ -1,13 +1,26 @@
 """Measured memory of a real (CPU, gloo) training run, to check the planner's memory model.
 
-Each rank records its resident memory just before the model is built and its peak after a
-few training steps; the difference is what the model, its gradients, the optimizer, the
-activations and DeepSpeed's buffers took: what the planner predicts.
+The measure is the peak of bytes held in tensors by torch's CPU allocator (the CPU
+counterpart of torch.cuda.max_memory_allocated): what the model, gradients, optimizer,
+activations and DeepSpeed's buffers take, and what the planner predicts. Resident memory
+(RSS) is no measure of it: Linux backs a large allocation only where it is written (DeepSpeed
+allocates a 5e8-element gradient bucket and fills a few MB of it), malloc keeps freed
+blocks, and the runtime's own pages vary by 10% between runs.
+
+torch counts every CPU allocation and free, on every thread, once c10's flag
+caffe2_report_cpu_memory_usage is set (a free on a communication thread of a tensor
+allocated on the main thread included); the profiler reports that running total with each
+allocation of the main thread, and the peak is the largest.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import json
+import os
 import resource
+import tempfile
 from typing import Sequence
 
 
@@ -23,38 +36,68 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _count_all_threads(on: bool) -> None:
+    import torch
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = on
+
+
+@contextlib.contextmanager
+def allocated_peak():
+    """Yields a dict whose "peak" is, on exit, the most bytes held in CPU tensors at once by
+    tensors allocated inside the block."""
+    from torch.profiler import ProfilerActivity, profile
+    result = {}
+    _count_all_threads(True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield result
+    finally:
+        _count_all_threads(False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
+    if not totals:
+        raise RuntimeError("the profiler recorded no CPU allocation: nothing measured")
+    result["peak"] = max(totals)
+
+
 def measured_rank(rank: int, world: int, argv: Sequence[str]) -> dict:
-    """One rank of a pretraining run (inside testing.distributed.run_distributed): bytes of
-    peak resident memory above the resident memory before the model was built."""
+    """One rank of a pretraining run (inside testing.distributed.run_distributed): the peak
+    bytes in tensors allocated from just before the model is built to the end of training."""
     import megatron_vl.training.pretrain as pretrain_module
-    before = {}
+    stack = contextlib.ExitStack()
+    peak = {}
     build = pretrain_module.build_model
 
     def measured_build(*args, **kwargs):
-        before["rss"], before["peak"] = rss_bytes(), peak_bytes()
+        peak.update(ref=stack.enter_context(allocated_peak()))
         return build(*args, **kwargs)
     pretrain_module.build_model = measured_build
-    trainer = pretrain_module.pretrain(list(argv))
+    try:
+        with stack:
+            trainer = pretrain_module.pretrain(list(argv))
+    finally:
+        pretrain_module.build_model = build
     if trainer.exit_code:
         raise RuntimeError(f"training exited with {trainer.exit_code}")
-    if peak_bytes() <= before["peak"]:
-        raise RuntimeError("the run never exceeded the memory it had before the model: nothing measured")
-    return {"measured": peak_bytes() - before["rss"]}
+    return {"measured": peak["ref"]["peak"]}
 
 
 def predicted(argv: Sequence[str], world: int) -> dict:
-    """The planner's bytes by part for the busiest rank of this run's layout (fp32 on CPU)."""
-    from ..config import effective_zero_stage, load_config
-    from .counts import rank_parameters
-    from .model import Layout, memory
+    """The planner's bytes by part for the busiest rank of this run's layout, on the CPU (gloo)
+    code paths the measured run takes."""
+    from ..config import deepspeed_config, effective_zero_stage, load_config
+    from .model import CPU_GLOO, Layout
+    from .planner import rank_memory
     cfg, _ = load_config(list(argv))
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     dp = world // (tp * pp)
-    zero = effective_zero_stage(cfg)
-    layout = Layout(tp, pp, dp, zero, t.micro_batch_size, t.recompute_activations)
-    gas = (t.global_batch_size or t.micro_batch_size * dp) // (t.micro_batch_size * dp)
-    dtype_bytes = 2 if (t.bf16 or t.fp16) else 4
-    stages = rank_parameters(cfg, tp, pp, dp, zero)
-    parts = [memory(s, layout, cfg.model, cfg.model.seq_length, gas, dtype_bytes) for s in stages]
-    return max(parts, key=lambda x: sum(x.values()))
+    layout = Layout(tp, pp, dp, effective_zero_stage(cfg), t.micro_batch_size, t.recompute_activations)
+    return rank_memory(cfg, layout, t.global_batch_size or t.micro_batch_size * dp,
+                       deepspeed_config(cfg, world), CPU_GLOO)

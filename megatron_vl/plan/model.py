@@ -1,18 +1,21 @@
 """Per-rank memory and step time of one layout.
 
-Memory (bytes, the busiest rank: pipeline stage 0 holds the most micro-batches in flight):
-- weights: the elements the rank holds (counts.py) x the training dtype;
-- gradients: trainable elements x the dtype (ZeRO-0/1), plus DeepSpeed's fp32 partition of
-  them (ZeRO >= 1; all ZeRO-2/3 keep);
-- optimizer: Adam's two fp32 moments plus DeepSpeed's fp32 copy of the trainable partition
-  (ZeRO >= 1 keeps one even in fp32; ZeRO-0 fp32 steps the parameters themselves);
-- activations: what backward keeps per micro-batch (Korthikanti et al. 2022 for a LLaMA
-  layer with a fused attention kernel: no s^2 score tensor), s*b*h*(10 + 24/t) 16-bit
-  values a layer, or only the layer input with --recompute-activations (plus one layer's
-  worth while it recomputes), times the micro-batches in flight (1F1B: pp on stage 0);
-- buffers: DeepSpeed's gradient bucket and its reduced copy (up to reduce_bucket_size
-  elements each), ZeRO-3's gathered parameters (up to stage3_max_live_parameters: they stay
-  gathered while reused within stage3_max_reuse_distance), and the largest tensor whole.
+Memory (bytes, the busiest rank) is the larger of two moments of a step, each a sum of what
+is alive then (T: the rank's trainable elements, its TP/PP slice; part: its ZeRO partition,
+T / dp; d: bytes of the training dtype):
+- forward/backward: weights (counts.py), the optimizer's fp32 master copy of the partition
+  (ZeRO >= 1 keeps one even in fp32) and Adam's two moments, gradients (ZeRO-0/1: param.grad of
+  all of T; ZeRO-2/3: the partition), activations (what backward keeps, measured on the real
+  layer on the meta device: activations.py; times the micro-batches in flight, 1F1B: pp on
+  stage 0; plus the LM head's loss, which computes its gradients in forward and keeps them),
+  buffers (DeepSpeed's gradient bucket, reduce_bucket_size elements whatever the model size,
+  two with overlap_comm; ZeRO-3's gathered parameters, up to stage3_max_live_parameters or
+  the largest tensor plus stage3_prefetch_bucket_size, times the copies the backend makes);
+- optimizer step: weights, master, moments, the gradient partition and the flattened fp32
+  copy DeepSpeed hands the optimizer, and torch AdamW's temporaries (Runtime).
+DeepSpeed's settings come from the run's DeepSpeed JSON through DeepSpeed's own config class
+(its defaults when absent). Checked against the allocator's peak of real CPU runs
+(measure.py, tests/test_plan_memory.py); the GPU paths (Runtime GPU) are modelled, not checked.
 
 Step time: FLOPs (6 x trainable + 4 x frozen per token: a frozen weight gets no weight
 gradient; +2 x all with recompute; attention 6 x s x h per layer and token; MFU counts these
@@ -69,65 +72,112 @@ class Layout:
 class Estimate:
     layout: Layout
     memory: Dict[str, float] = field(default_factory=dict)
-    """Bytes by part: weights, gradients, optimizer, activations, buffers."""
+    """Bytes by part at the peak: weights, gradients, optimizer, activations, buffers; and
+    "phase": the moment of the peak (forward/backward or step)."""
     step_seconds: float = 0.0
     mfu: float = 0.0
     fits: bool = False
 
     @property
     def total(self) -> float:
-        return sum(self.memory.values())
+        return total_bytes(self.memory)
 
 
-def activation_bytes(seq: int, micro: int, hidden: int, layers: int, tp: int, recompute: bool,
+@dataclass(frozen=True)
+class Runtime:
+    """Code paths that differ between a GPU run and a CPU (gloo) run of the same layout."""
+    adam_temporaries: int = 1
+    """Partition-sized temporaries of torch's AdamW step: 1 on its foreach path (CUDA), 2 on the
+    single-tensor path (CPU: the square root and the division are alive together)."""
+    gather_copies: int = 1
+    """Copies of a ZeRO-3 gathered parameter: 1 with NCCL (gathered in place), 2 with gloo
+    (gathered, then concatenated; both kept until released)."""
+
+
+GPU = Runtime()
+CPU_GLOO = Runtime(adam_temporaries=2, gather_copies=2)
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """DeepSpeed's buffer settings (elements) that the memory depends on."""
+    reduce_bucket_size: int
+    contiguous_gradients: bool
+    overlap_comm: bool
+    max_live_parameters: int
+    prefetch_bucket_size: int
+    param_persistence_threshold: int
+
+    @classmethod
+    def from_deepspeed(cls, ds_config: dict, stage: int) -> "ZeroSettings":
+        """From a DeepSpeed JSON's zero_optimization section at ZeRO stage `stage`, absent keys
+        filled by DeepSpeed's own config class (its defaults depend on the stage)."""
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        z = DeepSpeedZeroConfig(**{**ds_config.get("zero_optimization", {}), "stage": stage})
+        return cls(int(z.reduce_bucket_size), bool(z.contiguous_gradients), bool(z.overlap_comm),
+                   int(z.max_live_parameters), int(z.prefetch_bucket_size), int(z.param_persistence_threshold))
+
+
+def activation_bytes(cfg, layout: Layout, seq: int, layers: int, in_flight: int, last_stage: bool,
                      dtype_bytes: int) -> float:
-    """What backward keeps for one micro-batch through `layers` layers (see the module doc)."""
-    scale = dtype_bytes / 2
-    full_layer = seq * micro * hidden * (10 + 24 / tp) * scale
-    if recompute:
-        return layers * seq * micro * hidden * dtype_bytes + full_layer
-    return layers * full_layer
+    """What backward keeps on the rank: `in_flight` micro-batches through `layers` layers
+    (with recompute: their inputs, plus one layer recomputed in full), and on the last stage
+    the LM head (final norm; the chunked loss keeps the hidden-state gradient, and the weight
+    gradient when the head trains, from forward to backward; one chunk of logits in flight)."""
+    import torch
+    from .activations import layer_saved_bytes
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    micro, h = layout.micro, cfg.model.hidden_size
+    per_layer = layer_saved_bytes(cfg, layout.tp, micro, seq, dtype, layout.recompute)
+    total = in_flight * layers * per_layer
+    if layout.recompute:
+        total += layer_saved_bytes(cfg, layout.tp, micro, seq, dtype, False)
+    if last_stage:
+        vocab = cfg.model.padded_vocab_size(layout.tp) // layout.tp
+        head = 2 * seq * micro * h * dtype_bytes
+        if cfg.lora.lora_rank == 0:
+            head += vocab * h * dtype_bytes
+        total += in_flight * head + min(1024, seq * micro) * vocab * 4
+    return total
 
 
-def memory(counts: dict, layout: Layout, model, seq: int, gas: int, dtype_bytes: int,
-           reduce_bucket: int = 500_000_000, max_live: int = 1_000_000_000) -> Dict[str, float]:
-    """Bytes per rank by part, for one pipeline stage's counts (rank_parameters' entries).
-    reduce_bucket, max_live: DeepSpeed's reduce_bucket_size and stage3_max_live_parameters
-    (their defaults; ZeRO-3 also keeps parameters gathered up to stage3_max_reuse_distance,
-    1e9 by default, so a stage below 1e9 elements stays whole through forward and backward)."""
-    z, dp = layout.zero, layout.dp
-    held = counts["trainable"] + counts["frozen"]
-    trainable_slice = counts["trainable_slice"]
-    part = trainable_slice / dp   # a rank's share of the trainable elements under ZeRO >= 1
-    # Gradients: param.grad of the whole slice (ZeRO-0/1), plus DeepSpeed's fp32 partition of
-    # them (ZeRO >= 1); ZeRO-2/3 keep only the partition (their bucket is a buffer below).
-    if z == 0:
-        grads = trainable_slice * dtype_bytes
-    elif z == 1:
-        grads = trainable_slice * dtype_bytes + part * 4
-    else:
-        grads = part * 4
-    # Adam's two fp32 moments, and DeepSpeed's fp32 copy of the partition (ZeRO >= 1 keeps one
-    # even in fp32 training; ZeRO-0 in fp32 steps the parameters themselves).
-    if z == 0:
-        optimizer = trainable_slice * (8 + (0 if dtype_bytes == 4 else 4))
-    else:
-        optimizer = part * 12
-    layers = model.num_layers // layout.pp
+def memory(counts: dict, layout: Layout, cfg, seq: int, gas: int, dtype_bytes: int, zero: ZeroSettings,
+           runtime: Runtime = GPU, last_stage: bool = True) -> Dict[str, float]:
+    """Bytes per rank by part at the peak moment of a step (see the module doc), for one
+    pipeline stage's counts (rank_parameters' entries); "phase" says which moment."""
+    z, dp, d = layout.zero, layout.dp, dtype_bytes
+    trainable = counts["trainable_slice"]
+    part = trainable / dp if z else trainable
+    weights = (counts["trainable"] + counts["frozen"]) * d
+    optimizer = part * 8 + (part * 4 if (z or d != 4) else 0)
+    layers = cfg.model.num_layers // layout.pp
     in_flight = min(layout.pp, gas) if layout.pp > 1 else 1
-    activations = in_flight * activation_bytes(seq, layout.micro, model.hidden_size, layers, layout.tp,
-                                               layout.recompute, dtype_bytes)
-    # Buffers: the gradient bucket of ZeRO-2/3 (up to reduce_bucket_size elements), ZeRO-3's
-    # gathered parameters (a layer in use plus the prefetch bucket), the largest tensor whole.
-    buffers = counts["largest"] * dtype_bytes
-    # ZeRO-0/1 flatten the gradients into a bucket for the all-reduce; ZeRO-2/3 fill a
-    # contiguous bucket: either way reduced out of place, so two of them.
-    buffers += 2 * min(reduce_bucket, trainable_slice) * dtype_bytes
-    if z == 3:   # parameters stay gathered while within max_reuse_distance / max_live_parameters
+    activations = activation_bytes(cfg, layout, seq, layers, in_flight, last_stage, d)
+    bucket = (zero.reduce_bucket_size * d * (2 if zero.overlap_comm and z < 3 else 1)
+              if z and (zero.contiguous_gradients or z == 3) else 0)
+    if z == 3:
         stage = counts["trainable_slice"] + counts["frozen_slice"]
-        buffers += min(max_live, stage) * dtype_bytes
-    return {"weights": held * dtype_bytes, "gradients": grads, "optimizer": optimizer,
-            "activations": activations, "buffers": buffers}
+        # From the second step on, ZeRO-3 prefetches along the recorded module order: the
+        # live parameters (at least the largest, gathered whole) plus a prefetch bucket.
+        live = max(zero.max_live_parameters, counts["largest"]) + zero.prefetch_bucket_size
+        gathered = runtime.gather_copies * min(stage, live) * d
+        forward_backward = {"gradients": part * d, "buffers": bucket + gathered}
+        step = {"gradients": part * d + part * 4, "buffers": bucket}
+    elif z:
+        forward_backward = {"gradients": trainable * d if z == 1 else part * d, "buffers": bucket}
+        step = {"gradients": part * d + part * 4, "buffers": 0.0}
+    else:
+        forward_backward = {"gradients": trainable * d, "buffers": 0.0}
+        step = {"gradients": trainable * d, "buffers": 0.0}
+    adam = runtime.adam_temporaries * (part if z else counts["largest"]) * 4
+    step["buffers"] += adam
+    forward_backward.update(weights=weights, optimizer=optimizer, activations=activations, phase="forward/backward")
+    step.update(weights=weights, optimizer=optimizer, activations=0.0, phase="step")
+    return max(forward_backward, step, key=total_bytes)
+
+
+def total_bytes(parts: Dict[str, float]) -> float:
+    return sum(v for k, v in parts.items() if k != "phase")
 
 
 def step_time(stages: list, layout: Layout, model, cluster: Cluster, seq: int, global_batch: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import List
 
 from .counts import rank_parameters
-from .model import GiB, Cluster, Estimate, Layout, memory, step_time
+from .model import GPU, GiB, Cluster, Estimate, Layout, Runtime, ZeroSettings, memory, step_time, total_bytes
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 
@@ -37,14 +37,31 @@ def layouts(cfg, cluster: Cluster, global_batch: int) -> List[Layout]:
     return out
 
 
-def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int) -> Estimate:
-    stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero)
+def user_deepspeed_json(cfg) -> dict:
+    """The user's --deepspeed_config JSON (its ZeRO buffer settings change the memory), or {}."""
+    import json
+    if not cfg.training.deepspeed_config:
+        return {}
+    with open(cfg.training.deepspeed_config) as fh:
+        return json.load(fh)
+
+
+def rank_memory(cfg, layout: Layout, global_batch: int, ds_config: dict, runtime: Runtime = GPU) -> dict:
+    """The busiest rank's bytes by part (model.memory) for a layout of cfg's model."""
+    zero = ZeroSettings.from_deepspeed(ds_config, layout.zero)
+    stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero, zero.param_persistence_threshold)
     dtype_bytes = 4 if not (cfg.training.bf16 or cfg.training.fp16) else 2
     gas = global_batch // (layout.micro * layout.dp)
-    seq = cfg.model.seq_length
-    per_stage = [memory(s, layout, cfg.model, seq, gas, dtype_bytes) for s in stages]
     # Stage 0 keeps the most micro-batches in flight; the last holds the head: the busiest rank.
-    busiest = max(per_stage, key=lambda parts: sum(parts.values()))
+    return max((memory(s, layout, cfg, cfg.model.seq_length, gas, dtype_bytes, zero, runtime, s["last"])
+                for s in stages), key=total_bytes)
+
+
+def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int, ds_config: dict) -> Estimate:
+    stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero)
+    dtype_bytes = 4 if not (cfg.training.bf16 or cfg.training.fp16) else 2
+    seq = cfg.model.seq_length
+    busiest = rank_memory(cfg, layout, global_batch, ds_config)
     seconds, mfu = step_time(stages, layout, cfg.model, cluster, seq, global_batch, dtype_bytes)
     est = Estimate(layout, busiest, seconds, mfu)
     est.fits = est.total <= (cluster.memory_gib - cluster.reserved_gib) * GiB
@@ -52,7 +69,8 @@ def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int) -> Estima
 
 
 def plan(cfg, cluster: Cluster, global_batch: int) -> List[Estimate]:
-    estimates = [estimate(cfg, lay, cluster, global_batch) for lay in layouts(cfg, cluster, global_batch)]
+    ds_config = user_deepspeed_json(cfg)
+    estimates = [estimate(cfg, lay, cluster, global_batch, ds_config) for lay in layouts(cfg, cluster, global_batch)]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_seconds, e.total))
 
 
