@@ -1,16 +1,17 @@
 """The planner's memory model against measured peaks of real CPU runs (2 gloo ranks, fp32):
-ZeRO-1/2/3, TP=2, LoRA on and off, on a model of ~13M parameters (hidden 512, 4 layers).
+ZeRO-1/2/3, TP=2, PP=2, LoRA on and off, recompute, on a model of ~13M parameters (hidden 512,
+4 layers), under DeepSpeed's default buffers and under scaled-down ones.
 
     python benchmarks/bench_plan_memory.py [--hidden 512] [--workdir /tmp/bench_plan_memory]
 
-"Measured" is a rank's peak resident memory after 3 training steps minus its resident memory
-just before the model was built, less the same figure for the same layout at hidden 64 (the
-runtime's own cost: DeepSpeed's engine and shared-memory buffers, autograd, imports; what the
-planner leaves to --reserved-gib). "Predicted" is the planner's total for that layout less its
-total at hidden 64. The worst rank is compared.
+"Measured" is the worst rank's peak of bytes held in CPU tensors (torch's allocator, every
+thread; megatron_vl/plan/measure.py) from just before the model is built through 3 training
+steps. "Predicted" is the planner's total for that layout on the CPU code paths
+(plan/model.py Runtime CPU_GLOO). tests/test_plan_memory.py asserts a subset within 10%.
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,8 +20,20 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))   # the tiny corpus the tests build
 
 LAYOUTS = {"ZeRO-1": ["--zero-stage", 1], "ZeRO-2": ["--zero-stage", 2], "ZeRO-3": ["--zero-stage", 3],
-           "TP=2 ZeRO-1": ["--tensor-model-parallel-size", 2], "ZeRO-1 LoRA r=8": ["--zero-stage", 1, "--lora-rank", 8],
+           "TP=2 ZeRO-1": ["--tensor-model-parallel-size", 2], "PP=2 ZeRO-1": ["--pipeline-model-parallel-size", 2],
+           "ZeRO-1 LoRA r=8": ["--zero-stage", 1, "--lora-rank", 8],
+           "ZeRO-1 LoRA recompute": ["--zero-stage", 1, "--lora-rank", 8, "--recompute-activations"],
+           "TP=2 LoRA r=8": ["--tensor-model-parallel-size", 2, "--lora-rank", 8],
            "ZeRO-3 LoRA r=8": ["--zero-stage", 3, "--lora-rank", 8]}
+BUFFERS = {
+    "DeepSpeed defaults": {},
+    "buckets 1e6": {"zero_optimization": {"reduce_bucket_size": 1_000_000, "allgather_bucket_size": 1_000_000,
+                                          "stage3_param_persistence_threshold": 10_000}},
+    "buckets 1e6, ZeRO-3 live 1e6": {"zero_optimization": {
+        "reduce_bucket_size": 1_000_000, "allgather_bucket_size": 1_000_000, "stage3_prefetch_bucket_size": 1_000_000,
+        "stage3_max_live_parameters": 1_000_000, "stage3_max_reuse_distance": 1_000_000,
+        "stage3_param_persistence_threshold": 10_000}},
+}
 
 
 def main():
@@ -31,26 +44,35 @@ def main():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
     from pretrain_helpers import build_vl_data, tiny_args
-    from megatron_vl.plan.measure import measured_rank, predicted
+    from megatron_vl.plan.measure import measured_runs, predicted
+    from megatron_vl.plan.model import total_bytes
     from megatron_vl.testing.distributed import run_distributed
     prefix = os.path.join(args.workdir, "data", "mmc4_text_document")
     if not os.path.isfile(prefix + ".idx"):
         os.makedirs(args.workdir, exist_ok=True)
         prefix = build_vl_data(args.workdir)
-
-    def run(hidden, layout):
-        model = ["--hidden-size", hidden, "--ffn-hidden-size", hidden * 11 // 4, "--num-layers", 4,
-                 "--num-attention-heads", 8, "--num-query-groups", 8, "--global-batch-size", 4,
-                 "--micro-batch-size", 1, "--seq-length", 64]
-        argv = [str(a) for a in tiny_args(prefix, *model, *layout, iters=3)]
-        measured = max(r["measured"] for r in run_distributed(measured_rank, 2, argv, timeout=600))
-        return measured, sum(predicted(argv, 2).values())
-
-    print(f"{'layout':<18} {'measured':>10} {'predicted':>10} {'error':>7}   (MiB, above the hidden-64 run)")
-    for name, layout in LAYOUTS.items():
-        big, small = run(args.hidden, layout), run(64, layout)
-        measured, pred = (big[0] - small[0]) / 2**20, (big[1] - small[1]) / 2**20
-        print(f"{name:<18} {measured:10.1f} {pred:10.1f} {pred / measured - 1:+7.1%}", flush=True)
+    h = args.hidden
+    model = ["--hidden-size", h, "--ffn-hidden-size", h * 11 // 4, "--num-layers", 4, "--num-attention-heads", 8,
+             "--num-query-groups", 8, "--global-batch-size", 4, "--micro-batch-size", 1, "--seq-length", 64,
+             "--eval-iters", 0]
+    runs = {}
+    for buffers, zero in BUFFERS.items():
+        path = os.path.join(args.workdir, f"ds_{len(runs)}.json")
+        with open(path, "w") as fh:
+            json.dump(zero, fh)
+        for name, layout in LAYOUTS.items():
+            if "live" in buffers and "ZeRO-3" not in name:
+                continue
+            runs[(buffers, name)] = [str(a) for a in tiny_args(prefix, *model, *layout, "--deepspeed_config", path,
+                                                               iters=3)]
+    measured = run_distributed(measured_runs, 2, list(runs.values()), timeout=1800)
+    print(f"{'buffers':<30} {'layout':<22} {'measured':>9} {'predicted':>9} {'error':>7}  peak at   (MiB)")
+    for i, ((buffers, name), argv) in enumerate(runs.items()):
+        peak = max(rank[i] for rank in measured)
+        parts = predicted(argv, 2)
+        total = total_bytes(parts)
+        print(f"{buffers:<30} {name:<22} {peak / 2**20:9.1f} {total / 2**20:9.1f} {total / peak - 1:+7.1%}  "
+              f"{parts['phase']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ blocks, and the runtime's own pages vary by 10% between runs.
 torch counts every CPU allocation and free, on every thread, once c10's flag
 caffe2_report_cpu_memory_usage is set (a free on a communication thread of a tensor
 allocated on the main thread included); the profiler reports that running total with each
-allocation of the main thread, and the peak is the largest.
+allocation of the main thread, and the peak is the largest less the total at the start.
+The flag stays set for the rest of the process: turned off, frees would go uncounted and
+later totals would carry tensors long gone.
 """
 
 from __future__ import annotations
@@ -36,39 +38,40 @@ def peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _count_all_threads(on: bool) -> None:
+def _count_all_threads() -> None:
     import torch
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = on
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
 @contextlib.contextmanager
 def allocated_peak():
-    """Yields a dict whose "peak" is, on exit, the most bytes held in CPU tensors at once by
-    tensors allocated inside the block."""
+    """Yields a dict whose "peak" is, on exit, the most bytes held in CPU tensors at once
+    inside the block, above what was held when it began."""
+    import gc
     from torch.profiler import ProfilerActivity, profile
     result = {}
-    _count_all_threads(True)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            yield result
-    finally:
-        _count_all_threads(False)
+    _count_all_threads()
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield result
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    if not totals:
+    memory = sorted((e["ts"], e["args"]["Total Allocated"], e["args"]["Bytes"]) for e in events
+                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0)
+    if not memory:
         raise RuntimeError("the profiler recorded no CPU allocation: nothing measured")
-    result["peak"] = max(totals)
+    start = memory[0][1] - memory[0][2]
+    result["peak"] = max(total for _, total, _ in memory) - start
 
 
 def measured_rank(rank: int, world: int, argv: Sequence[str]) -> dict:
-    """One rank of a pretraining run (inside testing.distributed.run_distributed): the peak
-    bytes in tensors allocated from just before the model is built to the end of training."""
+    """One rank of a pretraining run (inside testing.distributed.run_distributed, which may
+    run several in turn): the peak bytes in tensors from just before the model is built to
+    the end of training, above what the rank held before."""
     import megatron_vl.training.pretrain as pretrain_module
     stack = contextlib.ExitStack()
     peak = {}
@@ -101,3 +104,8 @@ def predicted(argv: Sequence[str], world: int) -> dict:
     layout = Layout(tp, pp, dp, effective_zero_stage(cfg), t.micro_batch_size, t.recompute_activations)
     return rank_memory(cfg, layout, t.global_batch_size or t.micro_batch_size * dp,
                        deepspeed_config(cfg, world), CPU_GLOO)
+
+
+def measured_runs(rank: int, world: int, runs: Sequence[Sequence[str]]) -> list:
+    """measured_rank for each argv of `runs` in turn, in one set of processes."""
+    return [measured_rank(rank, world, argv)["measured"] for argv in runs]

@@ -9,8 +9,9 @@ T / dp; d: bytes of the training dtype):
   layer on the meta device: activations.py; times the micro-batches in flight, 1F1B: pp on
   stage 0; plus the LM head's loss, which computes its gradients in forward and keeps them),
   buffers (DeepSpeed's gradient bucket, reduce_bucket_size elements whatever the model size,
-  two with overlap_comm; ZeRO-3's gathered parameters, up to stage3_max_live_parameters or
-  the largest tensor plus stage3_prefetch_bucket_size, times the copies the backend makes);
+  one more with overlap_comm and one more under pipeline parallelism; ZeRO-3's gathered parameters, the whole stage or, when
+  stage3_max_live_parameters is smaller, that plus the largest tensor (a bound), times the
+  copies the backend makes);
 - optimizer step: weights, master, moments, the gradient partition and the flattened fp32
   copy DeepSpeed hands the optimizer, and torch AdamW's temporaries (Runtime).
 DeepSpeed's settings come from the run's DeepSpeed JSON through DeepSpeed's own config class
@@ -105,7 +106,6 @@ class ZeroSettings:
     contiguous_gradients: bool
     overlap_comm: bool
     max_live_parameters: int
-    prefetch_bucket_size: int
     param_persistence_threshold: int
 
     @classmethod
@@ -115,7 +115,7 @@ class ZeroSettings:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
         z = DeepSpeedZeroConfig(**{**ds_config.get("zero_optimization", {}), "stage": stage})
         return cls(int(z.reduce_bucket_size), bool(z.contiguous_gradients), bool(z.overlap_comm),
-                   int(z.max_live_parameters), int(z.prefetch_bucket_size), int(z.param_persistence_threshold))
+                   int(z.max_live_parameters), int(z.param_persistence_threshold))
 
 
 def activation_bytes(cfg, layout: Layout, seq: int, layers: int, in_flight: int, last_stage: bool,
@@ -155,11 +155,14 @@ def memory(counts: dict, layout: Layout, cfg, seq: int, gas: int, dtype_bytes: i
     activations = activation_bytes(cfg, layout, seq, layers, in_flight, last_stage, d)
     bucket = (zero.reduce_bucket_size * d * (2 if zero.overlap_comm and z < 3 else 1)
               if z and (zero.contiguous_gradients or z == 3) else 0)
+    if z in (1, 2) and layout.pp > 1 and zero.contiguous_gradients:
+        bucket += zero.reduce_bucket_size * d   # the pipeline's reduction adds one of its own
     if z == 3:
         stage = counts["trainable_slice"] + counts["frozen_slice"]
-        # From the second step on, ZeRO-3 prefetches along the recorded module order: the
-        # live parameters (at least the largest, gathered whole) plus a prefetch bucket.
-        live = max(zero.max_live_parameters, counts["largest"]) + zero.prefetch_bucket_size
+        # DeepSpeed prefetches while fewer than max_live_parameters are gathered and always
+        # gathers the module in use; modelled as max_live + the largest tensor, an upper bound
+        # (measured 0-10% above) when max_live is below the stage; the whole stage otherwise.
+        live = zero.max_live_parameters + counts["largest"]
         gathered = runtime.gather_copies * min(stage, live) * d
         forward_backward = {"gradients": part * d, "buffers": bucket + gathered}
         step = {"gradients": part * d + part * 4, "buffers": bucket}

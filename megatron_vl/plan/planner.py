@@ -76,7 +76,8 @@ def plan(cfg, cluster: Cluster, global_batch: int) -> List[Estimate]:
 
 def table(estimates: List[Estimate], cluster: Cluster, limit: int = 20) -> str:
     head = (f"{'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'micro':>5} {'recomp':>6} | {'weights':>8} {'grads':>8} "
-            f"{'optim':>8} {'activ':>8} {'buffers':>8} {'total':>8} GiB | {'fits':>4} | {'step s':>7} {'MFU':>5}")
+            f"{'optim':>8} {'activ':>8} {'buffers':>8} {'total':>8} GiB {'peak at':>7} | {'fits':>4} | {'step s':>7} "
+            f"{'MFU':>5}")
     lines = [head, "-" * len(head)]
     for e in estimates[:limit]:
         lay, mem = e.layout, e.memory
@@ -84,7 +85,8 @@ def table(estimates: List[Estimate], cluster: Cluster, limit: int = 20) -> str:
                      f"{'yes' if lay.recompute else 'no':>6} | "
                      + " ".join(f"{mem[k] / GiB:8.2f}" for k in ("weights", "gradients", "optimizer", "activations",
                                                               "buffers"))
-                     + f" {e.total / GiB:8.2f}     | {'yes' if e.fits else 'NO':>4} | {e.step_seconds:7.2f} "
+                     + f" {e.total / GiB:8.2f}     {'step' if mem['phase'] == 'step' else 'f/b':>7} | "
+                     f"{'yes' if e.fits else 'NO':>4} | {e.step_seconds:7.2f} "
                      f"{e.mfu * 100:4.1f}%")
     fitting = sum(e.fits for e in estimates)
     lines.append(f"{len(estimates)} layouts, {fitting} fit in {cluster.memory_gib:g} GiB less "
