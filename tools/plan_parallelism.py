@@ -10,7 +10,7 @@ bf16) on 32 A100-40GB:
         --vocab-size 32002 --seq-length 512 --visual-embed-dim 4096 \\
         --lora-rank 32 --lora-alpha 64 --global-batch-size 4096 --bf16
 
-Memory is per rank (the busiest pipeline stage), in GiB: weights, gradients, optimizer
+Memory is per rank (the busiest pipeline stage, at the peak moment of a step), in GiB: weights, gradients, optimizer
 states (Adam moments + fp32 copy), activations at the sequence length, DeepSpeed buffers.
 Step time and MFU come from FLOPs at --kernel-efficiency of peak plus the collectives over
 the stated bandwidths. What it cannot know: the allocator's fragmentation and the CUDA/NCCL
