@@ -48,6 +48,11 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
     return trainer.history if rank == world - 1 else None
 
 
+def pretrain_runs(rank, world, argvs):
+    """pretrain_rank for each argv in turn, in one set of processes (one spawn, one import)."""
+    return [pretrain_rank(rank, world, argv) for argv in argvs]
+
+
 def script_env(**extra):
     return dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
 

@@ -224,14 +224,15 @@ def test_ds_config_templates_run_on_a_real_engine(vl_data):
     """Each template, merged with matching flags, drives a real DeepSpeed engine (2 gloo
     processes, bf16, one step): the keys they add are ones DeepSpeed accepts."""
     from megatron_vl.testing.distributed import run_distributed
-    from pretrain_helpers import pretrain_rank, tiny_args
+    from pretrain_helpers import pretrain_runs, tiny_args
     layouts = {"zero3_bf16.json": ["--zero-stage", 3, "--lora-rank", 4], "zero2_bf16.json": ["--zero-stage", 2],
                "zero1_bf16_pipeline.json": ["--zero-stage", 1, "--pipeline-model-parallel-size", 2]}
     assert sorted(layouts) == sorted(os.path.basename(t) for t in glob.glob(os.path.join(ROOT, "examples/ds_configs/*.json")))
-    for name, layout in layouts.items():
-        argv = [str(a) for a in tiny_args(vl_data, "--global-batch-size", 4, "--bf16", *layout, "--deepspeed_config",
-                                          os.path.join(ROOT, "examples/ds_configs", name), iters=1)]
-        history = run_distributed(pretrain_rank, 2, argv, False, timeout=200)[-1]
+    argvs = [[str(a) for a in tiny_args(vl_data, "--global-batch-size", 4, "--bf16", *layout, "--deepspeed_config",
+                                        os.path.join(ROOT, "examples/ds_configs", name), iters=1)]
+             for name, layout in layouts.items()]
+    histories = run_distributed(pretrain_runs, 2, argvs, timeout=280)[-1]
+    for name, history in zip(layouts, histories):
         assert len(history) == 1 and history[0]["lm"] > 0, name
 
 
