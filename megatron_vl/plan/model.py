@@ -9,9 +9,9 @@ T / dp; d: bytes of the training dtype):
   layer on the meta device: activations.py; times the micro-batches in flight, 1F1B: pp on
   stage 0; plus the LM head's loss, which computes its gradients in forward and keeps them),
   buffers (DeepSpeed's gradient bucket, reduce_bucket_size elements whatever the model size,
-  one more with overlap_comm and one more under pipeline parallelism; ZeRO-3's gathered parameters, the whole stage or, when
-  stage3_max_live_parameters is smaller, that plus the largest tensor (a bound), times the
-  copies the backend makes);
+  one more with overlap_comm and one more under pipeline parallelism; ZeRO-3's gathered
+  parameters, the whole stage or, when stage3_max_live_parameters is smaller, that plus the
+  largest tensor (an estimate), times the copies the backend makes);
 - optimizer step: weights, master, moments, the gradient partition and the flattened fp32
   copy DeepSpeed hands the optimizer, and torch AdamW's temporaries (Runtime).
 DeepSpeed's settings come from the run's DeepSpeed JSON through DeepSpeed's own config class
@@ -160,8 +160,9 @@ def memory(counts: dict, layout: Layout, cfg, seq: int, gas: int, dtype_bytes: i
     if z == 3:
         stage = counts["trainable_slice"] + counts["frozen_slice"]
         # DeepSpeed prefetches while fewer than max_live_parameters are gathered and always
-        # gathers the module in use; modelled as max_live + the largest tensor, an upper bound
-        # (measured 0-10% above) when max_live is below the stage; the whole stage otherwise.
+        # gathers the module in use: modelled as max_live + the largest tensor when max_live is
+        # below the stage (an estimate: how far past max_live it goes depends on the module
+        # order; within 2% in bench_plan_memory's runs), the whole stage otherwise (exact).
         live = zero.max_live_parameters + counts["largest"]
         gathered = runtime.gather_copies * min(stage, live) * d
         forward_backward = {"gradients": part * d, "buffers": bucket + gathered}
