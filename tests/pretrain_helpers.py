@@ -48,6 +48,26 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
     return trainer.history if rank == world - 1 else None
 
 
+def pretrain_in_process(argv, monkeypatch, capsys):
+    """pretrain_vlgpt.py's job in this process, one rank (no interpreter start, no imports:
+    a process costs ~8 s of them): (exit code, everything printed)."""
+    import torch.distributed as dist
+    from megatron_vl.testing.distributed import free_port
+    from megatron_vl.training import pretrain as pt
+    from megatron_vl.training.engine import exit_code
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    try:
+        code = exit_code(lambda: pt.pretrain([str(a) for a in argv]))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 def pretrain_runs(rank, world, argvs):
     """pretrain_rank for each argv in turn, in one set of processes (one spawn, one import)."""
     return [pretrain_rank(rank, world, argv) for argv in argvs]

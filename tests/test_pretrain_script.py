@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_vl.testing.distributed import free_port
-from pretrain_helpers import PY, ROOT, VOCAB, logged_losses, run_script, script_env, tiny_args
+from pretrain_helpers import PY, ROOT, VOCAB, logged_losses, pretrain_in_process, run_script, script_env, tiny_args
 
 
 def _module_weights(ckpt_dir, tag):
@@ -176,14 +176,15 @@ def test_loss_falls_on_the_sample_data_within_50_iterations(vl_data):
 
 
 @pytest.mark.timeout(120)
-def test_bad_settings_are_refused_with_the_reason(vl_data, tmp_path):
-    cases = [(["--vocab-size", 200], "the datasets' tokenizer has 258 tokens (with [IMG]/[/IMG]) but --vocab-size "
-                                     "is 200; set --vocab-size 258"),
-             (["--visual-embed-dim", 48], "the datasets' image features have width 32 but --visual-embed-dim is 48"),
+def test_bad_settings_are_refused_with_the_reason(vl_data, tmp_path, monkeypatch, capsys):
+    # The script exits 2 with the reason (one process; the other cases in-process, same job).
+    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--vocab-size", 200)], expect=2)
+    assert ("error: the datasets' tokenizer has 258 tokens (with [IMG]/[/IMG]) but --vocab-size is 200; set "
+            "--vocab-size 258") in out
+    cases = [(["--visual-embed-dim", 48], "the datasets' image features have width 32 but --visual-embed-dim is 48"),
              (["--load", tmp_path / "missing"], f"--load {tmp_path / 'missing'}: no such directory")]
-    for extra, message in cases:
-        out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, *extra)], expect=2)
-        assert f"error: {message}" in out
     if not torch.cuda.is_available():
-        out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--fp16")], expect=2)
-        assert "error: --fp16 needs a CUDA device" in out
+        cases.append((["--fp16"], "--fp16 needs a CUDA device"))
+    for extra, message in cases:
+        code, out = pretrain_in_process(tiny_args(vl_data, *extra), monkeypatch, capsys)
+        assert code == 2 and f"error: {message}" in out, out[-2000:]

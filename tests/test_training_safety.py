@@ -12,22 +12,26 @@ import torch
 from megatron_vl.config import load_config
 from megatron_vl.data.dataset import PackedDataset
 from megatron_vl.data.packing import IGNORE, PackingConfig
-from pretrain_helpers import PY, ROOT, logged_losses, run_script, tiny_args
+from pretrain_helpers import PY, ROOT, logged_losses, pretrain_in_process, run_script, tiny_args
 from test_packing import DOCS, EOD, write_dataset
 
 
 @pytest.mark.timeout(300)
-def test_load_without_checkpoint_and_damaged_checkpoint_files(vl_data, tmp_path):
+def test_load_without_checkpoint_and_damaged_checkpoint_files(vl_data, tmp_path, monkeypatch, capsys):
     """Item 5: --load of an existing directory without 'latest' (not --save) is an error.
-    Item 9: a missing model file or a garbage .pt is named before DeepSpeed meets it."""
+    Item 9: a missing model file or a garbage .pt is named before DeepSpeed meets it.
+    In-process through the entry script's own exit_code (a process each cost 8 s of imports)."""
+
+    def run(*extra, iters=4):
+        return pretrain_in_process(tiny_args(vl_data, *extra, iters=iters), monkeypatch, capsys)
+
     empty = tmp_path / "typo"
     empty.mkdir()
-    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--load", empty, "--save", tmp_path / "s")],
-                     expect=1)
-    assert f"error: --load {empty}: no checkpoint there ('latest' missing, and it is not --save" in out
+    code, out = run("--load", empty, "--save", tmp_path / "s")
+    assert code == 1 and f"error: --load {empty}: no checkpoint there ('latest' missing, and it is not --save" in out
     assert not os.path.exists(tmp_path / "s" / "latest")
     ckpt = tmp_path / "ckpt"
-    run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--save", ckpt, "--save-interval", 2, iters=2)])
+    assert run("--save", ckpt, "--save-interval", 2, iters=2)[0] == 0
     tag = ckpt / "iter_0000002"
     model = tag / "mp_rank_00_model_states.pt"
     for damage in ("missing", "garbage"):
@@ -38,8 +42,8 @@ def test_load_without_checkpoint_and_damaged_checkpoint_files(vl_data, tmp_path)
             os.remove(target)
         else:
             target.write_bytes(b"\x00 not a checkpoint " * 10)
-        out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--load", broken, "--save", broken, iters=4)],
-                         expect=1)
+        code, out = run("--load", broken, "--save", broken)
+        assert code == 1, out[-2000:]
         if damage == "missing":
             assert f"{broken}/iter_0000002: incomplete checkpoint: mp_rank_00_model_states.pt is missing" in out
         else:
@@ -176,11 +180,12 @@ def _port():
     return free_port()
 
 
-def test_fused_kernels_require_is_refused_on_cpu(vl_data):
+def test_fused_kernels_require_is_refused_on_cpu(vl_data, monkeypatch, capsys):
     """Item 15: require fails at start, naming why; auto logs once what each op ran."""
     out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--fused-kernels", "require")], expect=2)
     assert "error: --fused-kernels require: the fused kernels run on CUDA only" in out
-    out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, iters=2)])
+    code, out = pretrain_in_process(tiny_args(vl_data, iters=2), monkeypatch, capsys)
+    assert code == 0, out[-2000:]
     assert out.count("kernels (--fused-kernels auto): ") == 1
     assert "attention=torch sdpa, cross_entropy=chunked LM-head loss (torch), rms_norm=torch, rope=torch, " \
            "swiglu=torch" in out
