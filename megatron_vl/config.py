@@ -204,8 +204,8 @@ class CheckpointConfig:
     finetune: bool = opt(
         False, "Megatron's --finetune: take only the weights of the --load training checkpoint (its LoRA "
         "adapters and [IMG]/[/IMG] row deltas merged into the base weights), start at iteration 0 with a fresh "
-        "optimizer, schedule and data position. Same architecture and tensor-parallel size; anything else of "
-        "the layout may differ. Once --save holds a checkpoint, a restart resumes from it instead.")
+        "optimizer, schedule and data position. Same architecture; the layout (TP, PP, DP, ZeRO) may differ. "
+        "Once --save holds a checkpoint, a restart resumes from it instead.")
 
 
 @dataclass

@@ -76,6 +76,37 @@ def test_stage2_lora_merges_like_the_hf_export(instruct, tmp_path):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
         assert not any(".lora_" in k or "rows_delta" in k for k in ours)
 
+    # --finetune at another TP size (stage 2 ran at TP=2, stage 3 builds at TP=1): the builder
+    # cuts the merged weights anew; what it loads is the export's whole model.
+    from megatron_vl.parallel.state import ParallelState
+    from megatron_vl.training import build
+    loaded = {}
+    load_canonical = build._load_canonical
+
+    def capture(module, names, weights, source):
+        loaded.update({name: weights[name] for name in names.values() if name in weights})
+        return load_canonical(module, names, weights, source)
+    build._load_canonical = capture
+    try:
+        cfg1, _ = load_config(["--config", str(stage2 / open(stage2 / "latest").read() / "config.yaml"),
+                               "--tensor-model-parallel-size", "1", "--load", str(stage2), "--finetune"])
+        logs = []
+        v = cfg1.model.vocab_size
+        build.build_model(cfg1, ParallelState.single(), None, [v - 2, v - 1], log=logs.append)
+    finally:
+        build._load_canonical = load_canonical
+    assert any(f"--finetune: weights of {stage2} (adapters merged, cut from TP 2 to TP 1)" in m for m in logs)
+    whole = hf_to_shards({k: v.float() for k, v in hf.items()}, cfg.model, 1, 1)[(0, 0)]
+    assert set(whole) <= set(loaded)
+    visual = set(loaded) - set(whole)   # not LLaMA's: replicated over TP, taken whole
+    assert visual and all(name.startswith(("embedding.visual", "head.regression")) for name in visual), visual
+    rank0 = merged_rank_weights(str(stage2), cfg, 0)
+    for name in visual:
+        torch.testing.assert_close(loaded[name], rank0[name], rtol=0, atol=0, msg=name)
+    for name, expected in whole.items():
+        rows = min(expected.shape[0], loaded[name].shape[0]) if name in build.VOCAB_TENSORS else None
+        torch.testing.assert_close(loaded[name][:rows], expected[:rows], rtol=1e-5, atol=1e-6, msg=name)
+
 
 @pytest.mark.timeout(600)
 def test_finetune_from_stage2_learns_resumes_exactly_and_the_export_answers(vl_data, instruct, tmp_path):

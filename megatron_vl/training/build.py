@@ -243,13 +243,19 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
             log(f"loaded pretrained weights from {cfg.checkpoint.load}; newly initialised: {', '.join(missing)}")
         loaded_from = cfg.checkpoint.load
     elif cfg.checkpoint.load and cfg.checkpoint.finetune:
-        from ..convert.merged_weights import merged_rank_weights
-        weights = merged_rank_weights(cfg.checkpoint.load, cfg, state.tp_rank, cfg.checkpoint.ckpt_step)
+        from ..convert.merged_weights import MergedCheckpoint
+        from .reshard import resharded_lazily
+        merged = MergedCheckpoint(cfg.checkpoint.load, cfg, cfg.checkpoint.ckpt_step)
+        if merged.tp == state.tp:
+            weights, moved = merged.rank(state.tp_rank), ""
+        else:
+            weights = resharded_lazily([merged.rank(r) for r in range(merged.tp)], module, names, cfg, state)
+            moved = f", cut from TP {merged.tp} to TP {state.tp}"
         missing = _load_canonical(module, names, weights, cfg.checkpoint.load)
         if missing:
             raise CheckpointError(f"{cfg.checkpoint.load}: lacks {missing}")
-        log(f"--finetune: weights of {cfg.checkpoint.load} (adapters merged); iteration, optimizer, schedule "
-            "and data position start fresh")
+        log(f"--finetune: weights of {cfg.checkpoint.load} (adapters merged{moved}); iteration, optimizer, "
+            "schedule and data position start fresh")
         loaded_from = cfg.checkpoint.load
     elif layout_then is None:
         params = {names[local]: p for local, p in module.named_parameters()}

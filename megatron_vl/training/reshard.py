@@ -11,14 +11,16 @@ that wrote the files.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..convert.hf import CheckpointError
+from ..convert.training_checkpoint import LazyTensors
 from ..parallel.layers import shard_parts, unshard_parts
 from . import checkpoint as ckpt
 
@@ -89,6 +91,16 @@ def reshard(name: str, slices, param: nn.Parameter, cfg, tp: int, tp_rank: int) 
     parts = list(parts) if parts is not None else [whole]
     full = unshard_parts(list(slices), parts, dim) if len(slices) > 1 else slices[0]
     return shard_parts(full, parts, tp_rank, tp, dim) if tp > 1 else full
+
+
+def resharded_lazily(sources: Sequence[Mapping], module: nn.Module, names: Dict[str, str], cfg,
+                     parallel) -> LazyTensors:
+    """This rank's tensor of each of module's parameters, cut when asked for from `sources`
+    (canonical name -> slice, one mapping per TP rank of another TP size, rank order)."""
+    params = {names[local]: p for local, p in module.named_parameters()}
+    def cut(name):
+        return reshard(name, [src[name] for src in sources], params[name], cfg, parallel.tp, parallel.tp_rank)
+    return LazyTensors({name: functools.partial(cut, name) for name in params if name in sources[0]})
 
 
 def resharded_weights(state, module: nn.Module, names: Dict[str, str], cfg, parallel) -> Dict[str, torch.Tensor]:
