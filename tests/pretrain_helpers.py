@@ -51,19 +51,11 @@ def pretrain_rank(rank, world, argv, perturb_init=False):
 def pretrain_in_process(argv, monkeypatch, capsys):
     """pretrain_vlgpt.py's job in this process, one rank (no interpreter start, no imports:
     a process costs ~8 s of them): (exit code, everything printed)."""
-    import torch.distributed as dist
-    from megatron_vl.testing.distributed import free_port
+    from megatron_vl.testing.distributed import one_rank_job
     from megatron_vl.training import pretrain as pt
     from megatron_vl.training.engine import exit_code
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
     capsys.readouterr()
-    try:
-        code = exit_code(lambda: pt.pretrain([str(a) for a in argv]))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    code = one_rank_job(lambda: exit_code(lambda: pt.pretrain([str(a) for a in argv])), monkeypatch.setenv)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 

@@ -46,24 +46,9 @@ def args(s1, *extra, iters=4, weight="ip-adapter-plus_sd15.safetensors"):
 
 def in_process(argv, monkeypatch):
     """train_tokenizer in this process as a one-rank job; returns the trainer."""
-    import torch.distributed as dist
-    from megatron_vl.parallel.state import free_port
     from megatron_vl.stage1.trainer import train_tokenizer
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    try:
-        trainer = train_tokenizer([str(a) for a in argv])
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        # DeepSpeed caches process groups in module globals; the next job here makes new ones.
-        from deepspeed.utils import groups
-        for name, value in vars(groups).items():
-            if isinstance(value, dist.ProcessGroup):
-                setattr(groups, name, None)
-            elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
-                value.clear()
+    from megatron_vl.testing.distributed import one_rank_job
+    trainer = one_rank_job(lambda: train_tokenizer([str(a) for a in argv]), monkeypatch.setenv)
     assert trainer.exit_code == 0
     return trainer
 

@@ -131,7 +131,6 @@ def test_document_isolation_is_the_default_and_examples_use_it():
 def test_training_step_reads_the_device_once_per_log_interval(vl_data, tmp_path, monkeypatch):
     """Item 14: losses and the non-finite flag stay on the device; our code reads them (and
     all-reduces them) once per --log-interval, plus the one stop-signal check per step."""
-    import torch.distributed as dist
     from megatron_vl.training import pretrain as pt
     counts = {"sync": 0}
     ours = os.path.dirname(pt.__file__)
@@ -153,14 +152,8 @@ def test_training_step_reads_the_device_once_per_log_interval(vl_data, tmp_path,
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     steps, interval = 8, 4
     argv = tiny_args(vl_data, "--global-batch-size", 4, "--log-interval", interval, "--zero-stage", 1, iters=steps)
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
-    try:
-        trainer = pt.pretrain(argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    from megatron_vl.testing.distributed import one_rank_job
+    trainer = one_rank_job(lambda: pt.pretrain(argv), monkeypatch.setenv)
     assert trainer.exit_code == 0 and len(trainer.history) == steps
     # 2 micro-batches per step: the landed loop read the device 3 times per micro-batch (and
     # once more per step). Now: 1 per step (the stop-signal agreement), 3 per log window
@@ -173,11 +166,6 @@ def _line_of(text):
     from megatron_vl.training import engine
     with open(engine.__file__) as fh:
         return next(i for i, line in enumerate(fh, 1) if text in line)
-
-
-def _port():
-    from megatron_vl.testing.distributed import free_port
-    return free_port()
 
 
 def test_fused_kernels_require_is_refused_on_cpu(vl_data, monkeypatch, capsys):

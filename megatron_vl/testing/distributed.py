@@ -18,11 +18,34 @@ from typing import Any, Callable, Dict, List
 
 from ..parallel.state import free_port, release_shm_name
 
-__all__ = ["DistributedFailure", "free_port", "run_distributed"]
+__all__ = ["DistributedFailure", "free_port", "one_rank_job", "run_distributed"]
 
 
 class DistributedFailure(AssertionError):
     pass
+
+
+def one_rank_job(job: Callable[[], Any], env_setter: Callable[[str, str], None] = os.environ.__setitem__):
+    """Runs job() in this process as a one-rank launch (what a launcher would export, through
+    env_setter, e.g. pytest's monkeypatch.setenv), then tears its process group down and
+    forgets the groups DeepSpeed caches in module globals, so a next job here makes new ones
+    (a stale group fails DeepSpeed's next initialize: "Group ... is not registered")."""
+    import torch.distributed as dist
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        env_setter(key, value)
+    try:
+        return job()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        from deepspeed.utils import groups
+        for name, value in vars(groups).items():
+            if isinstance(value, dist.ProcessGroup):
+                setattr(groups, name, None)
+            elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+                value.clear()
+        groups.mpu = None   # the job's mpu (our ParallelState) holds its groups too
 
 
 def _child(fn, rank, world_size, port, args, results):
