@@ -212,7 +212,7 @@ def test_concurrent_preprocessing_of_one_prefix_is_refused(sample, tmp_path):
     prefix = tmp_path / "locked"
     target = f"{prefix}_text_document"
     with prefix_lock(target):
-        log = preprocess(sample, "wds-pairs", prefix, expect=1)
+        log = preprocess(sample, "wds-pairs", prefix, expect=1, process=True)   # another process
     assert f"{target}.lock: dataset prefix {target} is in use by another run (host " in log
     assert f"pid {os.getpid()}" in log
     assert not os.path.exists(target + ".bin") and not os.path.exists(target + ".lock")
