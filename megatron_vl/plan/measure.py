@@ -40,8 +40,13 @@ def peak_bytes() -> int:
 
 def _count_all_threads() -> None:
     import torch
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    try:
+        flag = ctypes.c_bool.in_dll(ctypes.CDLL(path), "FLAGS_caffe2_report_cpu_memory_usage")
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{path}: cannot set c10's caffe2_report_cpu_memory_usage ({exc}); without it frees "
+                           "on other threads go uncounted and no peak is measured") from None
+    flag.value = True
 
 
 @contextlib.contextmanager
