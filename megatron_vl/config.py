@@ -488,12 +488,19 @@ def deepspeed_config(cfg, world_size: int) -> Dict[str, Any]:
                                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1})
     if not t.deepspeed_config:
         return derived
+    return merge_deepspeed(derived, user_deepspeed_json(cfg), t.deepspeed_config)
+
+
+def user_deepspeed_json(cfg) -> Dict[str, Any]:
+    """The user's --deepspeed_config JSON as written, or {} without one."""
+    path = cfg.training.deepspeed_config
+    if not path:
+        return {}
     try:
-        with open(t.deepspeed_config) as fh:
-            user = json.load(fh)
+        with open(path) as fh:
+            return json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--deepspeed_config {t.deepspeed_config}: {exc}") from None
-    return merge_deepspeed(derived, user, t.deepspeed_config)
+        raise ConfigError(f"--deepspeed_config {path}: {exc}") from None
 
 
 def merge_deepspeed(derived: Dict[str, Any], user: Dict[str, Any], source: str,

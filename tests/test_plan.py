@@ -76,6 +76,8 @@ def test_planner_cli_prints_the_paper_run_table_and_help(capsys):
     # ZeRO-3 over 32: the weights column is the held elements in bf16 (counted by hand above).
     zero3 = next(r for r in rows if r[:6] == ["1", "1", "32", "3", "1", "no"])
     assert float(zero3[7]) == pytest.approx((210_866_176 + 3_571_712) * 2 / 2**30, abs=0.005)
+    assert tool.main(["--deepspeed_config", "/nonexistent/ds.json"] + [str(a) for a in PAPER]) == 2
+    assert "error: --deepspeed_config /nonexistent/ds.json: [Errno 2] No such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tool.main(["--help"])
     assert "--preset A100-40GB --gpus 32" in capsys.readouterr().out

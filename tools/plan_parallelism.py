@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_vl.config import build_parser, load_config  # noqa: E402
+from megatron_vl.config import ConfigError, build_parser, load_config  # noqa: E402
 from megatron_vl.plan.model import PRESETS, Cluster  # noqa: E402
 from megatron_vl.plan.planner import plan, table  # noqa: E402
 
@@ -60,7 +60,11 @@ def main(argv=None) -> int:
                                  ("reserved_gib", ns.reserved_gib)) if v is not None}
     cluster = Cluster(**{**preset.__dict__, "gpus": ns.gpus, **changes})
     batch = cfg.training.global_batch_size or cfg.training.micro_batch_size * cluster.gpus
-    estimates = plan(cfg, cluster, batch)
+    try:
+        estimates = plan(cfg, cluster, batch)
+    except ConfigError as exc:   # e.g. an unreadable --deepspeed_config
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not estimates:
         print(f"no layout: {cluster.gpus} GPUs cannot split {cfg.model.num_layers} layers / "
               f"{cfg.model.num_attention_heads} heads / global batch {batch}", file=sys.stderr)

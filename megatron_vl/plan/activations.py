@@ -18,7 +18,7 @@ import torch
 
 @functools.lru_cache(maxsize=256)
 def _layer_saved_bytes(model_key, holder, tp: int, micro: int, seq: int, dtype: torch.dtype,
-                       document_mask: bool, recompute: bool) -> int:
+                       document_mask: bool) -> int:
     from dataclasses import replace
     from .. import ops
     from ..model.llama import LlamaDecoderLayer
@@ -46,8 +46,6 @@ def _layer_saved_bytes(model_key, holder, tp: int, micro: int, seq: int, dtype: 
             saved[storage._cdata] = storage.nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if recompute:   # checkpointing keeps only the layer's input
-            return x.numel() * x.element_size()
         layer(x, cos, sin, segments)
     return sum(saved.values())
 
@@ -55,6 +53,7 @@ def _layer_saved_bytes(model_key, holder, tp: int, micro: int, seq: int, dtype: 
 def layer_saved_bytes(cfg, tp: int, micro: int, seq: int, dtype: torch.dtype, recompute: bool = False) -> int:
     """Bytes one decoder layer on one TP rank keeps for backward for one micro-batch of
     `micro` sequences of `seq` tokens (with --recompute-activations: its input only)."""
+    if recompute:   # checkpointing keeps only the layer's input
+        return micro * seq * cfg.model.hidden_size * dtype.itemsize
     from .counts import _Holder, _model_key
-    return _layer_saved_bytes(_model_key(cfg), _Holder(cfg), tp, micro, seq, dtype,
-                              cfg.data.reset_attention_mask, recompute)
+    return _layer_saved_bytes(_model_key(cfg), _Holder(cfg), tp, micro, seq, dtype, cfg.data.reset_attention_mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import List
 
+from ..config import user_deepspeed_json
 from .counts import rank_parameters
 from .model import GPU, GiB, Cluster, Estimate, Layout, Runtime, ZeroSettings, memory, step_time, total_bytes
 
@@ -37,39 +38,32 @@ def layouts(cfg, cluster: Cluster, global_batch: int) -> List[Layout]:
     return out
 
 
-def user_deepspeed_json(cfg) -> dict:
-    """The user's --deepspeed_config JSON (its ZeRO buffer settings change the memory), or {}."""
-    import json
-    if not cfg.training.deepspeed_config:
-        return {}
-    with open(cfg.training.deepspeed_config) as fh:
-        return json.load(fh)
+def _dtype_bytes(cfg) -> int:
+    return 2 if (cfg.training.bf16 or cfg.training.fp16) else 4
 
 
 def rank_memory(cfg, layout: Layout, global_batch: int, ds_config: dict, runtime: Runtime = GPU) -> dict:
     """The busiest rank's bytes by part (model.memory) for a layout of cfg's model."""
     zero = ZeroSettings.from_deepspeed(ds_config, layout.zero)
     stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero, zero.param_persistence_threshold)
-    dtype_bytes = 4 if not (cfg.training.bf16 or cfg.training.fp16) else 2
     gas = global_batch // (layout.micro * layout.dp)
     # Stage 0 keeps the most micro-batches in flight; the last holds the head: the busiest rank.
-    return max((memory(s, layout, cfg, cfg.model.seq_length, gas, dtype_bytes, zero, runtime, s["last"])
+    return max((memory(s, layout, cfg, cfg.model.seq_length, gas, _dtype_bytes(cfg), zero, runtime, s["last"])
                 for s in stages), key=total_bytes)
 
 
 def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int, ds_config: dict) -> Estimate:
     stages = rank_parameters(cfg, layout.tp, layout.pp, layout.dp, layout.zero)
-    dtype_bytes = 4 if not (cfg.training.bf16 or cfg.training.fp16) else 2
-    seq = cfg.model.seq_length
     busiest = rank_memory(cfg, layout, global_batch, ds_config)
-    seconds, mfu = step_time(stages, layout, cfg.model, cluster, seq, global_batch, dtype_bytes)
+    seconds, mfu = step_time(stages, layout, cfg.model, cluster, cfg.model.seq_length, global_batch,
+                             _dtype_bytes(cfg))
     est = Estimate(layout, busiest, seconds, mfu)
     est.fits = est.total <= (cluster.memory_gib - cluster.reserved_gib) * GiB
     return est
 
 
 def plan(cfg, cluster: Cluster, global_batch: int) -> List[Estimate]:
-    ds_config = user_deepspeed_json(cfg)
+    ds_config = user_deepspeed_json(cfg)   # its ZeRO buffer settings change the memory
     estimates = [estimate(cfg, lay, cluster, global_batch, ds_config) for lay in layouts(cfg, cluster, global_batch)]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_seconds, e.total))
 
