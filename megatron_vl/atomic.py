@@ -4,11 +4,84 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
+from typing import Callable, Iterable, List, Optional
+
+from .errors import OutputError, UserError
 
 
 def temp_name(path: str) -> str:
-    """The name a file is written under before it is renamed to `path`."""
-    return f"{path}.tmp{os.getpid()}"
+    """The name a file is written under before it is renamed to `path`: it carries the writer's
+    pid and host, so a later run can tell a leftover of a dead writer from a live one's file."""
+    return f"{path}.tmp{os.getpid()}-{socket.gethostname()}"
+
+
+# `<final>.tmp<pid>-<host>`; `<final>.tmp<pid>` from older versions (host unknown: this one's).
+_TEMP = re.compile(r"^(?P<final>.+?)\.tmp(?P<pid>\d+)(?:-(?P<host>[^/]+))?$")
+
+
+def remove_stale_temps(directory: str, prefix: str = "", log: Optional[Callable[[str], None]] = print) -> List[str]:
+    """Removes the temporary files in `directory` (names starting with `prefix`) whose writer was
+    a process of this host that is no longer running: what a kill -9 or a full disk left behind.
+    Says so for each, and returns their paths. Files of live writers or other hosts are kept."""
+    removed = []
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for name in sorted(names):
+        m = _TEMP.match(name)
+        if not m or not name.startswith(prefix):
+            continue
+        pid = int(m.group("pid"))
+        if (m.group("host") or host) != host or pid == os.getpid() or _pid_alive(pid):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                import shutil
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:
+            continue
+        removed.append(path)
+        if log is not None:
+            log(f"note: removed {path}, a temporary file left by pid {pid} (no longer running) before it "
+                "was complete")
+    return removed
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def guard_output(path: str, *, inputs: Iterable[str] = (), overwrite: bool = False, flag: str = "--output",
+                 overwrite_flag: str = "--overwrite") -> None:
+    """Refuses (OutputError) to write `path` when it is one of `inputs` (always: a tool never
+    writes its output over its own input) or when it already exists and `overwrite` is False."""
+    for src in inputs:
+        if src and _same(path, src):
+            raise OutputError(f"{flag} {path} is also an input of this run ({src}); choose another name")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputError(f"{flag} {path} already exists and this run did not make it; choose another name, "
+                          f"or pass {overwrite_flag} to replace it")
+
+
+def guard_output_files(directory: str, names: Iterable[str], *, overwrite: bool = False, flag: str = "--output",
+                       overwrite_flag: str = "--overwrite") -> None:
+    """guard_output for the files a tool is about to write into `directory`: refuses when any
+    of them exists (naming the first few) unless `overwrite`."""
+    present = [n for n in names if os.path.lexists(os.path.join(directory, n))]
+    if present and not overwrite:
+        more = f" and {len(present) - 3} more" if len(present) > 3 else ""
+        raise OutputError(f"{flag} {directory} already holds {', '.join(present[:3])}{more}, which this run "
+                          f"would overwrite; choose another folder, or pass {overwrite_flag} to replace them")
 
 
 @contextlib.contextmanager
@@ -26,7 +99,7 @@ def atomic_open(path: str, mode: str = "w"):
         raise
 
 
-class LockHeld(OSError):
+class LockHeld(UserError, OSError):
     """Another live process owns the lock."""
 
 

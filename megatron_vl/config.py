@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence, get_args, get_origin, ge
 import yaml
 
 from .atomic import atomic_open
+from .errors import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration that cannot run; the message says which settings disagree and why."""
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..errors import UserError
 from ..parallel.layers import shard_parts, unshard_parts
 
 FORMAT_VERSION = 1
@@ -34,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 Shards = Dict[Tuple[int, int], Dict[str, torch.Tensor]]  # (tp_rank, pp_rank) -> tensors
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -26,6 +26,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 
 from ..atomic import temp_name
+from ..errors import InputError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -39,7 +40,7 @@ FEATURE_VERSION = 2           # 2: + the source image table's fingerprint and th
 FINGERPRINT_BYTES = 16
 
 
-class IndexedDataError(ValueError):
+class IndexedDataError(InputError, ValueError):
     pass
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from ..errors import InputError
+
 IMG, IMG_END = "[IMG]", "[/IMG]"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError, ValueError):
     pass
 
 

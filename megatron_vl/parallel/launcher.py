@@ -28,10 +28,12 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, List, Mapping, MutableMapping, Optional
 
+from ..errors import UsageError
+
 DEFAULT_PORT = 29500
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UsageError, RuntimeError):
     pass
 
 

@@ -339,19 +339,10 @@ def start_process(cfg, validate: Callable[[int], None]):
 
 
 def exit_code(job: Callable[[], Trainer]) -> int:
-    """Runs a training job: configuration and launch errors are one line and exit 2, a
-    checkpoint that cannot be read is exit 1."""
-    import sys
-    from ..convert.hf import CheckpointError
-    from ..parallel.launcher import LaunchError
-    try:
-        return job().exit_code
-    except (ConfigError, LaunchError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+    """Runs a training job: a user error (configuration, launch: exit 2; checkpoint, data, lock,
+    disk full: exit 1) is one line on stderr, no traceback (MEGATRON_VL_DEBUG=1 shows it)."""
+    from ..errors import run_cli
+    return run_cli(lambda: job().exit_code)
 
 
 def run_training(trainer: Trainer, owns_group: bool) -> Trainer:
