@@ -18,6 +18,11 @@ import random
 import sys
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_vl.atomic import guard_output_files  # noqa: E402
+from megatron_vl.errors import OutputError, UsageError, run_cli  # noqa: E402
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "purple": (140, 60, 170), "orange": (240, 140, 30)}
 SHAPES = ["circle", "square", "triangle"]
@@ -223,7 +228,8 @@ def train_tokenizer(out: str, text_lines, vocab_size: int):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default="sample_data")
+    p.add_argument("--output", default="sample_data",
+                   help="folder to write into; refused when it already holds a file this run would write")
     p.add_argument("--documents", type=int, default=64, help="interleaved documents (MMC4 and OBELICS each)")
     p.add_argument("--pairs", type=int, default=256, help="image-caption pairs")
     p.add_argument("--pair-shards", type=int, default=1,
@@ -233,12 +239,39 @@ def build_parser():
                         "MagicBrush parquet); 0 writes none")
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier sample in --output (others there are left alone)")
     return p
+
+
+def written_paths(args):
+    """What main() writes under --output (image folders as a whole: their names are drawn),
+    including the tokenizer trainer's scratch files, which it deletes afterwards."""
+    paths = ["mmc4/docs_shard_0_v2.jsonl.zip", "mmc4/images", "obelics/part-00000.parquet", "text.jsonl",
+             "tokenizer.model", "tokenizer.vocab", "tokenizer_corpus.txt"]
+    paths += [f"pairs/{s:05d}.tar" for s in range(args.pair_shards)]
+    if args.instruct:
+        paths += ["llava/llava_instruct.json", "llava/images", "coco/dataset_coco.json", "coco/train2014",
+                  "instructpix2pix/train-00000.parquet", "magicbrush/train-00000.parquet"]
+    return paths
+
+
+def check_args(args):
+    errors = [f"{flag} {value}: must be at least {low}" for flag, value, low in (
+        ("--documents", args.documents, 1), ("--pairs", args.pairs, 0), ("--pair-shards", args.pair_shards, 1),
+        ("--instruct", args.instruct, 0), ("--vocab-size", args.vocab_size, 16)) if value < low]
+    if errors:
+        raise UsageError("; ".join(errors))
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise OutputError(f"--output {args.output} is a file, not a folder")
+    # A folder holding a user's tokenizer.model (or an earlier sample) is not written over silently.
+    guard_output_files(args.output, written_paths(args), overwrite=args.overwrite)
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    check_args(args)
     rng = random.Random(args.seed)
     os.makedirs(args.output, exist_ok=True)
     mmc4_docs = [interleaved_document(rng) for _ in range(args.documents)]
@@ -254,6 +287,11 @@ def main(argv=None):
         for d in mmc4_docs:
             fh.write(json.dumps({"text": " ".join(s for s, _ in d)}) + "\n")
     train_tokenizer(args.output, sentences, args.vocab_size)
+    stale = sorted(set(os.listdir(os.path.join(args.output, "pairs")))
+                   - {f"{s:05d}.tar" for s in range(args.pair_shards)})
+    if stale:   # an earlier sample's extra shards: a `pairs/*.tar` glob would read them too
+        print(f"note: {args.output}/pairs also holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}, "
+              "which this run did not write", file=sys.stderr)
     n_images = sum(im is not None for d in mmc4_docs + obelics_docs for _, im in d) + args.pairs
     print(f"wrote {args.output}/: {args.documents} MMC4 + {args.documents} OBELICS documents, {args.pairs} pairs, "
           f"{n_images} images, tokenizer.model")
@@ -261,4 +299,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

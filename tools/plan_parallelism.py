@@ -16,6 +16,11 @@ Step time and MFU come from FLOPs at --kernel-efficiency of peak plus the collec
 the stated bandwidths. What it cannot know: the allocator's fragmentation and the CUDA/NCCL
 context (kept out with --reserved-gib), kernel speeds of your GPUs (measure one MFU and pass
 it as --kernel-efficiency; --peak-tflops overrides the preset's peak), link contention, stragglers, and the data loader.
+
+Layout flags (--tensor-model-parallel-size, --pipeline-model-parallel-size, --zero-stage,
+--micro-batch-size, --recompute-activations, and the ZeRO stage / micro-batch of a
+--deepspeed_config JSON) fix that part of the layout: only it is searched, and a value that
+cannot work on the cluster and model is refused with the reason (exit 2).
 """
 
 import argparse
@@ -25,7 +30,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_vl.config import ConfigError, build_parser, load_config  # noqa: E402
+from megatron_vl.config import ConfigError, build_parser, load_config, user_deepspeed_json  # noqa: E402
+from megatron_vl.errors import UsageError, run_cli  # noqa: E402
+from megatron_vl.plan.checks import (cluster_errors, describe, given_layout, layout_errors, model_errors,  # noqa: E402
+                                     no_layout_message, raise_usage)
 from megatron_vl.plan.model import PRESETS, Cluster  # noqa: E402
 from megatron_vl.plan.planner import plan, table  # noqa: E402
 
@@ -48,6 +56,18 @@ def cluster_parser() -> argparse.ArgumentParser:
     return p
 
 
+def typed_settings(ns) -> set:
+    """section.field of every setting the user gave, as a flag or in the --config YAML (the
+    parser keeps only typed flags in the namespace)."""
+    given = {k for k in vars(ns) if "." in k}
+    if ns.config:
+        import yaml
+        with open(ns.config) as fh:   # (load_config has read it already: it is valid)
+            data = yaml.safe_load(fh) or {}
+        given |= {f"{section}.{key}" for section, values in data.items() for key in (values or {})}
+    return given
+
+
 def main(argv=None) -> int:
     parser = build_parser(parser=argparse.ArgumentParser(description=__doc__, parents=[cluster_parser()],
                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -59,25 +79,29 @@ def main(argv=None) -> int:
                                  ("inter_node_gbps", ns.inter_node_gbps), ("kernel_efficiency", ns.kernel_efficiency),
                                  ("reserved_gib", ns.reserved_gib)) if v is not None}
     cluster = Cluster(**{**preset.__dict__, "gpus": ns.gpus, **changes})
+    # Every number in range first (a zero efficiency or GPU count divides by zero later).
+    raise_usage(cluster_errors(cluster, ns.top) + model_errors(cfg, cfg.training.global_batch_size))
     batch = cfg.training.global_batch_size or cfg.training.micro_batch_size * cluster.gpus
     try:
-        estimates = plan(cfg, cluster, batch)
+        # A layout flag the user gave is searched alone, or refused with the reason: never ignored.
+        fixed = given_layout(cfg, typed_settings(ns), user_deepspeed_json(cfg))
+        raise_usage(layout_errors(cfg, cluster, batch, fixed))
+        estimates = plan(cfg, cluster, batch, fixed)
     except ConfigError as exc:   # e.g. an unreadable --deepspeed_config
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not estimates:
-        print(f"no layout: {cluster.gpus} GPUs cannot split {cfg.model.num_layers} layers / "
-              f"{cfg.model.num_attention_heads} heads / global batch {batch}", file=sys.stderr)
-        return 2
+        raise UsageError(no_layout_message(cfg, cluster, batch, fixed))
     m = cfg.model
     print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads, FFN "
           f"{m.ffn_hidden_size}, vocab {m.vocab_size}, visual d {m.visual_embed_dim}, LoRA r={cfg.lora.lora_rank}; "
           f"seq {m.seq_length}, global batch {batch}, "
-          f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}; {ns.preset} x {cluster.gpus}")
+          f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}; {ns.preset} x {cluster.gpus}"
+          + (f"; only {describe(fixed)}" if fixed else ""))
     print(table(estimates, cluster, ns.top))
     print(f"planned in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -3,7 +3,7 @@ then the fastest step)."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 from ..config import user_deepspeed_json
 from .counts import rank_parameters
@@ -16,25 +16,33 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg, cluster: Cluster, global_batch: int) -> List[Layout]:
-    """TP within a node (dividing the heads), PP dividing the layers, DP the rest; ZeRO 1-3
-    (2 and 3 without pipelining: DeepSpeed refuses the pair); micro-batches dividing the
-    per-rank batch; recompute off and on."""
-    m = cfg.model
+def layouts(cfg, cluster: Cluster, global_batch: int, fixed: Optional[Dict[str, object]] = None) -> List[Layout]:
+    """TP within a node (dividing the heads, the query groups and the FFN), PP dividing the
+    layers, DP the rest; ZeRO 1-3 (2 and 3 without pipelining: DeepSpeed refuses the pair);
+    micro-batches dividing the per-rank batch; recompute off and on. A choice in `fixed`
+    (checks.given_layout: what the user typed) is the only value searched for its part: a TP
+    the user asks for may span nodes, a ZeRO-0 pipeline runs ZeRO-1 as training does."""
+    m, fixed = cfg.model, fixed or {}
     out = []
-    for tp in _divisors(cluster.gpus):
-        if tp > cluster.gpus_per_node or m.num_attention_heads % tp or m.kv_heads % tp:
+    for tp in ([fixed["tp"]] if "tp" in fixed else _divisors(cluster.gpus)):
+        if cluster.gpus % tp or m.num_attention_heads % tp or m.kv_heads % tp or m.ffn_hidden_size % tp:
             continue
-        for pp in _divisors(cluster.gpus // tp):
-            if m.num_layers % pp:
+        if "tp" not in fixed and tp > cluster.gpus_per_node:
+            continue
+        for pp in ([fixed["pp"]] if "pp" in fixed else _divisors(cluster.gpus // tp)):
+            if m.num_layers % pp or cluster.gpus % (tp * pp):
                 continue
             dp = cluster.gpus // (tp * pp)
-            for zero in ((1, 2, 3) if pp == 1 else (1,)):
-                for micro in MICRO_BATCHES:
+            if "zero" in fixed:
+                zeros = ((fixed["zero"],) if pp == 1 else (1,) if fixed["zero"] <= 1 else ())
+            else:
+                zeros = (1, 2, 3) if pp == 1 else (1,)
+            for zero in zeros:
+                for micro in ([fixed["micro"]] if "micro" in fixed else MICRO_BATCHES):
                     if global_batch % (micro * dp):
                         continue
-                    for recompute in (False, True):
-                        out.append(Layout(tp, pp, dp, zero, micro, recompute))
+                    for recompute in ([fixed["recompute"]] if "recompute" in fixed else (False, True)):
+                        out.append(Layout(tp, pp, dp, zero, micro, bool(recompute)))
     return out
 
 
@@ -62,9 +70,10 @@ def estimate(cfg, layout: Layout, cluster: Cluster, global_batch: int, ds_config
     return est
 
 
-def plan(cfg, cluster: Cluster, global_batch: int) -> List[Estimate]:
+def plan(cfg, cluster: Cluster, global_batch: int, fixed: Optional[Dict[str, object]] = None) -> List[Estimate]:
     ds_config = user_deepspeed_json(cfg)   # its ZeRO buffer settings change the memory
-    estimates = [estimate(cfg, lay, cluster, global_batch, ds_config) for lay in layouts(cfg, cluster, global_batch)]
+    estimates = [estimate(cfg, lay, cluster, global_batch, ds_config)
+                 for lay in layouts(cfg, cluster, global_batch, fixed)]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_seconds, e.total))
 
 
