@@ -15,6 +15,7 @@ any flag).
         --num-layers 32 --hidden-size 4096 ... (the stage-2 architecture) \
         --global-batch-size 512 --train-iters 10000 --bf16 --zero-stage 2 --save-interval 1000
     # torchrun works the same; the same command again resumes from --save (its stage-3 checkpoint)
+    # no --load is refused (stage 3 tunes a stage-2 checkpoint) unless --allow-random-init
     # export: tools/convert_checkpoint.py export-hf --load ckpt/vlgpt-stage3 --save vlgpt-i-hf
 
 --no-pack puts one conversation per sample (padded); packed or not, no conversation attends
@@ -31,7 +32,7 @@ from megatron_vl.training.pretrain import parser, run  # noqa: E402
 
 
 def build_parser():
-    return parser(__doc__)
+    return parser(__doc__, STAGE)
 
 
 if __name__ == "__main__":

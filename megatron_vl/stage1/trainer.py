@@ -21,7 +21,8 @@ from ..data.formats import Report
 from ..data.pair_stream import PairStream, parse_sources
 from ..parallel.random import seed_everything
 from ..training.build import make_engine
-from ..training.engine import Trainer, exit_code, run_training, start_process
+from ..training import checkpoint as ckpt
+from ..training.engine import Trainer, exit_code, preflight, run_training, start_process
 from ..training.metrics import memory_gb
 from .config import TokenizerTrainConfig
 from .data import PairBatches
@@ -29,6 +30,7 @@ from .framework import TokenizerFramework, build_framework, ip_image_encoder_dir
 from .targets import TargetEncoders, TargetStore
 
 TOKENIZER_DIR, DETOKENIZER_DIR = "image_tokenizer", "image_detokenizer"
+STAGE = "tokenizer"   # stage.json of its checkpoints
 
 
 class TokenizerTrainer(Trainer):
@@ -74,6 +76,7 @@ class TokenizerTrainer(Trainer):
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if self.rank == 0:
+                ckpt.write_stage(tag_dir, STAGE)
                 module.tokenizer.save_pretrained(os.path.join(tag_dir, TOKENIZER_DIR), self.clip_processor)
                 module.detokenizer.save_pretrained(os.path.join(tag_dir, DETOKENIZER_DIR))
 
@@ -111,10 +114,15 @@ def parser(description: str = "Stage 1: train the VL-GPT image tokenizer-detoken
 
 def train_tokenizer(argv: Optional[Sequence[str]] = None, description: Optional[str] = None) -> TokenizerTrainer:
     """Runs a whole stage-1 job; returns the trainer (exit_code, history)."""
-    from transformers import CLIPImageProcessor
     cfg, _ = load_config(argv, parser=parser(description) if description else parser(),
                          config_cls=TokenizerTrainConfig)
     launch, device, owns_group = start_process(cfg, cfg.validate)
+    with preflight(cfg, STAGE, log=print if launch.rank == 0 else (lambda m: None)):
+        return _train_tokenizer(cfg, launch, device, owns_group)
+
+
+def _train_tokenizer(cfg: TokenizerTrainConfig, launch, device, owns_group: bool) -> TokenizerTrainer:
+    from transformers import CLIPImageProcessor
     world, rank, m, t = launch.world_size, launch.rank, cfg.model, cfg.training
     tracker = seed_everything(t.seed, device=device.type)
     try:

@@ -5,7 +5,18 @@ scheduler state; client state = iteration, consumed samples, skipped-step counte
 resolved config), ``rng/rank_XXXXX.pt`` (every RNG of each rank: python, numpy, torch, CUDA,
 the TP tracker) and ``config.yaml``. ``DIR/latest`` names the newest complete one and is
 written last, atomically, after every rank has finished writing: a save killed half-way
-leaves ``latest`` on the previous checkpoint.
+leaves ``latest`` on the previous checkpoint. ``manifest.json`` (written just before ``latest``)
+lists every file of the checkpoint with its size, so files of two different saves in one
+directory are refused by name at load. ``stage.json`` says which stage wrote it.
+
+Rules for ``--save DIR`` (save_dir_problems; a run never overwrites or rewinds checkpoints it
+did not resume from): checkpoints there need ``--load DIR`` (resume them) or another --save;
+``--load A --save B`` is refused when B holds checkpoints newer than the one A resumes from;
+a stage never saves into a directory of another stage's checkpoints; ``--ckpt-step N`` with
+--load = --save is a deliberate rewind (said in one line): the newer checkpoints are replaced
+as the run reaches them. Tag directories newer than the one ``latest`` names were never
+committed (a save killed or out of space, or a rewind's abandoned ones): the next run on DIR
+removes them, saying so. A whole run holds ``DIR/training.lock``.
 """
 
 from __future__ import annotations
@@ -22,9 +33,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..atomic import atomic_open, temp_name
+from ..atomic import atomic_open, remove_stale_temps, temp_name
 from ..config import save_yaml
 from ..convert.hf import CheckpointError
+from ..errors import OutputError
 from ..parallel.random import RNGStatesTracker
 from . import faults
 
@@ -32,8 +44,29 @@ LATEST = "latest"
 _TAG = re.compile(r"iter_(\d{7,})$")
 
 
+LOCK = "training.lock"
+MANIFEST = "manifest.json"
+STAGE_NAMES = {"tokenizer": "stage-1 (image tokenizer, train_tokenizer.py)",
+               "pretrain": "stage-2 (pretraining, pretrain_vlgpt.py)",
+               "instruct": "stage-3 (instruction tuning, finetune_instruct.py)"}
+
+
 def tag_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
+
+
+def tag_iteration(tag: Optional[str]) -> Optional[int]:
+    m = _TAG.match(tag or "")
+    return int(m.group(1)) if m else None
+
+
+def list_tags(save_dir: str):
+    """Iterations of the tag directories in save_dir, ascending."""
+    try:
+        names = os.listdir(save_dir)
+    except OSError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := _TAG.match(n)) and os.path.isdir(os.path.join(save_dir, n)))
 
 
 def _rank() -> int:
@@ -99,6 +132,164 @@ def read_stage(load_dir: str, ckpt_step: Optional[int] = None) -> Optional[str]:
         return None
 
 
+def checkpoint_stage(load_dir: str, tag: str) -> str:
+    """'tokenizer', 'pretrain' or 'instruct': stage.json, else (older checkpoints) stage 1 by its
+    exported image tokenizer or its config, else pretraining."""
+    import json
+    path = os.path.join(load_dir, tag)
+    try:
+        with open(os.path.join(path, STAGE_FILE)) as fh:
+            stage = json.load(fh).get("stage")
+        if stage in STAGE_NAMES:
+            return stage
+    except (OSError, ValueError, AttributeError):
+        pass
+    if os.path.isdir(os.path.join(path, "image_tokenizer")):
+        return "tokenizer"
+    try:
+        with open(os.path.join(path, "config.yaml")) as fh:
+            if re.search(r"^\s+clip_model:", fh.read(), re.M):
+                return "tokenizer"
+    except OSError:
+        pass
+    return "pretrain"
+
+
+def check_load_stage(load_dir: Optional[str], ckpt_step: Optional[int], stage: str) -> None:
+    """Refuses --load of another stage's checkpoint by name (stage 3 takes stage 2's too)."""
+    if not load_dir:
+        return
+    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    if tag is None or tag == "release" or not os.path.isdir(os.path.join(load_dir, tag)):
+        return
+    theirs = checkpoint_stage(load_dir, tag)
+    accepted = {"tokenizer": ("tokenizer",), "pretrain": ("pretrain", "instruct"),
+                "instruct": ("pretrain", "instruct")}[stage]
+    if theirs not in accepted:
+        wanted = " or ".join(STAGE_NAMES[s].split(" (")[0] for s in accepted)
+        hint = (" (the image tokenizer reaches stages 2 and 3 through tools/extract_image_features.py's feature "
+                "store)" if theirs == "tokenizer" else "")
+        raise CheckpointError(f"--load {load_dir}: {tag} is a {STAGE_NAMES[theirs]} checkpoint, not a {wanted} one; "
+                              f"this is a {STAGE_NAMES[stage]} run{hint}")
+
+
+def save_dir_problems(save_dir: str, load_dir: Optional[str], ckpt_step: Optional[int], finetune: bool,
+                      stage: str, log: Callable[[str], None] = print) -> None:
+    """Refuses (CheckpointError) a run that would overwrite or rewind checkpoints in --save
+    it does not resume from (rules: module docstring); then removes what earlier saves left
+    uncommitted there. Called by one rank, holding the directory's lock."""
+    if not os.path.isdir(save_dir):
+        return
+    latest = read_latest(save_dir)
+    if latest == "release":
+        raise CheckpointError(f"--save {save_dir} is a release checkpoint (`latest` says release: import-hf's "
+                              "output); training writes its checkpoints into a directory of its own: choose a "
+                              "new --save (and --load this one)")
+    last = tag_iteration(latest)
+    tags = list_tags(save_dir)
+    committed = [t for t in tags if last is not None and t <= last]
+    same = bool(load_dir) and os.path.abspath(load_dir) == os.path.abspath(save_dir)
+    if committed:
+        shown = tag_name(last) if last in tags else tag_name(committed[-1])
+        theirs = checkpoint_stage(save_dir, shown)
+        if theirs != stage:
+            raise CheckpointError(f"--save {save_dir} holds {STAGE_NAMES[theirs]} checkpoints (`latest`: {latest}); "
+                                  f"this {STAGE_NAMES[stage]} run would write over them: choose a new --save")
+        if not load_dir:
+            raise CheckpointError(f"--save {save_dir} already holds checkpoints (`latest`: {latest}) and no --load "
+                                  f"was given: pass --load {save_dir} to resume from them, or choose a new --save")
+        if same and not finetune:
+            start = ckpt_step if ckpt_step is not None else last
+            newer = [tag_name(t) for t in committed if t > start]
+            if newer:
+                log(f"note: --ckpt-step {ckpt_step} rewinds {save_dir} to {tag_name(start)} although `latest` "
+                    f"names {latest}: this run replaces {', '.join(newer)} as it reaches them (to keep them, "
+                    "resume into a new --save)")
+        else:
+            from_release = is_release(load_dir)
+            start = 0 if finetune or from_release else (
+                ckpt_step if ckpt_step is not None else tag_iteration(read_latest(load_dir)) or 0)
+            if committed[-1] > start:
+                newest = tag_name(committed[-1])
+                if same:
+                    raise CheckpointError(f"--finetune starts at iteration 0, and --save {save_dir} holds "
+                                          f"checkpoints up to {newest} that it would overwrite: choose a new --save")
+                what = "its weights only (iteration 0)" if finetune or from_release else tag_name(start)
+                raise CheckpointError(f"--save {save_dir} holds {newest}, newer than what --load {load_dir} "
+                                      f"starts from ({what}): this run would overwrite it. To continue that run, "
+                                      f"pass --load {save_dir}; otherwise choose a new --save")
+    for t in tags:
+        if t not in committed:
+            path = os.path.join(save_dir, tag_name(t))
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"note: removed {path}: newer than the checkpoint `latest` names ({latest or 'none'}), so never "
+                "committed (a save killed or out of space, or abandoned by a --ckpt-step rewind)")
+    remove_stale_temps(save_dir, log=log)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(
+        s in str(exc) for s in ("No space left", "basic_ios::clear", "file write failed", "unexpected pos"))
+
+
+def write_manifest(tag_dir: str) -> None:
+    """Every file of the finished checkpoint with its size (rank 0, after every rank wrote)."""
+    import json
+    files = {}
+    for root, _, names in os.walk(tag_dir):
+        for n in names:
+            f = os.path.join(root, n)
+            rel = os.path.relpath(f, tag_dir)
+            if rel != MANIFEST:
+                files[rel] = os.path.getsize(f)
+    with atomic_open(os.path.join(tag_dir, MANIFEST)) as fh:
+        json.dump({"files": files}, fh, indent=0, sort_keys=True)
+
+
+def mixed_files_problem(load_dir: str, tag: str) -> Optional[str]:
+    """Why the checkpoint's files are not all of one save, or None: against its manifest, or
+    (older checkpoints) by DeepSpeed's config recorded in each model/optimizer file."""
+    import json
+    path = os.path.join(load_dir, tag)
+    hint = ("files of two different saves (another run saved into this directory?); it cannot be loaded: resume "
+            "from another checkpoint with --ckpt-step, or from the run that wrote it")
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            listed = json.load(fh)["files"]
+    except FileNotFoundError:
+        listed = None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path}/{MANIFEST}: unreadable manifest; {hint}"
+    if listed is not None:
+        for rel, size in sorted(listed.items()):
+            f = os.path.join(path, rel)
+            if os.path.isfile(f) and os.path.getsize(f) != size:
+                if f.endswith(".pt") and not zipfile.is_zipfile(f):
+                    return _unreadable(f)
+                return (f"{f}: {os.path.getsize(f)} bytes, the checkpoint's manifest says {size} (truncated, or "
+                        f"overwritten by another save); resume from another checkpoint with --ckpt-step")
+        for f in sorted(glob.glob(os.path.join(path, "**", "*.pt"), recursive=True)):
+            if os.path.relpath(f, path) not in listed:
+                return f"{f}: not part of this checkpoint (not in its manifest): {hint}"
+        return None
+    configs = {}
+    for f in sorted(glob.glob(os.path.join(path, "*_states.pt"))):
+        try:
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+            configs[f] = repr(sd.get("ds_config")) if isinstance(sd, dict) else None
+        except Exception:   # noqa: BLE001 - unreadable files are named by check_checkpoint_files
+            continue
+    seen = {c for c in configs.values() if c is not None}
+    if len(seen) > 1:
+        first = next(iter(configs.values()))
+        odd = next(f for f, c in configs.items() if c != first)
+        return (f"{odd}: written with another DeepSpeed configuration than {next(iter(configs))}: {hint}")
+    return None
+
+
 def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Dict[str, Any],
                     tracker: Optional[RNGStatesTracker], keep_last: Optional[int] = None,
                     log: Callable[[str], None] = print,
@@ -107,21 +298,42 @@ def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Di
     adds files to it before ``latest`` names it."""
     tag = tag_name(iteration)
     rank = _rank()
+    tag_dir = os.path.join(save_dir, tag)
     client = dict(client_state, iteration=iteration, config=cfg.to_dict())
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
-    rng_dir = os.path.join(save_dir, tag, "rng")
-    os.makedirs(rng_dir, exist_ok=True)
-    path = os.path.join(rng_dir, f"rank_{rank:05d}.pt")
-    tmp = temp_name(path)
-    torch.save(rng_state(tracker), tmp)
-    os.replace(tmp, path)
-    if rank == 0:
-        save_yaml(cfg, os.path.join(save_dir, tag, "config.yaml"))
-    if before_commit is not None:
-        before_commit(os.path.join(save_dir, tag))
+    # A directory of that name is a checkpoint a --ckpt-step rewind abandoned (save_dir_problems):
+    # replaced whole, so no file of it mixes with this save's.
+    if os.path.isdir(tag_dir):
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            log(f"replacing {tag_dir} (abandoned by the --ckpt-step rewind)")
+        _barrier()
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+        rng_dir = os.path.join(tag_dir, "rng")
+        os.makedirs(rng_dir, exist_ok=True)
+        path = os.path.join(rng_dir, f"rank_{rank:05d}.pt")
+        tmp = temp_name(path)
+        torch.save(rng_state(tracker), tmp)
+        os.replace(tmp, path)
+        if rank == 0:
+            save_yaml(cfg, os.path.join(tag_dir, "config.yaml"))
+        if before_commit is not None:
+            before_commit(tag_dir)
+    except Exception as exc:
+        # Never committed: nothing may take the partial directory for a checkpoint.
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        if _disk_full(exc):
+            where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
+            raise OutputError(f"no space left on the device while saving checkpoint {tag_dir}{where}: removed the "
+                              f"incomplete {tag}; {os.path.join(save_dir, LATEST)} still names "
+                              f"{read_latest(save_dir) or 'no checkpoint'}: free space, then resume with --load "
+                              f"{save_dir}") from exc
+        raise
     faults.maybe_kill_during_save(iteration)
     _barrier()   # every rank's files are complete before the marker moves
     if rank == 0:
+        write_manifest(tag_dir)
         with atomic_open(os.path.join(save_dir, LATEST)) as fh:
             fh.write(tag)
         if keep_last:
@@ -157,6 +369,11 @@ def _expected_files(engine, load_dir: str, tag: str):
     return files
 
 
+def _unreadable(f: str) -> str:
+    return (f"{f}: unreadable checkpoint file ({os.path.getsize(f)} bytes, not a torch.save archive: truncated or "
+            "overwritten?); resume from an earlier checkpoint with --ckpt-step")
+
+
 def check_checkpoint_files(engine, load_dir: str, tag: str) -> None:
     """Names a missing or unreadable file before DeepSpeed meets it (where it would fail in
     an assertion, or in an unpickling error naming no file)."""
@@ -171,9 +388,7 @@ def check_checkpoint_files(engine, load_dir: str, tag: str) -> None:
     for f in sorted(glob.glob(os.path.join(path, "**", "*.pt"), recursive=True)):
         # torch.save writes a zip archive: one that is not (cut short, overwritten) fails here by name.
         if not zipfile.is_zipfile(f):
-            raise CheckpointError(f"{f}: unreadable checkpoint file ({os.path.getsize(f)} bytes, not a torch.save "
-                                  "archive: truncated or overwritten?); resume from an earlier checkpoint with "
-                                  "--ckpt-step")
+            raise CheckpointError(_unreadable(f))
 
 
 def load_checkpoint(engine, load_dir: str, ckpt_step: Optional[int], tracker: Optional[RNGStatesTracker],

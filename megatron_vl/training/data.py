@@ -11,9 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config, ConfigError, data_parallel_size, gradient_accumulation_steps
-from ..data.dataset import PretrainingSampler, build_train_valid_test, collate, parse_blend, split_weights
+from ..data.dataset import (PackedDataset, PretrainingSampler, build_train_valid_test, collate, open_meta,
+                            parse_blend, split_weights)
 from ..data.indexed import FeatureStore
-from ..data.preprocess import read_meta, sidecar
+from ..data.preprocess import sidecar
+from ..errors import UserError
 from ..data.packing import packing_config
 from ..data.tokenizer import IMG, IMG_END
 from ..model.vlgpt import regression_targets, visual_inputs
@@ -35,7 +37,7 @@ def _dataset_facts(cfg: Config):
     prefixes, _ = parse_blend(cfg.data.data_path)
     vocab, ids, width, first = 0, None, None, None
     for prefix in prefixes:
-        tok = read_meta(prefix)["tokenizer"]
+        tok = open_meta(prefix)["tokenizer"]
         first = first or tok
         these = (tok["image_token_ids"][IMG], tok["image_token_ids"][IMG_END])
         if ids is not None and these != ids:
@@ -69,11 +71,48 @@ def build_data(cfg: Config, world_size: int) -> RunData:
     gbs = t.micro_batch_size * gradient_accumulation_steps(cfg, world_size) * dp
     evals = t.train_iters // t.eval_interval + 1 if t.eval_iters > 0 else 0
     sizes = (t.train_iters * gbs, evals * t.eval_iters * gbs, 0)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     if split_weights(cfg.data.split)[1] <= 0:
         sizes = (sizes[0], 0, 0)
+        if evals and t.eval_interval <= t.train_iters and rank0:
+            # Megatron's behaviour (no validation set, no evaluation), said once.
+            print(f"note: --split {cfg.data.split} leaves no validation documents: no evaluation every "
+                  f"--eval-interval {t.eval_interval} (give the second --split weight a share to evaluate)",
+                  flush=True)
     pack = replace(packing_config(cfg), embed_dim=m.visual_embed_dim)
     train, valid, _ = build_train_valid_test(cfg.data.data_path, cfg.data.split, pack, sizes, cfg.data.data_cache_path)
+    if rank0:
+        for part in (train, valid):
+            for ds in getattr(part, "datasets", []):
+                for note in getattr(ds, "notes", []) if isinstance(ds, PackedDataset) else []:
+                    print(f"note: {note}", flush=True)
     return RunData(train, valid, ids, gbs, tokenizer)
+
+
+def _one_line(exc: UserError) -> UserError:
+    """A user error raised in a loader worker arrives as 'Caught X in DataLoader worker
+    process N.' plus the worker's traceback; the last line is the message itself."""
+    text = str(exc)
+    if not text.startswith("Caught "):
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    name = type(exc).__name__
+    message = last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return exc
+
+
+def _user_errors_in_one_line(batches: Iterator) -> Iterator:
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UserError as exc:
+            raise _one_line(exc) from None
+        yield batch
 
 
 def loader(dataset, cfg: Config, consumed: int, dp_rank: int, dp: int, total: Optional[int] = None) -> Iterator:
@@ -81,9 +120,9 @@ def loader(dataset, cfg: Config, consumed: int, dp_rank: int, dp: int, total: Op
                                  cfg.training.micro_batch_size, dp_rank, dp)
     workers = cfg.data.num_workers
     # Pinned host memory: the non_blocking copies in model_batch then really overlap compute.
-    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                           persistent_workers=False, prefetch_factor=4 if workers else None,
-                           pin_memory=torch.cuda.is_available()))
+    return _user_errors_in_one_line(iter(DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, persistent_workers=False,
+        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available())))
 
 
 def model_batch(raw: Dict[str, torch.Tensor], cfg: Config, device, dtype) -> Dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ model returns after the total), ``batches`` (micro-batches from a data position)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, effective_zero_stage
+from ..errors import UserError
 from . import checkpoint as ckpt
 from . import faults
 from .metrics import Sinks
@@ -65,6 +67,7 @@ class Trainer:
         self.gas = engine.gradient_accumulation_steps()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.iteration = self.consumed = self.skipped_total = self.skipped_consecutive = 0
+        self.saved_iteration: Optional[int] = None   # the checkpoint on disk for self.iteration
         self.exit_code: Optional[int] = None
         self.batch_digest = 0
         self.history: List[Dict] = []    # per iteration, for tests and tools: losses, samples, skips
@@ -216,6 +219,7 @@ class Trainer:
         c = self.cfg.checkpoint
         tag = ckpt.save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
                                    self.tracker, c.keep_last, self.log, before_commit=self.write_export)
+        self.saved_iteration = self.iteration
         self.log(f"saved checkpoint {os.path.join(c.save, tag)} at iteration {self.iteration}")
 
     def resume(self) -> None:
@@ -234,6 +238,38 @@ class Trainer:
         self.skipped_total = client.get("skipped_total", 0)
         self.skipped_consecutive = client.get("skipped_consecutive", 0)
         self.restore_client_state(client)
+        if same_as_save:
+            self.saved_iteration = self.iteration
+        self.continue_schedule(client)
+
+    def continue_schedule(self, client: Dict) -> None:
+        """After a resume the learning-rate schedule is this run's flags (--lr, --min-lr, warmup,
+        decay style, --lr-decay-iters / --train-iters) at the checkpoint's step: the optimizer's
+        restored rate is the old schedule's (0 at the end of a finished cosine), and a longer
+        --train-iters must continue on the new schedule from the first resumed step. A change
+        against the checkpoint's run is said in one line."""
+        sched = getattr(self.engine, "lr_scheduler", None)
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return
+        o = self.cfg.optimizer
+        sched.base_lrs = [o.lr] * len(sched.base_lrs)
+        lrs = [base * f(sched.last_epoch) for f, base in zip(sched.lr_lambdas, sched.base_lrs)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = list(lrs)
+        then = client.get("config") or {}
+        changes = []
+        for section, key, flag in (("training", "train_iters", "--train-iters"), ("optimizer", "lr", "--lr"),
+                                   ("optimizer", "min_lr", "--min-lr"), ("optimizer", "lr_warmup_iters",
+                                   "--lr-warmup-iters"), ("optimizer", "lr_decay_iters", "--lr-decay-iters"),
+                                   ("optimizer", "lr_decay_style", "--lr-decay-style")):
+            old = (then.get(section) or {}).get(key, getattr(getattr(self.cfg, section), key, None))
+            new = getattr(getattr(self.cfg, section), key, None)
+            if old != new:
+                changes.append(f"{flag} {new} (checkpoint: {old})")
+        if changes and lrs:
+            self.log(f"note: learning-rate schedule rebuilt for {', '.join(changes)} at step {sched.last_epoch}: "
+                     f"iteration {self.iteration + 1} uses lr {lrs[0]:.6E}")
 
     # --- the loop -----------------------------------------------------------------------
     def train(self, stop: StopRequest) -> int:
@@ -268,7 +304,8 @@ class Trainer:
                 return 0
         self._settle()
         self.evaluate()
-        if cfg.checkpoint.save and (not cfg.checkpoint.save_interval or self.iteration % cfg.checkpoint.save_interval):
+        # (a resumed run with nothing left to train already has this checkpoint: never rewrite it in place)
+        if cfg.checkpoint.save and self.saved_iteration != self.iteration:
             self.save()
         return 0
 
@@ -292,24 +329,116 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def stale_build_locks(max_age_minutes: float = 15.0) -> List[str]:
-    """Lock files of torch JIT extension builds (DeepSpeed's shm comm op on CPU) older than
-    max_age_minutes: a build killed half-way leaves one, and every later run waits on it
-    forever without a word."""
+def _holders(build_dir: str) -> Optional[bool]:
+    """Whether a live process of this host works in build_dir (its cwd, an open file, a mapped
+    library there: ninja and the compiler run with the build directory as cwd); None when
+    /proc cannot tell."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    real = os.path.realpath(build_dir)
+
+    def inside(path: str) -> bool:
+        return path == real or path.startswith(real + os.sep)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if inside(os.readlink(f"/proc/{pid}/cwd")):
+                return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if inside(os.readlink(f"/proc/{pid}/fd/{fd}")):
+                    return True
+        except OSError:   # gone, or another user's: it cannot be building in our directory
+            continue
+    return False
+
+
+def stale_build_locks(grace_seconds: float = 5.0) -> List[str]:
+    """Lock files of torch JIT extension builds (DeepSpeed's shm comm op on CPU) that no process
+    holds: a build killed half-way leaves one (torch's FileBaton: no pid in it), and every later
+    run waits on it forever without a word. Stale = still there after grace_seconds of
+    watching (and at least that old) while no process of this host works in its build
+    directory (a live build runs ninja there); a build on another host sharing the directory
+    is not visible, hence the message's caveat. Waits only while a lock exists."""
     import glob
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
         from torch.utils.cpp_extension import get_default_build_root
         root = get_default_build_root()
-    now = time.time()
     found = []
-    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
-        try:
-            if now - os.path.getmtime(path) > max_age_minutes * 60:
+    for path in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        while True:
+            try:
+                age = time.time() - os.path.getmtime(path)
+            except OSError:
+                break   # released: the build finished
+            held = _holders(os.path.dirname(path))
+            if held is not False:
+                break   # a live build (or no way to tell): torch waits on it, as it should
+            if age >= grace_seconds:
                 found.append(path)
-        except OSError:
-            continue
-    return sorted(found)
+                break
+            time.sleep(min(0.25, grace_seconds))
+    return found
+
+
+class StaleBuildLock(UserError):
+    """A JIT build lock no process holds (exit 1)."""
+
+
+def check_build_locks() -> None:
+    stale = stale_build_locks()
+    if stale:
+        lock = stale[0]
+        raise StaleBuildLock(
+            f"{lock}: left by a JIT extension build that was killed half-way (no process on this host is "
+            f"building in {os.path.dirname(lock)}); this run would wait on it forever: remove that directory "
+            f"(rm -rf {os.path.dirname(lock)}; it is rebuilt) and run again. If a job on another node shares "
+            "TORCH_EXTENSIONS_DIR and is building it now, wait for that job instead")
+
+
+@contextlib.contextmanager
+def preflight(cfg, stage: str, log: Callable[[str], None] = print):
+    """Before a run builds anything: holds --save's lock for the whole block (one writer per
+    checkpoint directory) and refuses, on every rank, a --save that would overwrite or rewind
+    checkpoints this run does not resume from, a --load of another stage's checkpoint, or one
+    whose files come from two saves. Rank 0 decides (it alone takes the lock); every rank
+    learns the outcome, so a refusal never leaves a rank waiting in a collective."""
+    from ..atomic import exclusive_lock
+    from ..errors import OutputError
+    c = cfg.checkpoint
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if rank == 0:
+            try:
+                ckpt.check_load_stage(c.load, c.ckpt_step, stage)
+                if c.save:
+                    if os.path.exists(c.save) and not os.path.isdir(c.save):
+                        raise OutputError(f"--save {c.save}: a file, not a directory")
+                    try:
+                        os.makedirs(c.save, exist_ok=True)
+                    except OSError as exc:
+                        raise OutputError(f"--save {c.save}: cannot create it: {exc.strerror}") from None
+                    stack.enter_context(exclusive_lock(os.path.join(c.save, ckpt.LOCK),
+                                                       f"checkpoint directory {c.save}"))
+                    ckpt.save_dir_problems(c.save, c.load, c.ckpt_step, bool(c.finetune), stage, log)
+                tag = ckpt.tag_name(c.ckpt_step) if c.ckpt_step is not None else (
+                    ckpt.read_latest(c.load) if c.load and os.path.isdir(c.load) else None)
+                if tag not in (None, "release") and os.path.isdir(os.path.join(c.load, tag)):
+                    mixed = ckpt.mixed_files_problem(c.load, tag)
+                    if mixed:
+                        raise ckpt.CheckpointError(mixed)
+            except Exception as exc:   # noqa: BLE001 - every rank must hear of it, then rank 0 re-raises
+                problem = exc
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            said = [str(problem) if problem is not None else None]
+            dist.broadcast_object_list(said, src=0)
+            if rank != 0 and said[0] is not None:
+                raise ckpt.CheckpointError(said[0])
+        if problem is not None:
+            raise problem
+        yield
 
 
 def start_process(cfg, validate: Callable[[int], None]):
@@ -318,6 +447,7 @@ def start_process(cfg, validate: Callable[[int], None]):
     from ..parallel.launcher import detect_launch
     from ..parallel.state import init_distributed
     launch = detect_launch()
+    faults.check()
     validate(launch.world_size)
     device = torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and cfg.training.fp16:
@@ -326,10 +456,7 @@ def start_process(cfg, validate: Callable[[int], None]):
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in softmax tails is ~100x slower on CPU
         if launch.local_rank == 0:
-            for lock in stale_build_locks():
-                print(f"warning: {lock} is over 15 minutes old: a JIT extension build killed half-way? This "
-                      f"run will wait on it forever unless another process is building; if none is, remove "
-                      f"{os.path.dirname(lock)}", flush=True)
+            check_build_locks()
     owns_group = not dist.is_initialized()
     init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch,
                      timeout_minutes=cfg.parallel.distributed_timeout_minutes)

@@ -7,7 +7,10 @@ point). What differs from pretraining is checked and decided here, before the ru
 - --load of a stage-2 checkpoint (or of any checkpoint not written by this stage) takes its
   weights only (Megatron's --finetune: LoRA adapters and [IMG]/[/IMG] rows merged, fresh
   optimizer, schedule and data position; stage 3 then trains new adapters); --load of a
-  stage-3 checkpoint resumes it; a release checkpoint (import-hf) loads as in pretraining.
+  stage-3 checkpoint resumes it; a release checkpoint (import-hf) loads as in pretraining;
+  a stage-1 (image tokenizer) checkpoint is refused by name;
+- no --load is refused (instruction tuning random weights is a mistake) unless
+  --allow-random-init says it is meant.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ STAGE = "instruct"
 DEFAULTS = ["--lora-rank", "16", "--lora-alpha", "32", "--lr", "5e-5", "--min-lr", "0"]
 
 
-def prepare(cfg: Config) -> None:
+def prepare(cfg: Config, ns=None) -> None:
     errors = []
     for prefix in parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []:
         try:
@@ -35,8 +38,12 @@ def prepare(cfg: Config) -> None:
                           "preprocess it with --input-format llava, coco-captions, instructpix2pix or magicbrush")
     if not cfg.data.reset_attention_mask:
         errors.append("--no-reset-attention-mask: instruction tuning keeps each conversation to itself")
+    c = cfg.checkpoint
+    if not c.load and not getattr(ns, "allow_random_init", False):
+        errors.append("no --load: stage 3 tunes a stage-2 checkpoint: pass --load DIR (pretrain_vlgpt.py's --save, "
+                      "or a release checkpoint), or --allow-random-init to tune randomly initialised weights")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-    c = cfg.checkpoint
+    ckpt.check_load_stage(c.load, c.ckpt_step, STAGE)
     if c.load and not ckpt.is_release(c.load) and ckpt.read_latest(c.load) is not None:
         c.finetune = ckpt.read_stage(c.load, c.ckpt_step) != STAGE

@@ -16,7 +16,7 @@ from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState
 from . import checkpoint as ckpt
 from .build import build_model, initialize_engine
-from .engine import Trainer, exit_code, run_training, start_process
+from .engine import Trainer, exit_code, preflight, run_training, start_process
 from .data import build_data, loader, model_batch
 from .metrics import StepStats, format_line, throughput
 
@@ -147,6 +147,10 @@ class VLGPTTrainer(Trainer):
         self.skipped_total = client.get("skipped_total", 0)
         self.skipped_consecutive = client.get("skipped_consecutive", 0)
         self.restore_client_state(client)
+        c = self.cfg.checkpoint
+        if c.save and os.path.abspath(c.save) == os.path.abspath(c.load):
+            self.saved_iteration = self.iteration
+        self.continue_schedule(client)
         now = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,
                "zero": effective_zero_stage(self.cfg)}
         self.log(f"loaded checkpoint {saved.weights.path} (iteration {self.iteration}, {self.consumed} samples "
@@ -176,18 +180,37 @@ class VLGPTTrainer(Trainer):
             self.sinks.scalars(scalars, self.iteration)
 
 
-def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text data (DeepSpeed)."):
-    return build_parser(description)
+def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text data (DeepSpeed).",
+           stage: str = "pretrain"):
+    p = build_parser(description)
+    if stage == "instruct":
+        p.add_argument("--allow-random-init", action="store_true", default=False,
+                       help="Instruction-tune randomly initialised weights when no --load is given (normally "
+                       "stage 3 tunes a stage-2 checkpoint, and a missing --load is refused).")
+    return p
 
 
 def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None, stage: str = "pretrain",
              prepare=None) -> VLGPTTrainer:
     """Runs a whole pretraining job (or, with stage="instruct" and its `prepare(cfg)` check,
     an instruction-tuning one); returns the VLGPTTrainer (exit_code, history)."""
-    cfg, _ = load_config(argv, parser=parser(description) if description else parser())
+    cfg, ns = load_config(argv, parser=parser(description, stage) if description else parser(stage=stage))
     if prepare is not None:
-        prepare(cfg)
+        prepare(cfg, ns)
     launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world))
+    c = cfg.checkpoint
+    if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
+            (ckpt.is_release(c.load) or c.finetune) and ckpt.read_latest(c.save) not in (None, "release"):
+        # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
+        if launch.rank == 0:
+            print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
+                  f"pretrained weights in {c.load}", flush=True)
+        c.load, c.finetune = c.save, False
+    with preflight(cfg, stage, log=print if launch.rank == 0 else (lambda m: None)):
+        return _pretrain(cfg, launch, device, owns_group, stage)
+
+
+def _pretrain(cfg: Config, launch, device, owns_group: bool, stage: str) -> VLGPTTrainer:
     world = launch.world_size
     try:
         check_required(cfg.model.fused_kernels, device.type)
@@ -197,14 +220,6 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     p = cfg.parallel
     state = ParallelState.build(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     tracker = seed_everything(cfg.training.seed, state.tp_rank, state.pp_rank, device.type)
-    c = cfg.checkpoint
-    if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
-            (ckpt.is_release(c.load) or c.finetune) and ckpt.read_latest(c.save) not in (None, "release"):
-        # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
-        if rank == 0:
-            print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
-                  f"pretrained weights in {c.load}", flush=True)
-        c.load, c.finetune = c.save, False
     data = build_data(cfg, world)
     built = build_model(cfg, state, tracker, data.image_token_ids, log=print if rank == 0 else (lambda m: None))
     if device.type == "cuda":
