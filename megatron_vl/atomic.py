@@ -116,12 +116,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _earlier_attempt_of_this_job(owner: dict, me: dict) -> bool:
+    """Whether the lock's owner was an earlier attempt (SLURM_RESTART_COUNT lower) of the same
+    SLURM job as this process."""
+    if not me.get("slurm_job") or owner.get("slurm_job") != me["slurm_job"]:
+        return False
+    theirs = owner.get("slurm_restart")
+    return isinstance(theirs, int) and theirs < me["slurm_restart"]
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str, what: str):
     """Holds ``path`` (created with O_EXCL, holding the owner's host, pid, start time and
     command) for the block, so two runs writing the same outputs cannot both proceed: the
     second gets LockHeld naming the owner. A lock left by a dead process on this host is
-    taken over; one from another host must be removed by hand. Re-entrant in one process."""
+    taken over, and so is one left by an earlier attempt of the same SLURM job (a requeue,
+    perhaps on another node); any other from another host must be removed by hand. Re-entrant in one process."""
     import json
     import socket
     import sys
@@ -132,6 +142,9 @@ def exclusive_lock(path: str, what: str):
         return
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
           "command": " ".join(sys.argv)}
+    if os.environ.get("SLURM_JOB_ID"):
+        me["slurm_job"] = os.environ["SLURM_JOB_ID"]
+        me["slurm_restart"] = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     os.makedirs(os.path.dirname(key) or ".", exist_ok=True)
     for _ in range(2):
         try:
@@ -146,6 +159,13 @@ def exclusive_lock(path: str, what: str):
             if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int) \
                     and not _pid_alive(owner["pid"]):
                 os.remove(key)   # its owner died without cleaning up
+                continue
+            if _earlier_attempt_of_this_job(owner, me):
+                # SLURM requeued this job (maybe onto another node): the attempt that held the
+                # lock was ended by SLURM before this one started.
+                print(f"note: taking over {key}, left by attempt {owner.get('slurm_restart', 0)} of SLURM job "
+                      f"{me['slurm_job']} (host {owner.get('host', '?')}, pid {owner.get('pid', '?')})", flush=True)
+                os.remove(key)
                 continue
             raise LockHeld(f"{key}: {what} is in use by another run (host {owner.get('host', '?')}, pid "
                            f"{owner.get('pid', '?')}, since {owner.get('started', '?')}: {owner.get('command', '?')}); "

@@ -212,3 +212,26 @@ def test_guard_output(tmp_path):
     with pytest.raises(OutputError, match="out.png"):
         guard_output_files(str(tmp_path), ["new.txt", "out.png"], flag="--save")
     guard_output_files(str(tmp_path), ["new.txt", "out.png"], overwrite=True)
+
+
+def test_lock_of_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
+    # A requeued job may land on another node: the lock of its killed attempt names another host.
+    import json
+    from megatron_vl.atomic import LockHeld, exclusive_lock
+    lock = tmp_path / "save.lock"
+    lock.write_text(json.dumps({"host": "other-node", "pid": 1, "started": "x", "command": "c",
+                                "slurm_job": "77", "slurm_restart": 0}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    with pytest.raises(LockHeld, match="other-node"):     # the same attempt: a second run, refused
+        with exclusive_lock(str(lock), "the checkpoint directory"):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.raises(LockHeld):                         # another job: refused
+        with exclusive_lock(str(lock), "the checkpoint directory"):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with exclusive_lock(str(lock), "the checkpoint directory"):
+        assert json.loads(lock.read_text())["slurm_restart"] == 1
+    assert "taking over" in capsys.readouterr().out and not lock.exists()
