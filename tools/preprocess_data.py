@@ -21,17 +21,19 @@ strings: megatron_vl/data/conversation.py.
 """
 
 import argparse
+import errno
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_vl.data.formats import Report, expand_inputs  # noqa: E402
-from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, remove_dataset,  # noqa: E402
-                                         read_meta, sidecar)
+from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, read_meta,  # noqa: E402
+                                         refuse_writing_over, remove_dataset, sidecar)
 from megatron_vl.data.indexed import FeatureStore  # noqa: E402
 from megatron_vl.data.conversation import TEMPLATES  # noqa: E402
 from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS  # noqa: E402
+from megatron_vl.errors import UsageError, UserError, run_cli  # noqa: E402
 
 
 def build_parser():
@@ -49,8 +51,9 @@ def build_parser():
     p.add_argument("--prepend-bos", action="store_true",
                    help="start each document with the tokenizer's bos id, as LLaMA was trained (use it for LLaMA "
                         "data; off by default so jsonl-text output stays byte-identical to Megatron's)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
-    p.add_argument("--partitions", type=int, default=1, help="process the inputs in this many groups, then merge")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (0 or 1: in this process)")
+    p.add_argument("--partitions", type=int, default=1,
+                   help="process the inputs in this many groups (at most one per file), then merge")
     p.add_argument("--strict", action="store_true", help="any skipped record is an error")
     p.add_argument("--conversation-template", default="vicuna_v1", choices=sorted(TEMPLATES),
                    help="instruction formats: how a conversation is laid out (megatron_vl/data/conversation.py)")
@@ -63,11 +66,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        files = expand_inputs(args.input)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    for flag, value in (("--workers", args.workers), ("--partitions", args.partitions)):
+        if value < 0:
+            raise UsageError(f"{flag} {value}: cannot be negative")
+    files = expand_inputs(args.input)
     keys = args.json_keys if args.input_format == "jsonl-text" else ["text"]
     parts = max(1, min(args.partitions, len(files)))
     for key in keys:
@@ -75,6 +77,7 @@ def main(argv=None):
         groups = [files[i::parts] for i in range(parts)]
         targets = [prefix] if parts == 1 else [f"{prefix}_part{i}" for i in range(parts)]
         report = Report()
+        refuse_writing_over(prefix, files)
         try:
             with prefix_lock(prefix):
                 try:
@@ -93,9 +96,10 @@ def main(argv=None):
                     if parts > 1:   # partitions are scratch: never left behind, finished or not
                         for t in targets:
                             remove_dataset(t)
-        except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or isinstance(exc, UserError):
+                raise   # run_cli names a full disk; a UserError's message is already the whole report
+            raise UserError(f"{exc.filename or prefix}: {exc.strerror or exc}") from None
         print(f"== {prefix}\n{report.format()}")
         features = sidecar(prefix, "features")
         if os.path.isfile(features + ".idx"):
@@ -108,4 +112,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

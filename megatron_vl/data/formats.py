@@ -23,13 +23,35 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
+import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+
+from ..errors import InputError, UsageError, debug_enabled
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What reading a damaged compressed or archived stream raises: zlib.error and the archive
+# modules' own errors are not OSErrors, so each is listed.
+STREAM_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, zipfile.LargeZipFile,
+                 tarfile.TarError, NotImplementedError)
+T = TypeVar("T")
+
+
+class DataInputError(InputError, ValueError):
+    """An input file that cannot be read as its format (exit 1; a ValueError for older callers)."""
+
+
+class StrictSkip(DataInputError):
+    """A record that would be skipped, under --strict."""
+
+
+class DataUsageError(UsageError, ValueError):
+    """Flags that do not fit the data (exit 2)."""
 
 
 @dataclass
@@ -56,7 +78,7 @@ class Report:
 
     def skip(self, reason: str, where: str, strict: bool = False) -> None:
         if strict:
-            raise ValueError(f"{where}: {reason} (--strict turns skips into errors)")
+            raise StrictSkip(f"{where}: {reason} (--strict turns skips into errors)")
         self.skipped[reason] += 1
         self.first_seen.setdefault(reason, where)
 
@@ -81,12 +103,37 @@ class Report:
         return "\n".join(lines)
 
 
+class InputFileMissing(InputError, FileNotFoundError):
+    pass
+
+
+def guarded(report: Report, where: str, strict: bool, build: Callable[[], T]) -> Optional[T]:
+    """build() for one record; a record that breaks it in a way no check foresaw (a field of an
+    unexpected type deep inside) is counted as `malformed record (<exception>)` with its place
+    instead of ending the run. --strict makes it an error (the original exception chained);
+    MEGATRON_VL_DEBUG=1 lets the exception itself through, for a developer looking for a bug."""
+    try:
+        return build()
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:   # noqa: BLE001 - counted, or re-raised below
+        if debug_enabled():
+            raise
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        try:
+            report.skip(f"malformed record ({type(exc).__name__}: {first})" if first else
+                        f"malformed record ({type(exc).__name__})", where, strict)
+        except StrictSkip as err:
+            raise err from exc
+        return None
+
+
 def expand_inputs(patterns: List[str]) -> List[str]:
     files: List[str] = []
     for pattern in patterns:
         matched = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
         if not matched:
-            raise FileNotFoundError(f"--input {pattern}: no such file")
+            raise InputFileMissing(f"--input {pattern}: no such file")
         files.extend(matched)
     return files
 
@@ -148,7 +195,7 @@ def _jsonl_lines(path: str, report: Report, strict: bool) -> Iterator[Tuple[str,
         return
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except STREAM_ERRORS as exc:
         yield from _salvage_zip(path, report, strict, f"{type(exc).__name__}: {exc}")
         return
     with zf:
@@ -156,7 +203,9 @@ def _jsonl_lines(path: str, report: Report, strict: bool) -> Iterator[Tuple[str,
             try:
                 with zf.open(member) as fh:
                     yield from _decoded_lines(f"{path}!{member}", fh, report, strict)
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:   # zlib errors are OSError here
+            except StrictSkip:
+                raise
+            except STREAM_ERRORS as exc:   # a bad deflate stream raises zlib.error, not an OSError
                 report.skip("damaged file, read up to the damage",
                             f"{path}!{member} ({type(exc).__name__}: {exc})", strict)
 
@@ -200,15 +249,22 @@ def mmc4_document(rec: LineRecord, image_root: str, min_sim: float, report: Repo
     images = []
     for info in infos:
         idx = info.get("matched_text_index")
-        if not isinstance(idx, int) or not 0 <= idx < len(texts):
-            report.skip("matched_text_index out of range", f"{where} (index {idx}, {len(texts)} sentences)", strict)
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(texts):
+            report.skip("matched_text_index out of range", f"{where} (index {idx!r}, {len(texts)} sentences)",
+                        strict)
             continue
         sim = info.get("matched_sim")
-        if sim is not None and not isinstance(sim, (int, float)):
+        if sim is not None and (not isinstance(sim, (int, float)) or isinstance(sim, bool)):
             report.skip("record with a malformed image_info (expected a list of objects with an image_name)",
                         f"{where} (matched_sim {sim!r})", strict)
             return None
-        if sim is not None and sim < min_sim:
+        if sim is not None and math.isnan(sim):
+            # NaN compares false with everything: it would pass any --min-sim unseen.
+            if min_sim > 0:
+                report.skip("image whose matched_sim is NaN (cannot pass --min-sim)",
+                            f"{where} ({info['image_name']})", strict)
+                continue
+        elif sim is not None and sim < min_sim:
             report.skip("image below --min-sim", where)
             continue
         name = info.get("image_name")
@@ -219,8 +275,8 @@ def mmc4_document(rec: LineRecord, image_root: str, min_sim: float, report: Repo
 def _obelics_image(item, url_root: Optional[str]) -> Optional[ImageRef]:
     if isinstance(item, (bytes, bytearray)):
         return ImageRef(name="<bytes>", data=bytes(item))
-    if isinstance(item, dict) and item.get("bytes") is not None:
-        return ImageRef(name=item.get("path") or "<bytes>", data=item["bytes"])
+    if isinstance(item, dict) and isinstance(item.get("bytes"), (bytes, bytearray)):
+        return ImageRef(name=str(item.get("path") or "<bytes>"), data=bytes(item["bytes"]))
     if isinstance(item, str):
         key = hashlib.sha1(item.encode("utf-8")).hexdigest()
         candidates = [os.path.join(url_root or "", key)] + \
@@ -235,38 +291,60 @@ def read_obelics(path: str, image_root: Optional[str], report: Report, strict: b
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:
-        raise ValueError(f"{path}: unreadable parquet file: {exc}") from None
+        raise DataInputError(f"{path}: unreadable parquet file: {exc}") from None
     missing = {"texts", "images"} - set(table.schema_arrow.names)
     if missing:
-        raise ValueError(f"{path}: parquet lacks column(s) {sorted(missing)}")
+        raise DataInputError(f"{path}: parquet lacks column(s) {sorted(missing)}")
     row = 0
-    for batch in table.iter_batches(columns=["texts", "images"], batch_size=256):
-        for texts, images in zip(batch.column("texts").to_pylist(), batch.column("images").to_pylist()):
-            where = f"{path}:row {row}"
-            row += 1
-            if texts is None or images is None or len(texts) != len(images):
-                report.skip("texts/images lists differ in length", where, strict)
-                continue
-            if not all(t is None or isinstance(t, str) for t in texts):
-                report.skip("texts entry that is not a string", where, strict)
-                continue
-            sentences, pending, attached = [], [], []
-            for text, image in zip(texts, images):
-                if text is not None:
-                    sentences.append(text)
-                    attached.extend((len(sentences) - 1, ref) for ref in pending)
-                    pending = []
-                elif image is not None:
-                    ref = _obelics_image(image, image_root)
-                    if ref is None:
-                        report.skip("image entry of unknown type", where, strict)
-                    else:
-                        pending.append(ref)
-            if pending and sentences:   # trailing images go after the last sentence
-                attached.extend((len(sentences) - 1, ref) for ref in pending)
-            elif pending:
-                report.skip("image without any text in its document", where, strict)
-            yield RawDocument(where, sentences, attached)
+    try:
+        for batch in table.iter_batches(columns=["texts", "images"], batch_size=256):
+            for texts, images in zip(batch.column("texts").to_pylist(), batch.column("images").to_pylist()):
+                where = f"{path}:row {row}"
+                row += 1
+                doc = guarded(report, where, strict, lambda: _obelics_document(where, texts, images, image_root,
+                                                                                report, strict))
+                if doc is not None:
+                    yield doc
+    except StrictSkip:
+        raise
+    except STREAM_ERRORS as exc:   # a damaged page or column chunk further in
+        raise DataInputError(f"{path}: unreadable parquet file at row {row}: {type(exc).__name__}: {exc}") from None
+
+
+def _obelics_document(where: str, texts, images, image_root: Optional[str], report: Report,
+                      strict: bool) -> Optional[RawDocument]:
+    if not isinstance(texts, list) or not isinstance(images, list):
+        # A string would be read one character per sentence.
+        report.skip("texts/images not lists", f"{where} (texts {type(texts).__name__}, images "
+                    f"{type(images).__name__})", strict)
+        return None
+    if len(texts) != len(images):
+        report.skip("texts/images lists differ in length", where, strict)
+        return None
+    if not all(t is None or isinstance(t, str) for t in texts):
+        report.skip("texts entry that is not a string", where, strict)
+        return None
+    sentences, pending, attached = [], [], []
+    for slot, (text, image) in enumerate(zip(texts, images)):
+        if text is not None and image is not None:
+            # OBELICS holds exactly one of the two per slot: the text is kept, the image counted.
+            report.skip("slot with both a text and an image (image dropped)", f"{where} slot {slot}", strict)
+            image = None
+        if text is not None:
+            sentences.append(text)
+            attached.extend((len(sentences) - 1, ref) for ref in pending)
+            pending = []
+        elif image is not None:
+            ref = _obelics_image(image, image_root)
+            if ref is None:
+                report.skip("image entry of unknown type", f"{where} slot {slot}", strict)
+            else:
+                pending.append(ref)
+    if pending and sentences:   # trailing images go after the last sentence
+        attached.extend((len(sentences) - 1, ref) for ref in pending)
+    elif pending:
+        report.skip("image without any text in its document", where, strict)
+    return RawDocument(where, sentences, attached)
 
 
 def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocument]:
@@ -317,7 +395,7 @@ def read_records(fmt: str, path: str, report: Report, *, image_root: Optional[st
         return read_obelics(path, image_root, report, strict)
     if fmt == "wds-pairs":
         return read_wds_pairs(path, report, strict)
-    raise ValueError(f"unknown --input-format {fmt!r}")
+    raise DataUsageError(f"unknown --input-format {fmt!r}")
 
 
 def record_document(fmt: str, record, report: Report, *, image_root: Optional[str] = None, min_sim: float = 0.0,

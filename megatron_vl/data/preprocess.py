@@ -28,18 +28,20 @@ from __future__ import annotations
 import functools
 import io
 import json
-import multiprocessing as mp
 import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..atomic import atomic_open, exclusive_lock
+from ..atomic import atomic_open, exclusive_lock, guard_output, remove_stale_temps, temp_name
+from ..errors import InputError, OutputError
 from .conversation import Conversation, encode_pieces, get_template
-from .formats import RawDocument, Report, read_records, record_document
+from .formats import (DataInputError, DataUsageError, RawDocument, Report, guarded, read_records,
+                      record_document)
 from .instruct_formats import INSTRUCT_FORMATS, read_conversations
 from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
 from .tokenizer import Tokenizer
+from .workers import EncodePool
 
 META_VERSION = 2   # 2: content fingerprints
 _worker_tokenizer: Optional[Tokenizer] = None
@@ -61,9 +63,18 @@ def table_fingerprint(prefix: str, meta: Optional[Dict] = None) -> str:
     return (meta or read_meta(prefix))["fingerprint"]["table"]
 
 
+class MetaMissing(InputError, FileNotFoundError):
+    """A dataset prefix without its .meta.json."""
+
+
 def _init_worker(kind: str, model: str) -> None:
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer(kind, model)
+
+
+def _encode_batch(tasks):
+    """What a worker process runs: a batch of records, encoded in order."""
+    return [_encode_task(t) for t in tasks]
 
 
 def _image_bytes(ref) -> Tuple[Optional[bytes], Optional[str]]:
@@ -73,8 +84,11 @@ def _image_bytes(ref) -> Tuple[Optional[bytes], Optional[str]]:
     if data is None:
         if not ref.path or not os.path.isfile(ref.path):
             return None, "image file missing"
-        with open(ref.path, "rb") as fh:
-            data = fh.read()
+        try:
+            with open(ref.path, "rb") as fh:
+                data = fh.read()
+        except OSError:   # unreadable (permissions, I/O error): the image is lost, not the run
+            return None, "image unreadable"
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()   # a full decode: verify() does not read JPEG scan data, so cut-short files pass it
@@ -133,20 +147,37 @@ def encode_conversation(conv: Conversation, template: str, tokenizer: Optional[T
 def _encode_task(args, tokenizer: Optional[Tokenizer] = None):
     """Record -> (is a document, tokens, images, loss mask or None, this record's report).
     Runs in a worker: JSON parsing, tokenization and the image checks all happen here."""
-    fmt, record, opts, (append_eod, prepend_bos) = args
+    fmt, record, opts, flags = args
     report = Report()
+    where = _task_place(args)
+    # A record that breaks the encoder in a way no check foresaw is counted with its place
+    # (an error under --strict), not the end of the run.
+    out = guarded(report, where, opts["strict"], lambda: _encode_record(fmt, record, opts, flags, report, tokenizer))
+    if out is None:
+        return False, None, [], None, report
+    tokens, images, mask = out
+    # Most records are clean: send no report back for them (less to pickle per record).
+    return True, tokens, images, mask, report if report.skipped else None
+
+
+def _task_place(task) -> str:
+    record = task[1]
+    return getattr(record, "where", None) or getattr(record, "source", None) or "?"
+
+
+def _encode_record(fmt, record, opts, flags, report: Report, tokenizer: Optional[Tokenizer]):
+    append_eod, prepend_bos = flags
     if isinstance(record, Conversation):
         tokens, images, mask, skips = encode_conversation(record, opts["template"], tokenizer, prepend_bos)
     else:
         doc = record_document(fmt, record, report, **{k: v for k, v in opts.items() if k != "template"})
         if doc is None:
-            return False, None, [], None, report
+            return None
         tokens, images, skips = encode_document(doc, append_eod, tokenizer, prepend_bos)
         mask = None
     for reason, where in skips:
         report.skip(reason, where, opts["strict"])
-    # Most records are clean: send no report back for them (less to pickle per record).
-    return True, tokens, images, mask, report if report.skipped else None
+    return tokens, images, mask
 
 
 class DatasetWriter:
@@ -193,8 +224,18 @@ class DatasetWriter:
             json.dump(meta, fh, indent=2)
 
     def abort(self) -> None:
+        """Removes every temporary file; never raises, so the error that led here is the one
+        reported (on a full disk, closing a writer flushes its buffer and fails again)."""
         for w in self.writers():
-            w.abort()
+            try:
+                w.abort()
+            except OSError:
+                pass
+            for path in (temp_name(w.prefix + ".bin"), temp_name(w.prefix + ".idx")):
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
 
 
 def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: str, tokenizer_model: str, *,
@@ -204,7 +245,11 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
                      coco_splits=("train", "restval"), seed: int = 0) -> Report:
     """Tokenizes every document (or conversation, for the instruction formats, laid out by
     `template`) of `files` into the dataset `prefix`. Returns the report."""
+    if workers < 0:
+        raise DataUsageError(f"--workers {workers}: the number of tokenizing processes cannot be negative")
     with prefix_lock(prefix):
+        # What a run killed mid-way (kill -9, a full disk) left under this prefix.
+        remove_stale_temps(os.path.dirname(os.path.abspath(prefix)), prefix=os.path.basename(prefix))
         return _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image_root, min_sim, json_key,
                                  append_eod, prepend_bos, workers, strict, progress, template, coco_splits, seed)
 
@@ -214,25 +259,26 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
     from tqdm import tqdm
     tokenizer = Tokenizer(tokenizer_type, tokenizer_model)
     if prepend_bos and (tokenizer.bos_id is None or tokenizer.bos_id < 0):
-        raise ValueError(f"--prepend-bos: tokenizer {tokenizer_model} has no BOS token")
+        raise DataUsageError(f"--prepend-bos: tokenizer {tokenizer_model} has no BOS token")
     multimodal = fmt != "jsonl-text"
     conversational = fmt in INSTRUCT_FORMATS
     if conversational:
         get_template(template)   # an unknown name fails here, before any reading
     report = Report()
     writer = DatasetWriter(prefix, tokenizer.meta(), multimodal, loss_mask=conversational)
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tokenizer_type, tokenizer_model)) \
-        if workers > 1 else None
+    pool = None
     opts = {"image_root": image_root, "min_sim": min_sim, "json_key": json_key, "strict": strict,
             "template": template}
     bar = tqdm(desc=f"preprocess {os.path.basename(prefix)}", unit="doc", disable=not progress, smoothing=0.1)
     try:
+        if workers > 1:
+            pool = EncodePool(workers, _encode_batch, _init_worker, (tokenizer_type, tokenizer_model))
         for path in files:
             records = read_conversations(fmt, path, report, image_root=image_root, strict=strict,
                                          coco_splits=coco_splits, seed=seed) if conversational else \
                 read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
             tasks = ((fmt, record, opts, (append_eod, prepend_bos)) for record in records)
-            results = pool.imap(_encode_task, tasks, chunksize=64) if pool else \
+            results = pool.imap(tasks, path, prefix, where=_task_place) if pool else \
                 map(functools.partial(_encode_task, tokenizer=tokenizer), tasks)
             for is_document, tokens, images, mask, record_report in results:
                 if record_report is not None:
@@ -255,8 +301,8 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
         raise
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
+        if pool is not None:
+            pool.close()
     return report
 
 
@@ -266,28 +312,57 @@ def read_meta(prefix: str) -> Dict:
         with open(path) as fh:
             meta = json.load(fh)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: dataset metadata missing (was {prefix} written by "
-                                f"tools/preprocess_data.py?)") from None
+        raise MetaMissing(f"{path}: dataset metadata missing (was {prefix} written by "
+                          f"tools/preprocess_data.py?)") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable dataset metadata ({exc})") from None
-    if meta.get("version") != META_VERSION or "fingerprint" not in meta:
-        raise ValueError(f"{path}: metadata version {meta.get('version')} has no content fingerprints (this code "
-                         f"reads version {META_VERSION}); re-run tools/preprocess_data.py for {prefix}")
+        raise DataInputError(f"{path}: unreadable dataset metadata ({exc})") from None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    if version != META_VERSION or "fingerprint" not in meta:
+        raise DataInputError(f"{path}: metadata version {version} has no content fingerprints (this code "
+                             f"reads version {META_VERSION}); re-run tools/preprocess_data.py for {prefix}")
     return meta
 
 
-def merge_datasets(inputs: List[str], output: str) -> Dict:
-    """Concatenates datasets (e.g. partitions) in order; image ids are renumbered."""
+def dataset_files(prefix: str) -> List[str]:
+    """The files of a dataset prefix, feature store included."""
+    bases = [prefix] + [sidecar(prefix, k) for k in ("images", "table", "loss_mask", "features")]
+    return [b + ext for b in bases for ext in (".bin", ".idx")] + [sidecar(prefix, "meta")]
+
+
+def refuse_writing_over(prefix: str, inputs: List[str]) -> None:
+    """OutputError when a file of dataset `prefix` would be one of `inputs` (a merge into one
+    of its own inputs replaced that input)."""
+    if os.path.abspath(prefix) in inputs:
+        raise OutputError(f"--output-prefix {prefix} is also an input of this run; choose another name")
+    for f in dataset_files(prefix):
+        guard_output(f, inputs=[i for i in inputs if os.path.lexists(i)] if os.path.lexists(f) else (),
+                     overwrite=True, flag="--output-prefix")
+
+
+def merge_datasets(inputs: List[str], output: str, *, overwrite: bool = True, features: bool = True) -> Dict:
+    """Concatenates datasets (e.g. partitions) in order; image ids are renumbered. The output
+    is never one of the inputs; an existing output is refused unless `overwrite`. With
+    `features`, the feature stores are concatenated too, and an input with images but without
+    a feature store (while another has one) is refused; features=False merges the tokens,
+    spans and image tables only."""
+    refuse_writing_over(output, [f for p in inputs for f in dataset_files(p)] + [os.path.abspath(p) for p in inputs])
+    if not overwrite:
+        present = [f for f in dataset_files(output) if os.path.lexists(f)]
+        if present:
+            raise OutputError(f"--output-prefix {output}: {present[0]} already exists and this run did not make "
+                              "it; choose another prefix, or pass --overwrite to replace that dataset")
     with prefix_lock(output):
-        return _merge_datasets(inputs, output)
+        remove_stale_temps(os.path.dirname(os.path.abspath(output)), prefix=os.path.basename(output))
+        return _merge_datasets(inputs, output, features)
 
 
-def _merge_datasets(inputs: List[str], output: str) -> Dict:
+def _merge_datasets(inputs: List[str], output: str, features: bool) -> Dict:
     metas = [read_meta(p) for p in inputs]
     for p, m in zip(inputs[1:], metas[1:]):
         if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"] or \
                 bool(m.get("loss_mask")) != bool(metas[0].get("loss_mask")):
-            raise ValueError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
+            raise DataInputError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
+    stores = _feature_inputs(inputs, metas) if features else []
     writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"], bool(metas[0].get("loss_mask")))
     report = Report()
     try:
@@ -316,21 +391,33 @@ def _merge_datasets(inputs: List[str], output: str) -> Dict:
     except BaseException:
         writer.abort()
         raise
-    _merge_features(inputs, metas, output)
+    if stores:
+        from .indexed import write_concatenated
+        write_concatenated(sidecar(output, "features"), stores, table_fingerprint(output))
     return read_meta(output)
 
 
-def _merge_features(inputs: List[str], metas: List[Dict], output: str) -> None:
-    """Concatenates the feature stores too when every input with images has one."""
-    from .indexed import FeatureStore, write_concatenated
+def _feature_inputs(inputs: List[str], metas: List[Dict]) -> List:
+    """The feature stores to concatenate, checked before anything is written: none when no
+    input has one; all of the inputs with images when any has one (a merge would otherwise
+    drop them silently)."""
+    from .indexed import FeatureStore
     with_images = [(p, m) for p, m in zip(inputs, metas) if m.get("num_images")]
-    if not with_images or not all(os.path.isfile(sidecar(p, "features") + ".idx") for p, _ in with_images):
-        return
+    have = [p for p, _ in with_images if os.path.lexists(sidecar(p, "features") + ".idx")]
+    if not have:
+        return []
+    lacking = [p for p, _ in with_images if p not in have]
+    if lacking:
+        raise DataUsageError(f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no image feature store "
+                             f"({sidecar(lacking[0], 'features')}.idx) while {have[0]} has one: run "
+                             "tools/extract_image_features.py on it, or pass --no-features to merge the tokens and "
+                             "images only (then extract features for the output)")
     stores = [FeatureStore(sidecar(p, "features"), expected_count=m["num_images"], source=table_fingerprint(p, m),
                            table=sidecar(p, "table") + ".bin") for p, m in with_images]
     if len({s.shape for s in stores}) != 1:
-        raise ValueError(f"feature stores of {[p for p, _ in with_images]} differ in shape; cannot merge")
-    write_concatenated(sidecar(output, "features"), stores, table_fingerprint(output))
+        raise DataInputError(f"feature stores of {[p for p, _ in with_images]} differ in shape "
+                             f"({sorted({s.shape for s in stores})}); cannot merge")
+    return stores
 
 
 def remove_dataset(prefix: str) -> None:
