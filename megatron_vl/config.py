@@ -26,10 +26,13 @@ class ConfigError(UsageError, ValueError):
 
 
 def opt(default: Any = None, help: str = "", *, flag: Optional[str] = None,
-        choices: Optional[Sequence[Any]] = None, factory=None):
-    """Declares a config field: its default, its help text (shown by --help) and,
-    where Megatron's flag name is not the field name with dashes, that flag."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+        choices: Optional[Sequence[Any]] = None, factory=None, low: Optional[float] = None,
+        above: Optional[float] = None, below: Optional[float] = None):
+    """Declares a config field: its default, its help text (shown by --help), where
+    Megatron's flag name is not the field name with dashes, that flag, and the range its
+    values must lie in (``low`` <= v, ``above`` < v, v < ``below``), checked by validate()
+    for every entry point (a list field: each item)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "low": low, "above": above, "below": below}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,36 +40,36 @@ def opt(default: Any = None, help: str = "", *, flag: Optional[str] = None,
 
 @dataclass
 class ModelConfig:
-    num_layers: int = opt(2, "Number of transformer layers.")
-    hidden_size: int = opt(64, "Transformer hidden size.")
-    ffn_hidden_size: int = opt(176, "Width of the SwiGLU MLP's inner projection.")
-    num_attention_heads: int = opt(4, "Number of attention (query) heads.")
+    num_layers: int = opt(2, "Number of transformer layers.", low=1)
+    hidden_size: int = opt(64, "Transformer hidden size.", low=1)
+    ffn_hidden_size: int = opt(176, "Width of the SwiGLU MLP's inner projection.", low=1)
+    num_attention_heads: int = opt(4, "Number of attention (query) heads.", low=1)
     num_query_groups: Optional[int] = opt(
-        None, "Number of key/value heads for grouped-query attention; default: one per query head.")
-    seq_length: int = opt(512, "Tokens per training sample (packed).")
+        None, "Number of key/value heads for grouped-query attention; default: one per query head.", low=1)
+    seq_length: int = opt(512, "Tokens per training sample (packed).", low=1)
     max_position_embeddings: Optional[int] = opt(
-        None, "Longest position the rotary tables cover; default: --seq-length.")
-    vocab_size: int = opt(1000, "True vocabulary size (before padding for tensor parallelism).")
+        None, "Longest position the rotary tables cover; default: --seq-length; not below it.", low=1)
+    vocab_size: int = opt(1000, "True vocabulary size (before padding for tensor parallelism).", low=1)
     make_vocab_size_divisible_by: int = opt(
         128, "Pad the vocabulary to a multiple of this times the tensor-parallel size; padded "
-        "entries are never predicted.")
-    rotary_base: float = opt(10000.0, "RoPE base (theta).")
+        "entries are never predicted.", low=1)
+    rotary_base: float = opt(10000.0, "RoPE base (theta).", above=0)
     rope_scaling_type: Optional[str] = opt(
         None, "RoPE frequency scaling: none, or 'llama3' (LLaMA-3.1 style).", choices=[None, "llama3"])
-    rope_scaling_factor: float = opt(8.0, "llama3 RoPE scaling: factor.")
-    rope_low_freq_factor: float = opt(1.0, "llama3 RoPE scaling: low-frequency factor.")
-    rope_high_freq_factor: float = opt(4.0, "llama3 RoPE scaling: high-frequency factor.")
+    rope_scaling_factor: float = opt(8.0, "llama3 RoPE scaling: factor.", above=0)
+    rope_low_freq_factor: float = opt(1.0, "llama3 RoPE scaling: low-frequency factor.", above=0)
+    rope_high_freq_factor: float = opt(4.0, "llama3 RoPE scaling: high-frequency factor.", above=0)
     rope_original_max_position_embeddings: int = opt(
-        8192, "llama3 RoPE scaling: context length the base model was trained at.")
-    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon (added inside the rsqrt, as in HF LLaMA).")
+        8192, "llama3 RoPE scaling: context length the base model was trained at.", low=1)
+    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon (added inside the rsqrt, as in HF LLaMA).", above=0)
     untie_embeddings_and_output_weights: bool = opt(
         True, "Separate input embedding and LM head weights (LLaMA); --no-... ties them.")
-    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.")
-    hidden_dropout: float = opt(0.0, "Dropout on attention and MLP outputs before the residual add.")
-    init_method_std: float = opt(0.02, "Std of the normal initialisation of weights.")
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.", low=0, below=1)
+    hidden_dropout: float = opt(0.0, "Dropout on attention and MLP outputs before the residual add.", low=0, below=1)
+    init_method_std: float = opt(0.02, "Std of the normal initialisation of weights.", low=0)
     visual_embed_dim: int = opt(
         64, "d: width of the stored visual embeddings (the image tokenizer's output); the visual "
-        "projection maps d -> hidden and the regression head hidden -> d.")
+        "projection maps d -> hidden and the regression head hidden -> d.", low=1)
     fused_kernels: str = opt(
         "auto", "Kernel choice per op (attention, RMSNorm, RoPE, SwiGLU, CE): 'auto' (fused on CUDA when "
         "importable, torch otherwise), 'torch' (always the torch reference) or 'require' (the fused "
@@ -100,7 +103,7 @@ class DataParallelConfig:
         choices=["auto", "nccl", "gloo"])
     distributed_timeout_minutes: int = opt(
         10, "Timeout of the process group's collectives (Megatron's flag): a rank that waits longer for the "
-        "others fails instead of hanging.")
+        "others fails instead of hanging.", low=1)
 
     def model_parallel(self):
         """(tensor-parallel size, pipeline stages)."""
@@ -109,8 +112,8 @@ class DataParallelConfig:
 
 @dataclass
 class ParallelConfig(DataParallelConfig):
-    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).")
-    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages).")
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size (ranks that split each layer).", low=1)
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size (stages).", low=1)
 
     def model_parallel(self):
         return self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -121,7 +124,8 @@ class DataConfig:
     data_path: List[str] = opt(
         help="Dataset prefixes, optionally weighted: '0.5 mmc4 0.3 obelics 0.2 pairs'.",
         factory=list)
-    split: str = opt("98,2,0", "Train/validation/test split weights.")
+    split: str = opt("98,2,0", "Train/validation/test split weights: up to three non-negative numbers with a "
+                     "positive sum, e.g. 98,2,0 (or 98/2/0).")
     data_cache_path: Optional[str] = opt(None, "Where sample-order index files are cached; "
                                          "default: beside the data.")
     tokenizer_type: str = opt("sentencepiece", "Tokenizer kind.", choices=["sentencepiece", "hf"])
@@ -135,44 +139,45 @@ class DataConfig:
         False, "No loss on the target of an end-of-document token (Megatron's --eod-mask-loss): the "
         "first token of the next packed document is not predicted from the previous one.")
     reset_position_ids: bool = opt(False, "Restart position ids at each document boundary.")
-    num_image_tokens: int = opt(32, "N: visual embeddings per image (must match the feature store).")
-    max_images_per_sample: int = opt(5, "Most image blocks in one packed sample.")
-    num_workers: int = opt(2, "Data loader worker processes.")
+    num_image_tokens: int = opt(32, "N: visual embeddings per image (must match the feature store).", low=1)
+    max_images_per_sample: int = opt(5, "Most image blocks in one packed sample.", low=1)
+    num_workers: int = opt(2, "Data loader worker processes.", low=0)
     pack: bool = opt(True, "Pack several documents (conversations) into each sample; --no-pack starts every "
-                     "document in a sample of its own, padded.")
+                     "document in a sample of its own, padded. Instruction data never splits a conversation "
+                     "across samples: one longer than --seq-length is truncated, and the run counts them at start.")
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = opt(2e-4, "Peak learning rate.")
-    min_lr: float = opt(0.0, "Learning rate at the end of the decay.")
+    lr: float = opt(2e-4, "Peak learning rate.", low=0)
+    min_lr: float = opt(0.0, "Learning rate at the end of the decay.", low=0)
     lr_decay_style: str = opt("cosine", "Decay after warmup.", choices=["cosine", "linear", "constant"])
-    lr_warmup_iters: int = opt(0, "Linear warmup iterations.")
-    lr_decay_iters: Optional[int] = opt(None, "Iterations over which lr decays; default: --train-iters.")
-    weight_decay: float = opt(0.01, "AdamW weight decay (never applied to norms and biases).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.95, "AdamW beta2.")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    clip_grad: float = opt(1.0, "Global gradient-norm clip; 0 turns clipping off.")
+    lr_warmup_iters: int = opt(0, "Linear warmup iterations.", low=0)
+    lr_decay_iters: Optional[int] = opt(None, "Iterations over which lr decays; default: --train-iters.", low=1)
+    weight_decay: float = opt(0.01, "AdamW weight decay (never applied to norms and biases).", low=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", low=0, below=1)
+    adam_beta2: float = opt(0.95, "AdamW beta2.", low=0, below=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", above=0)
+    clip_grad: float = opt(1.0, "Global gradient-norm clip; 0 turns clipping off.", low=0)
 
 
 @dataclass
 class LoopConfig:
     """The training loop's settings, shared by every stage."""
-    micro_batch_size: int = opt(1, "Samples per rank per forward/backward.")
+    micro_batch_size: int = opt(1, "Samples per rank per forward/backward.", low=1)
     global_batch_size: Optional[int] = opt(
         None, "Samples per optimizer step across all data-parallel ranks; must equal "
-        "micro batch x accumulation steps x data-parallel size. Default: micro x dp.")
-    train_iters: int = opt(100, "Optimizer steps to train.")
+        "micro batch x accumulation steps x data-parallel size. Default: micro x dp.", low=1)
+    train_iters: int = opt(100, "Optimizer steps to train.", low=0)
     bf16: bool = opt(False, "Train in bfloat16 mixed precision.")
     fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
     seed: int = opt(1234, "Random seed.")
     max_skipped_steps: int = opt(
-        10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.")
+        10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.", low=0)
     exit_interval: Optional[int] = opt(
-        None, "Exit (after saving, with --save) once the iteration is a multiple of this.")
-    eval_interval: int = opt(1000, "Iterations between held-out evaluations (stages that have one).")
-    eval_iters: int = opt(10, "Batches per evaluation.")
+        None, "Exit (after saving, with --save) once the iteration is a multiple of this.", low=1)
+    eval_interval: int = opt(1000, "Iterations between held-out evaluations (stages that have one).", low=1)
+    eval_iters: int = opt(10, "Batches per evaluation.", low=0)
     deepspeed_config: Optional[str] = opt(
         None, "A DeepSpeed JSON to merge into the derived one; conflicting values are an error.",
         flag="--deepspeed_config")
@@ -181,7 +186,7 @@ class LoopConfig:
 @dataclass
 class TrainingConfig(LoopConfig):
     recompute_activations: bool = opt(False, "Recompute each layer's activations in backward.")
-    visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.")
+    visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.", low=0)
     eval_tasks: List[str] = opt(
         help="Benchmarks run on the training model at each --eval-interval and logged beside the losses "
         "(coco_caption vqav2 okvqa vizwiz gqa; tools/evaluate.py's tasks).", factory=list)
@@ -190,18 +195,18 @@ class TrainingConfig(LoopConfig):
         "image_pattern}} naming each --eval-tasks task's local files.")
     eval_image_tokenizer: Optional[str] = opt(
         None, "The image tokenizer directory that made the data's features (it tokenizes the tasks' images).")
-    eval_max_items: int = opt(50, "Items per --eval-tasks task (the first ones of its file).")
-    eval_shots: List[int] = opt(help="Shot counts of the --eval-tasks prompts.", factory=lambda: [0])
+    eval_max_items: int = opt(50, "Items per --eval-tasks task (the first ones of its file).", low=1)
+    eval_shots: List[int] = opt(help="Shot counts of the --eval-tasks prompts.", factory=lambda: [0], low=0)
 
 
 @dataclass
 class CheckpointConfig:
     save: Optional[str] = opt(None, "Directory to save checkpoints to.")
     load: Optional[str] = opt(None, "Directory to load a checkpoint from.")
-    save_interval: Optional[int] = opt(None, "Iterations between checkpoints.")
-    keep_last: Optional[int] = opt(None, "Keep only this many newest checkpoints.")
+    save_interval: Optional[int] = opt(None, "Iterations between checkpoints.", low=1)
+    keep_last: Optional[int] = opt(None, "Keep only this many newest checkpoints.", low=1)
     ckpt_step: Optional[int] = opt(None, "Load the checkpoint of this iteration instead of the one "
-                                   "'latest' names.")
+                                   "'latest' names.", low=0)
     finetune: bool = opt(
         False, "Megatron's --finetune: take only the weights of the --load training checkpoint (its LoRA "
         "adapters and [IMG]/[/IMG] row deltas merged into the base weights), start at iteration 0 with a fresh "
@@ -211,19 +216,19 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = opt(10, "Iterations between console log lines.")
+    log_interval: int = opt(10, "Iterations between console log lines.", low=1)
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.")
     wandb_project: Optional[str] = opt(None, "Weights & Biases project (when wandb is installed).")
     peak_tflops: Optional[float] = opt(
         None, "Peak dense TFLOP/s of one device for MFU; default: looked up from the GPU name "
-        "(A100/H100/H200 bf16), none on CPU.")
+        "(A100/H100/H200 bf16), none on CPU.", above=0)
 
 
 @dataclass
 class LoraConfig:
-    lora_rank: int = opt(0, "LoRA rank; 0 trains the full model.")
-    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / rank).")
-    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    lora_rank: int = opt(0, "LoRA rank; 0 trains the full model.", low=0)
+    lora_alpha: float = opt(32.0, "LoRA alpha (scale = alpha / rank).", low=0)
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.", low=0, below=1)
     lora_target_modules: List[str] = opt(
         help="Projections that get LoRA adapters.",
         factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
@@ -401,14 +406,79 @@ def effective_zero_stage(cfg) -> int:
     return 1 if p.model_parallel()[1] > 1 and p.zero_stage == 0 else p.zero_stage
 
 
+def _range_text(meta) -> str:
+    low, above, below = meta.get("low"), meta.get("above"), meta.get("below")
+    parts = ([f">= {low:g}"] if low is not None else []) + ([f"> {above:g}"] if above is not None else []) + \
+        ([f"< {below:g}"] if below is not None else [])
+    return " and ".join(parts)
+
+
+def range_errors(cfg) -> List[str]:
+    """Every declared field range (opt's low/above/below) a value of cfg falls outside: one
+    line per flag, e.g. '--micro-batch-size 0: must be >= 1'. Any entry point's config."""
+    errors = []
+    for section in _section_types(type(cfg)):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            meta = f.metadata
+            if meta.get("low") is None and meta.get("above") is None and meta.get("below") is None:
+                continue
+            value = getattr(obj, f.name)
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if (meta.get("low") is not None and not v >= meta["low"]) or \
+                        (meta.get("above") is not None and not v > meta["above"]) or \
+                        (meta.get("below") is not None and not v < meta["below"]):
+                    errors.append(f"{flag_name(f)} {v!r}: must be {_range_text(meta)}")
+                    break
+    return errors
+
+
+def split_weights(split: str) -> List[float]:
+    """Megatron's --split "98,2,0" (or "98/2/0") as three weights, missing ones 0."""
+    form = "expected up to three non-negative numbers with a positive sum, e.g. 98,2,0"
+    try:
+        weights = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--split {split!r}: {form}") from None
+    if len(weights) > 3 or any(not w >= 0 or w == float("inf") for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--split {split!r}: {form}")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def _path_errors(cfg) -> List[str]:
+    """Output/input directories that name something else (a file where a directory must be)."""
+    import os
+    errors = []
+    for flag, path in (("--save", cfg.checkpoint.save), ("--load", cfg.checkpoint.load),
+                       ("--tensorboard-dir", cfg.logging.tensorboard_dir),
+                       ("--data-cache-path", getattr(cfg.data, "data_cache_path", None))):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            errors.append(f"{flag} {path}: is a file, not a directory")
+    return errors
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Refuses settings that cannot run, before any process-group work is done."""
+    # Out-of-range values first: the checks below divide by some of them.
+    raise_errors(range_errors(cfg))
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     errors = []
-    if tp < 1 or pp < 1:
-        errors.append(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1")
-    elif world_size % (tp * pp):
+    try:
+        split_weights(cfg.data.split)
+    except ConfigError as exc:
+        errors.append(str(exc))
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        errors.append(f"--max-position-embeddings ({m.max_position_embeddings}) is below --seq-length "
+                      f"({m.seq_length}): positions past it would have no rotary table")
+    block = cfg.data.num_image_tokens + 2
+    if block > m.seq_length:
+        errors.append(f"--seq-length ({m.seq_length}) is shorter than one image block ([IMG] + --num-image-tokens "
+                      f"{cfg.data.num_image_tokens} + [/IMG] = {block} positions)")
+    errors += _path_errors(cfg)
+    if world_size % (tp * pp):
         errors.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
                       f"x --pipeline-model-parallel-size ({pp})")
     if m.hidden_size % m.num_attention_heads:
@@ -446,7 +516,11 @@ def validate(cfg: Config, world_size: int) -> None:
 def training_errors(cfg, world_size: int) -> List[str]:
     """What any entry point's training/batch settings get wrong (precision, batch split)."""
     t = cfg.training
-    errors = []
+    errors = range_errors(cfg)
+    if errors:   # (the batch arithmetic below divides by these)
+        return errors
+    if getattr(cfg, "checkpoint", None) is not None and not isinstance(cfg, Config):
+        errors += _path_errors(cfg)   # (Config.validate checks them itself)
     if t.bf16 and t.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
     dp = data_parallel_size(cfg, world_size)

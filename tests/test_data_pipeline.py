@@ -135,7 +135,7 @@ def test_packed_samples_follow_the_rules(pipeline, fmt, tmp_path):
     assert images == 0 if fmt == "jsonl-text" else images > 20
     # The cached order is reused, and a fresh instance gives identical samples.
     again = PackedDataset(pipeline["prefix"][fmt], cfg, num_samples=40, cache_dir=str(tmp_path))
-    assert len(os.listdir(tmp_path)) == 3
+    assert len(os.listdir(tmp_path)) == 5   # the three order arrays, their checksums, the data check's verdict
     for i in (0, 7, 39):
         assert all(np.array_equal(ds[i][k], again[i][k]) for k in ds[i])
 

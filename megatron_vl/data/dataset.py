@@ -4,6 +4,13 @@ Sample order is built once per (data, split, seq length, N, max images, seed, sa
 and cached as ``.npy`` beside the data (or under ``--data-cache-path``): document order
 (a fresh shuffle per epoch), sample starts, sample shuffle. With torch.distributed up, rank
 0 builds while the others wait. ``dataset[i]`` depends only on i: any rank, any time.
+
+The files of a prefix must agree before anything is read from them: document counts and
+per-document sizes between the ``.idx`` files and meta.json (every rank, O(documents)); on
+rank 0, token ids inside the tokenizer's vocabulary, the bytes of files up to
+VERIFY_FINGERPRINT_BYTES against the fingerprints meta.json records, and every image span
+inside its document. The order caches carry a CRC-32 record (``*_order.json``, written last):
+a damaged, zeroed or out-of-range cache is rebuilt with a note naming it, never read.
 """
 
 from __future__ import annotations
@@ -11,32 +18,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..atomic import atomic_open
+from ..config import ConfigError, split_weights
+from ..errors import InputError
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
 from .packing import PackingConfig, materialize
 from .sample_index import SampleIndexBuilder, SpanTable
 from .preprocess import read_meta, sidecar
 from .tokenizer import IMG, IMG_END
 
-INDEX_VERSION = 2   # 2: keyed by content fingerprints
+INDEX_VERSION = 3   # 2: keyed by content fingerprints; 3: + document lengths, checksummed caches
+VERIFY_FINGERPRINT_BYTES = 1 << 30
+"""Files up to this size are hashed at start-up against the fingerprint their metadata records
+(~1 s a GiB, once: the verdict is cached by size and mtime); larger ones are checked by
+structure only (counts, sizes, spans inside their documents, token ids)."""
+
+__all__ = ["split_weights", "split_ranges", "open_meta", "PackedDataset", "parse_blend", "build_train_valid_test",
+           "BlendedDataset", "PretrainingSampler", "collate"]
 
 
-def split_weights(split: str) -> List[float]:
-    """Megatron's --split "98,2,0" (or "98/2/0") as three weights, missing ones 0."""
-    weights = [float(x) for x in split.replace("/", ",").split(",")]
-    return weights + [0.0] * (3 - len(weights))
+def open_meta(prefix: str) -> Dict:
+    """The dataset metadata of `prefix`; a missing or unreadable one is an InputError naming it."""
+    try:
+        return read_meta(prefix)
+    except FileNotFoundError as exc:
+        if not any(os.path.exists(prefix + ext) for ext in (".idx", ".bin")):
+            raise InputError(f"{prefix}: no dataset there ({prefix}.idx, .bin and .meta.json not found; "
+                             "--data-path takes the prefix tools/preprocess_data.py wrote)") from None
+        raise InputError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(str(exc)) from None
 
 
 def split_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
     """Megatron's --split "98,2,0": contiguous document ranges for train/valid/test."""
     weights = split_weights(split)
     total = sum(weights)
-    if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError(f"--split {split!r}: weights must be non-negative with a positive sum")
     bounds = [0]
     for w in weights:
         bounds.append(bounds[-1] + int(round(w / total * num_documents)))
@@ -59,26 +82,40 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
         np.save(fh, arr, allow_pickle=False)
 
 
+def _crc(arr: np.ndarray) -> str:
+    """CRC-32 of an array's bytes: ~4 GB/s (the 2 GB of order caches of an 82M-sample run in
+    about half a second), where BLAKE2b takes ~5x longer; it guards against damage, not forgery."""
+    return format(zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")), "08x")
+
+
+def _file_stats(paths: Sequence[str]) -> Dict[str, List[int]]:
+    return {p: [os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths}
+
+
 class PackedDataset:
     """Fixed-length packed samples from one preprocessed dataset prefix."""
 
     def __init__(self, prefix: str, cfg: PackingConfig, num_samples: Optional[int] = None,
                  doc_range: Optional[Tuple[int, int]] = None, cache_dir: Optional[str] = None,
                  require_features: bool = True):
-        self.prefix, self.cfg = prefix, cfg
-        meta = read_meta(prefix)
+        self.prefix = prefix
+        self.meta = meta = open_meta(prefix)
         ids = meta["tokenizer"].get("image_token_ids") or {}
         if IMG not in ids or IMG_END not in ids:
-            raise ValueError(f"{prefix}.meta.json: tokenizer lacks the {IMG} / {IMG_END} special tokens; "
-                             f"re-run tools/preprocess_data.py")
+            raise IndexedDataError(f"{prefix}.meta.json: tokenizer lacks the {IMG} / {IMG_END} special tokens; "
+                                   f"re-run tools/preprocess_data.py")
         self.img_id, self.img_end_id = ids[IMG], ids[IMG_END]
         self.eod_id = meta["tokenizer"].get("eod_id")
         self.text = IndexedDataset(prefix)
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
-        # Instruction data: which tokens and images are answers (the only targets).
+        # Instruction data: which tokens and images are answers (the only targets), and no
+        # conversation split across samples (a continuation would lose its question).
         self.loss_mask = IndexedDataset(sidecar(prefix, "loss_mask")) if meta.get("loss_mask") else None
-        num_images = meta.get("num_images", 0)
+        if self.loss_mask is not None:
+            cfg = replace(cfg, whole_documents=True)
+        self.cfg = cfg
+        self.num_images = num_images = meta.get("num_images", 0)
         self.fingerprint = meta["fingerprint"]
         # [images, N, d] float16: the memory-mapped store, or an empty array of the run's shape.
         self.features = np.zeros((0, cfg.num_image_tokens, cfg.embed_dim or 1), np.float16)
@@ -98,11 +135,110 @@ class PackedDataset:
         lengths = self.text.lengths.astype(np.int64)
         csum = np.concatenate([[0], np.cumsum(lengths)])
         self.doc_tokens = csum[di[1:]] - csum[di[:-1]]
-        lo, hi = doc_range or (0, self.text.num_documents)
+        self._check_counts()
+        n_docs = self.text.num_documents
+        lo, hi = doc_range or (0, n_docs)
         self.documents = np.arange(lo, hi, dtype=np.int64)
         if not len(self.documents):
-            raise ValueError(f"{prefix}: no documents in range {lo}:{hi}")
+            raise InputError(f"{prefix}: no documents to read" + (f" in range {lo}:{hi}" if doc_range else "")
+                             + f" (the dataset holds {n_docs}; see {prefix}.meta.json's report)")
+        self.notes: List[str] = []   # what the run reports at start-up about this data
+        if cfg.whole_documents:
+            self._count_truncated()
         self.doc_order, self.starts, self.shuffle = self._load_or_build_index(num_samples, cache_dir)
+
+    # --- checks ----------------------------------------------------------------------------
+
+    def _disagree(self, what: str) -> IndexedDataError:
+        return IndexedDataError(f"{what}: the files of {self.prefix} come from different preprocessing runs (or "
+                                f"one is damaged); re-run tools/preprocess_data.py for {self.prefix}")
+
+    def _check_counts(self) -> None:
+        """Documents (and per-document sizes) agree between the .idx files and meta.json:
+        O(documents), every rank, every start."""
+        n, recorded = self.text.num_documents, self.meta.get("num_documents")
+        if len(self.doc_tokens) and int(self.doc_tokens.min()) < 0:
+            raise IndexedDataError(f"{self.prefix}.idx: document {int(np.argmin(self.doc_tokens))} ends before it "
+                                   "starts: the index is damaged")
+        if recorded is not None and recorded != n:
+            raise self._disagree(f"{self.prefix}.idx holds {n} documents, {self.prefix}.meta.json records {recorded}")
+        for ds in (self.spans, self.loss_mask):
+            if ds is not None and (ds.num_documents != n or len(ds) != n):
+                raise self._disagree(f"{ds.prefix}.idx holds {ds.num_documents} documents in {len(ds)} sequences, "
+                                     f"{self.prefix}.idx {n} documents")
+        if self.spans is not None and len(self.spans) and int(np.max(self.spans.lengths)) > 3 * self.num_images:
+            raise self._disagree(f"{self.spans.prefix}.idx lists more images in one document than "
+                                 f"{self.prefix}.meta.json's {self.num_images}")
+        if self.loss_mask is not None:
+            images = self.spans.lengths.astype(np.int64) // 3 if self.spans is not None else 0
+            bad = np.flatnonzero(self.loss_mask.lengths.astype(np.int64) != self.doc_tokens + images)
+            if len(bad):
+                d = int(bad[0])
+                n_img = int(images[d]) if self.spans is not None else 0
+                raise self._disagree(f"{self.loss_mask.prefix}.bin: document {d} has {int(self.loss_mask.lengths[d])} "
+                                     f"loss-mask flags, {self.prefix}.bin {int(self.doc_tokens[d])} tokens and "
+                                     f"{n_img} images")
+
+    def _check_content(self, directory: str) -> None:
+        """Rank 0, before the order: every token id inside the tokenizer's vocabulary, and files
+        small enough to hash against the fingerprints meta.json records. One pass over the
+        data; the verdict is cached (by size and mtime) in `directory`."""
+        record = os.path.join(directory, f"{os.path.basename(self.prefix)}_check.json")
+        files = [p for ds in (self.text, self.spans, self.loss_mask) if ds is not None
+                 for p in (ds.prefix + ".bin", ds.prefix + ".idx")]
+        state = {"version": 1, "fingerprint": self.fingerprint, "files": _file_stats(files)}
+        try:
+            with open(record) as fh:
+                if json.load(fh) == state:
+                    return
+        except (OSError, ValueError):
+            pass
+        vocab = int(self.meta["tokenizer"]["vocab_size"])
+        meta_path = sidecar(self.prefix, "meta")
+        mismatched = []
+        for kind, ds in (("tokens", self.text), ("images", self.spans), ("loss_mask", self.loss_mask)):
+            if ds is None:
+                continue
+            small = os.path.getsize(ds.prefix + ".bin") <= VERIFY_FINGERPRINT_BYTES
+            top, where, found = ds.scan(fingerprint=small and kind in self.fingerprint)
+            if kind == "tokens" and top is not None and int(top) >= vocab:
+                raise IndexedDataError(
+                    f"{ds.prefix}.bin: token id {int(top)} (the largest, in document {ds.document_of(where)}) is "
+                    f"outside the tokenizer's {vocab}-token vocabulary ({meta_path}): the file is damaged or was "
+                    f"written with another tokenizer; re-run tools/preprocess_data.py for {self.prefix}")
+            if found is not None and found != self.fingerprint[kind]:
+                mismatched.append((kind, ds, found))
+        for kind, ds, found in mismatched:
+            if kind == "images":   # name the damaged record where one is out of place
+                SpanTable.from_indexed(ds, None, self.doc_tokens, self.num_images, f"{self.prefix}.bin")
+            raise self._disagree(f"{ds.prefix}.bin/.idx do not match the fingerprint {meta_path} records for them "
+                                 f"(content {found}, recorded {self.fingerprint[kind]})")
+        try:
+            with atomic_open(record) as fh:
+                json.dump(state, fh)
+        except OSError:
+            pass   # a read-only data directory: checked again next time
+
+    def _kept_images(self) -> np.ndarray:
+        """Images per document, without those extraction could not decode."""
+        if self.spans is None:
+            return np.zeros(self.text.num_documents, np.int64)
+        counts = self.spans.lengths.astype(np.int64) // 3
+        if len(self.dropped_images):
+            table = SpanTable.from_indexed(self.spans, self.dropped_images)
+            counts = table.hi - table.lo
+        return counts
+
+    def _count_truncated(self) -> None:
+        S, block, most = self.cfg.seq_length, self.cfg.num_image_tokens + 2, self.cfg.max_images
+        images = self._kept_images()[self.documents]
+        over = (self.doc_tokens[self.documents] + images * block > S) | (images > most)
+        if over.any():
+            self.notes.append(
+                f"{self.prefix} (documents {self.documents[0]}:{self.documents[-1] + 1}): {int(over.sum())} of "
+                f"{len(self.documents)} conversations longer than --seq-length {S} (or with more than "
+                f"--max-images-per-sample {most} images): truncated to one sample (the rest of their answers not "
+                "trained)")
 
     # --- index -----------------------------------------------------------------------------
 
@@ -111,6 +247,11 @@ class PackedDataset:
         if self.spans is None:
             return np.zeros(0, np.int64), np.zeros(0, bool)
         spans = np.asarray(self.spans[d], np.int64)
+        if len(spans) % 3 or (len(spans) and (spans[0::3].min() < 0 or (spans[1::3] < spans[0::3]).any() or
+                                              spans[1::3].max() > self.doc_tokens[d] or spans[2::3].min() < 0 or
+                                              spans[2::3].max() >= max(self.num_images, 1))):
+            raise self._disagree(f"{self.spans.prefix}.bin: document {d}'s image spans {spans.tolist()[:12]} lie "
+                                 f"outside its {int(self.doc_tokens[d])} tokens or the {self.num_images} images")
         keep = np.ones(len(spans) // 3, bool)
         if len(self.dropped_images) and len(spans):
             keep = ~np.isin(spans[2::3], self.dropped_images)
@@ -119,14 +260,19 @@ class PackedDataset:
 
     def _index_key(self, num_samples) -> str:
         """Names the order caches after everything they depend on, the data's content
-        fingerprints included: a cache made from other data under this prefix is never read."""
+        fingerprints and document lengths included: a cache made from other data under this
+        prefix is never read."""
         desc = {"version": INDEX_VERSION, "fingerprint": self.fingerprint,
                 "dropped_images": hashlib.md5(np.asarray(self.dropped_images, np.int64).tobytes()).hexdigest(),
+                "doc_tokens": _crc(self.doc_tokens),
+                "doc_images": _crc(self.spans.lengths) if self.spans is not None else None,
                 "docs": [int(self.documents[0]), int(self.documents[-1]) + 1], "seq_length": self.cfg.seq_length,
                 "num_image_tokens": self.cfg.num_image_tokens, "max_images": self.cfg.max_images,
                 "seed": self.cfg.seed, "num_samples": num_samples}
         if not self.cfg.pack_documents:
             desc["pack_documents"] = False
+        if self.cfg.whole_documents:
+            desc["whole_documents"] = True
         return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
@@ -134,7 +280,8 @@ class PackedDataset:
         epoch extending the starts of the ones before (sample_index.py, compiled)."""
         rng = np.random.RandomState(self.cfg.seed % 2**32)
         spans = SpanTable.empty(self.text.num_documents) if self.spans is None else \
-            SpanTable.from_indexed(self.spans, self.dropped_images)
+            SpanTable.from_indexed(self.spans, self.dropped_images, self.doc_tokens, self.num_images,
+                                   f"{self.prefix}.bin")
         builder = SampleIndexBuilder(self.doc_tokens, spans, self.cfg)
         parts: List[np.ndarray] = []
         while True:
@@ -147,32 +294,67 @@ class PackedDataset:
             if builder.finished:
                 return np.concatenate(parts), builder.starts.copy()
             if len(parts) > 10_000:
-                raise ValueError(f"{self.prefix}: cannot make {num_samples} samples (documents too short?)")
+                raise InputError(f"{self.prefix}: cannot make {num_samples} samples from documents "
+                                 f"{self.documents[0]}:{self.documents[-1] + 1} (all empty?)")
+
+    def _cache_problem(self, paths: List[str], record: str) -> Optional[str]:
+        """Why the order caches cannot be used as they are ('missing' when never built), or None."""
+        present = [p for p in paths + [record] if os.path.isfile(p)]
+        if not present:
+            return "missing"
+        if len(present) < len(paths) + 1:
+            return f"is incomplete ({', '.join(os.path.basename(p) for p in paths + [record] if p not in present)} " \
+                   "missing)"
+        try:
+            with open(record) as fh:
+                sums = json.load(fh)["arrays"]
+            arrays = [np.load(p, mmap_mode="r") for p in paths]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"is unreadable ({exc})"
+        for p, arr, want in zip(paths, arrays, sums if isinstance(sums, list) else []):
+            if want != {"crc32": _crc(arr), "shape": list(arr.shape), "dtype": arr.dtype.str}:
+                return f"does not match the checksums {os.path.basename(record)} recorded ({os.path.basename(p)} " \
+                       "changed after it was written)"
+        order, starts, shuffle = arrays
+        lo, hi = int(self.documents[0]), int(self.documents[-1]) + 1
+        if not isinstance(sums, list) or len(sums) != 3 or starts.ndim != 2 or starts.shape[1] != 2 or \
+                len(shuffle) != len(starts) - 1 or not len(order) or int(order.min()) < lo or \
+                int(order.max()) >= hi or int(starts[-1, 0]) > len(order) or \
+                (len(shuffle) and (int(shuffle.min()) < 0 or int(shuffle.max()) >= len(shuffle))):
+            return f"does not fit documents {lo}:{hi} of {self.prefix}"
+        return None
 
     def _load_or_build_index(self, num_samples, cache_dir):
-        base = os.path.join(cache_dir or os.path.dirname(os.path.abspath(self.prefix)),
-                            f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}")
+        directory = cache_dir or os.path.dirname(os.path.abspath(self.prefix))
+        base = os.path.join(directory, f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}")
         paths = [f"{base}_doc.npy", f"{base}_sample.npy", f"{base}_shuffle.npy"]
+        record = f"{base}_order.json"
         is_rank0, barrier = _is_rank0_and_barrier()
-        if is_rank0 and not all(os.path.isfile(p) for p in paths):
-            os.makedirs(os.path.dirname(base), exist_ok=True)
-            order, starts = self._build(num_samples)
-            n = len(starts) - 1
-            shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(n).astype(np.int64)
-            for p, arr in zip(paths, (order, starts, shuffle)):
-                _save_npy(p, arr)
+        if is_rank0:
+            os.makedirs(directory, exist_ok=True)
+            self._check_content(directory)
+            problem = self._cache_problem(paths, record)
+            if problem is not None:
+                if problem != "missing":
+                    print(f"note: sample-order cache {base}_*.npy {problem}: rebuilding it", flush=True)
+                order, starts = self._build(num_samples)
+                shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(len(starts) - 1)
+                arrays = (order, starts, shuffle.astype(np.int64))
+                for p, arr in zip(paths, arrays):
+                    _save_npy(p, arr)
+                with atomic_open(record) as fh:   # last: its presence means the arrays are complete
+                    json.dump({"version": INDEX_VERSION, "arrays": [
+                        {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
         barrier()
         try:
             order, starts, shuffle = (np.load(p, mmap_mode="r") for p in paths)
         except (OSError, ValueError) as exc:
             raise IndexedDataError(f"sample-order cache {base}_*.npy unreadable ({exc}); delete those files to "
                                    "rebuild them") from None
-        lo, hi = int(self.documents[0]), int(self.documents[-1]) + 1
-        if starts.ndim != 2 or starts.shape[1] != 2 or len(shuffle) != len(starts) - 1 or not len(order) or \
-                int(order.min()) < lo or int(order.max()) >= hi or int(starts[-1, 0]) > len(order):
-            raise IndexedDataError(f"sample-order cache {', '.join(paths)} does not fit {self.prefix} (documents "
-                                   f"{lo}:{hi}, {len(order)} in the order, {len(starts)} sample starts, "
-                                   f"{len(shuffle)} shuffled); delete those files to rebuild them")
+        if starts.ndim != 2 or starts.shape[1] != 2 or len(shuffle) != len(starts) - 1:
+            raise IndexedDataError(f"sample-order cache {', '.join(paths)} does not fit {self.prefix} "
+                                   f"({len(starts)} sample starts, {len(shuffle)} shuffled); delete those files to "
+                                   "rebuild them")
         return order, starts, shuffle
 
     # --- samples ---------------------------------------------------------------------------
@@ -205,16 +387,19 @@ def parse_blend(data_path: Sequence[str], flag: str = "--data-path", item: str =
                 ) -> Tuple[List[str], List[float]]:
     """Megatron's blend syntax, 'A' or '0.5 A 0.3 B 0.2 C': (names, normalised weights)."""
     items = list(data_path)
+    form = f"expected one {item}, or weight/{item} pairs such as '0.7 A 0.3 B'"
+    if not items:
+        raise ConfigError(f"{flag} is empty: {form}")
     if len(items) == 1:
         return items, [1.0]
     if len(items) % 2:
-        raise ValueError(f"{flag} {' '.join(items)}: expected weight/{item} pairs")
+        raise ConfigError(f"{flag} {' '.join(items)}: {form}")
     try:
         weights = [float(w) for w in items[0::2]]
     except ValueError:
-        raise ValueError(f"{flag} {' '.join(items)}: expected weight/{item} pairs") from None
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"{flag}: weights must be non-negative with a positive sum, got {weights}")
+        raise ConfigError(f"{flag} {' '.join(items)}: {form}") from None
+    if any(not 0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"{flag}: weights must be non-negative with a positive sum, got {weights}")
     total = sum(weights)
     return items[1::2], [w / total for w in weights]
 
@@ -234,9 +419,12 @@ def build_train_valid_test(data_path: Sequence[str], split: str, cfg: PackingCon
         for prefix, weight in zip(prefixes, weights):
             n_docs = IndexedDataset(prefix).num_documents
             lo, hi = split_ranges(split, n_docs)[part]
+            if not n_docs:
+                raise InputError(f"{prefix}: the dataset holds no documents (see the report in "
+                                 f"{sidecar(prefix, 'meta')})")
             if hi <= lo:
-                raise ValueError(f"{prefix}: --split {split} leaves no documents for the "
-                                 f"{['train', 'valid', 'test'][part]} part")
+                raise ConfigError(f"--split {split}: leaves none of the {n_docs} documents of {prefix} for the "
+                                  f"{['train', 'valid', 'test'][part]} part")
             share = int(np.ceil(weight * size * 1.005)) + 1
             datasets.append(PackedDataset(prefix, cfg, share, (lo, hi), cache_dir))
         out.append(BlendedDataset(datasets, weights, size))

@@ -125,7 +125,10 @@ class IndexedDatasetWriter:
         os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()   # on a full disk this flushes and fails again: the temps go anyway
+        except OSError:
+            pass
         for p in (temp_name(bin_path(self.prefix)), temp_name(idx_path(self.prefix))):
             if os.path.exists(p):
                 os.remove(p)
@@ -165,6 +168,10 @@ class IndexedDataset:
         self.pointers = np.frombuffer(idx, dtype=np.int64, count=n_seq, offset=off)
         off += n_seq * 8
         self.document_indices = np.frombuffer(idx, dtype=np.int64, count=n_doc, offset=off)
+        docs = self.document_indices
+        if n_doc and (docs[0] != 0 or docs[-1] != n_seq):   # (O(1): the table's index has 585M of them)
+            raise IndexedDataError(f"{ipath}: document boundaries run from {docs[0]} to {docs[-1]}, not from 0 to "
+                                   f"the {n_seq} sequences: the index is damaged")
         expected_bin = int(self.lengths.astype(np.int64).sum()) * self.dtype.itemsize
         found_bin = os.path.getsize(bpath)
         if found_bin != expected_bin:
@@ -184,6 +191,30 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize
         return self._bin[start:start + int(self.lengths[i])]
+
+    def scan(self, fingerprint: bool = True, chunk: int = 1 << 24):
+        """One pass over the data: (largest element or None when empty, its element index,
+        the content fingerprint as the writer computes it, or None without `fingerprint`)."""
+        digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES) if fingerprint else None
+        best, where = None, -1
+        for lo in range(0, len(self._bin), chunk):
+            part = self._bin[lo:lo + chunk]
+            top = part.max()
+            if best is None or top > best:
+                best, where = top, lo + int(part.argmax())
+            if digest is not None:
+                digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+        if digest is None:
+            return best, where, None
+        digest.update(self.dtype.str.encode())
+        digest.update(np.ascontiguousarray(self.lengths).tobytes())
+        digest.update(np.ascontiguousarray(self.document_indices).tobytes())
+        return best, where, digest.hexdigest()
+
+    def document_of(self, element: int) -> int:
+        """The document holding element `element` of the data."""
+        seq = int(np.searchsorted(self.pointers // self.dtype.itemsize, element, side="right")) - 1
+        return int(np.searchsorted(self.document_indices, seq, side="right")) - 1
 
     def document(self, d: int) -> List[np.ndarray]:
         return [self[i] for i in range(int(self.document_indices[d]), int(self.document_indices[d + 1]))]
@@ -230,7 +261,10 @@ class FeatureStoreWriter:
         os.replace(temp_name(idx_path(self.prefix)), idx_path(self.prefix))
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()   # on a full disk this flushes and fails again: the temps go anyway
+        except OSError:
+            pass
         for p in (temp_name(bin_path(self.prefix)), temp_name(idx_path(self.prefix))):
             if os.path.exists(p):
                 os.remove(p)

@@ -22,6 +22,12 @@ and the whole block of an image it produces.
 
 ``pack_documents=False`` starts every document in a sample of its own (padded): one
 conversation per sample; a longer one continues in the next samples.
+
+``whole_documents`` (instruction data: a continuation would train answers without their
+question) never splits a document: one that does not fit in the rest of a sample starts the
+next one, and one longer than a sample (``seq_length`` positions or ``max_images`` blocks) is
+truncated there, before any block it would cut; the rest of it is not trained. The dataset
+counts those documents and the run reports the count at start-up.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class PackingConfig:
     blend with image datasets (default: read from the feature store, 1 without one)."""
     pack_documents: bool = True
     """Several documents per sample; False: each document starts a new (padded) sample."""
+    whole_documents: bool = False
+    """Never split a document across samples: truncate one that does not fit in a sample alone."""
 
 
 def packing_config(cfg) -> PackingConfig:
@@ -104,6 +112,22 @@ def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans
     fill, images = 0, 0
     for k, d in enumerate(doc_order):
         n_tok = int(doc_tokens[d])
+        if cfg.whole_documents:
+            n_img = len(doc_spans(d)) // 3
+            length = n_tok + n_img * block
+            if fill and (fill + length > S or images + n_img > cfg.max_images or not cfg.pack_documents):
+                starts.append((k, 0))   # this sample ends padded before the document
+                fill, images = 0, 0
+                if len(starts) > num_samples:
+                    return np.asarray(starts, np.int64)
+            fill, images = fill + length, images + n_img
+            if fill >= S or images > cfg.max_images or (fill and not cfg.pack_documents):
+                # Full, or a document truncated to one sample (materialize cuts it), or one per sample.
+                starts.append((k + 1, 0))
+                fill, images = 0, 0
+                if len(starts) > num_samples:
+                    return np.asarray(starts, np.int64)
+            continue
         inserts, _ = image_inserts(doc_spans(d), cfg.seed, k)
         offset, prev = 0, 0   # offset: laid-out position in this document; prev: tokens consumed
         for pos in list(inserts) + [None]:
@@ -187,7 +211,7 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
     elem_vis = np.full(S, -1, np.int64)
     segment = np.zeros(S, np.int64)
     position = np.zeros(S, np.int64)
-    fill, seg_no = 0, 0
+    fill, seg_no, blocks = 0, 0, 0
     k, off = int(start[0]), int(start[1])
     end_k, end_off = int(end[0]), int(end[1])
     doc = None
@@ -195,6 +219,10 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
         doc = layout(k)
         stop = end_off if k == end_k else len(doc[0])
         n = stop - off
+        if cfg.whole_documents and n > 0:
+            n = whole_document_cut(doc[2][off:stop], S - fill, cfg.max_images - blocks, N + 2)
+            blocks += int(np.count_nonzero(doc[2][off:off + n] == 0))
+            stop = off + n
         if n > 0:
             sl = slice(fill, fill + n)
             tokens[sl], elem_img[sl], elem_vis[sl] = doc[0][off:stop], doc[1][off:stop], doc[2][off:stop]
@@ -250,6 +278,19 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
             "visual_index": elem_vis, "features": feats, "num_images": len(image_ids),
             "image_ids": np.concatenate([image_ids, np.full(cfg.max_images - len(image_ids), -1)]),
             "segment_ids": segment, "position_ids": position, "num_positions": fill}
+
+
+def whole_document_cut(visual_index: np.ndarray, room: int, image_room: int, block: int) -> int:
+    """How many laid-out elements of a document (its visual index per element) fit in `room`
+    positions and `image_room` image blocks without cutting a block: all of them, or the
+    truncated document's length."""
+    n = len(visual_index)
+    block_starts = np.flatnonzero(np.asarray(visual_index) == 0) - 1   # the [IMG] before v_0
+    cut = min(n, room)
+    if len(block_starts) > max(image_room, 0):
+        cut = min(cut, int(block_starts[max(image_room, 0)]))
+    inside = block_starts[(block_starts < cut) & (cut < block_starts + block)]
+    return int(inside[0]) if len(inside) else cut
 
 
 def visual_sequence(sample: dict) -> np.ndarray:
