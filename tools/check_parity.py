@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 from megatron_vl.convert.parity import max_logit_difference  # noqa: E402
+from megatron_vl.errors import run_cli  # noqa: E402
 from megatron_vl.parallel.state import ParallelState, init_distributed  # noqa: E402
 
 
@@ -54,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

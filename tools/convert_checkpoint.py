@@ -29,16 +29,39 @@ import torch  # noqa: E402
 
 from megatron_vl.convert import hf  # noqa: E402
 from megatron_vl.convert.vlgpt_export import export_vlgpt  # noqa: E402
+from megatron_vl.errors import UserError, run_cli  # noqa: E402
 from megatron_vl.training.checkpoint import is_release, read_latest  # noqa: E402
 
 
-def import_hf(args):
+def read_hf_config(hf_dir):
+    """The model config of an HF LLaMA directory; a missing, damaged or foreign config.json is
+    one line naming it."""
     import json
-    with open(os.path.join(args.hf_dir, "config.json")) as fh:
-        cfg = hf.model_config_from_hf(json.load(fh))
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise hf.CheckpointError(f"--hf-dir {hf_dir}: no such directory")
+    try:
+        with open(path) as fh:
+            raw = json.load(fh)
+    except FileNotFoundError:
+        raise hf.CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise hf.CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise hf.CheckpointError(f"{path}: expected a JSON object")
+    raw.setdefault("_name_or_path", path)
+    try:
+        return hf.model_config_from_hf(raw)
+    except KeyError as exc:
+        raise hf.CheckpointError(f"{path}: lacks {exc} (not a LLaMA config)") from None
+
+
+def import_hf(args):
+    cfg = read_hf_config(args.hf_dir)
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    hf.check_layout(cfg, tp, pp, f"--hf-dir {args.hf_dir}")   # before reading any weight
     hf.check_output_dir(args.save, "release", (args.hf_dir,))
     state_dict = hf.load_hf_state_dict(args.hf_dir)
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     shards = hf.hf_to_shards(state_dict, cfg, tp, pp)
     hf.save_release_checkpoint(args.save, shards, cfg, tp, pp, tokenizer_dir=args.hf_dir, sources=(args.hf_dir,))
     print(f"imported {args.hf_dir} -> {args.save} (TP={tp}, PP={pp}, {len(state_dict)} tensors, "
@@ -102,11 +125,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         (import_hf if args.command == "import-hf" else export_hf)(args)
-    except (hf.CheckpointError, OSError, KeyError) as exc:
+    except UserError:
+        raise   # names its file or flag: one line from run_cli
+    except (OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -44,18 +44,26 @@ def build_parser():
 
 def main(argv=None):
     from tqdm import tqdm
+    from megatron_vl.atomic import atomic_open, guard_output
     from megatron_vl.data.formats import Report
     from megatron_vl.data.pair_stream import PairStream, expand_shards
+    from megatron_vl.errors import InputError, UserError
     from megatron_vl.model.image_detokenizer import ImageDetokenizer
     from megatron_vl.model.image_tokenizer import ImageTokenizer, load_image_processor
     from megatron_vl.stage1.decode import DiffusionDecoder
     from megatron_vl.stage1.evaluation import ClipImageScorer, evaluate_reconstruction
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("max_images", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     shards = [s for pattern in args.shards for s in expand_shards(pattern)]
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         print(f"error: {len(missing)} shard(s) do not exist, e.g. {missing[0]}", file=sys.stderr)
         return 2
+    if args.output_json:   # a rerun replaces its own scores, never one of the inputs
+        guard_output(args.output_json, inputs=shards, overwrite=True, flag="--output-json")
     tok_dir, detok_dir = os.path.join(args.export, "image_tokenizer"), os.path.join(args.export, "image_detokenizer")
     try:
         tokenizer = ImageTokenizer.from_pretrained(tok_dir).to(args.device).eval()
@@ -63,6 +71,8 @@ def main(argv=None):
         decoder = DiffusionDecoder(ImageDetokenizer.from_pretrained(detok_dir), args.sd_model, args.ip_adapter,
                                    args.ip_adapter_weight, args.device)
         scorer = ClipImageScorer(args.clip_score_model, args.device)
+    except UserError:
+        raise   # names its file: one line from run_cli
     except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,20 +89,28 @@ def main(argv=None):
             seen.add(pair.where)
             yield pair.image
 
+    def skipped() -> str:
+        return "; ".join(f"{reason}: {n}, first at {report.first_seen[reason]}"
+                         for reason, n in sorted(report.skipped.items())) or "nothing skipped"
+
     with tqdm(total=args.max_images, unit="image", disable=args.no_progress) as bar:
-        scores = evaluate_reconstruction(first_epoch(), tokenizer, processor, decoder, scorer, args.modes,
-                                         args.batch_size, bar, steps=args.steps,
-                                         guidance_scale=args.guidance_scale, seed=args.seed)
+        try:
+            scores = evaluate_reconstruction(first_epoch(), tokenizer, processor, decoder, scorer, args.modes,
+                                             args.batch_size, bar, steps=args.steps,
+                                             guidance_scale=args.guidance_scale, seed=args.seed)
+        except (InputError, ValueError) as exc:   # the stream's "no readable pair" is a ValueError
+            raise InputError(f"--shards {' '.join(args.shards)}: {exc} ({skipped()})") from None
     print(f"{'mode':<8} {'images':>7} {'CLIP similarity':>16}")
     for mode, s in scores.items():
         print(f"{mode:<8} {s['images']:>7} {s['clip_similarity']:>16.4f}")
     for reason, n in sorted(report.skipped.items()):
         print(f"skipped ({reason}): {n}  first at {report.first_seen[reason]}")
     if args.output_json:
-        with open(args.output_json, "w") as fh:
+        with atomic_open(args.output_json, "w") as fh:
             json.dump({"scores": scores, "skipped": dict(report.skipped)}, fh, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_vl.errors import run_cli
+    sys.exit(run_cli(main))

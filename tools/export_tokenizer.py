@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_vl.convert.hf import CheckpointError, atomic_directory  # noqa: E402
+from megatron_vl.errors import run_cli  # noqa: E402
 from megatron_vl.stage1.trainer import DETOKENIZER_DIR, TOKENIZER_DIR  # noqa: E402
 from megatron_vl.training.checkpoint import read_latest, tag_name  # noqa: E402
 
@@ -48,14 +49,10 @@ def export(load: str, save: str, ckpt_step=None) -> str:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        src = export(args.load, args.save, args.ckpt_step)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    src = export(args.load, args.save, args.ckpt_step)   # CheckpointError: one line from run_cli
     print(f"exported {src} -> {args.save}/{TOKENIZER_DIR}, {args.save}/{DETOKENIZER_DIR}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -44,7 +44,11 @@ def main(argv=None):
     from tqdm import tqdm
     from megatron_vl.data.features import extract_features
     from megatron_vl.model.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, load_image_processor
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "shard_size", "num_image_tokens", "embed_dim", "tokenizer_layers", "tokenizer_heads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be a positive number")
     if args.image_tokenizer:
         model, processor = ImageTokenizer.from_pretrained(args.image_tokenizer), load_image_processor(args.image_tokenizer)
     else:
@@ -72,4 +76,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_vl.errors import run_cli
+    sys.exit(run_cli(main))

@@ -10,6 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_vl.atomic import guard_output_files  # noqa: E402
+from megatron_vl.errors import run_cli  # noqa: E402
 from megatron_vl.testing.tiny_models import save_tiny_clip  # noqa: E402
 
 
@@ -19,16 +21,24 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --save (refused otherwise)")
     return p
+
+
+FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    for flag in ("image_size", "width", "layers"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    guard_output_files(args.save, FILES, overwrite=args.overwrite, flag="--save")
     save_tiny_clip(args.save, args.image_size, args.width, args.layers)
     print(f"wrote {args.save}: random CLIPVisionModel ({args.layers} layers, width {args.width}, "
           f"{args.image_size}px) + CLIPImageProcessor")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

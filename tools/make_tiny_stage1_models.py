@@ -19,6 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_vl.testing.tiny_models import (save_tiny_clip, save_tiny_ip_adapter,  # noqa: E402
                                              save_tiny_ip_image_encoder, save_tiny_sd)
 
+from megatron_vl.atomic import guard_output_files  # noqa: E402
+from megatron_vl.errors import run_cli  # noqa: E402
+
 IP_WEIGHT = "ip-adapter-plus_sd15.safetensors"
 
 
@@ -28,12 +31,19 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--ip-adapter-weight", default=IP_WEIGHT,
                    help="file name of the adapter weights: .safetensors (flat) or .bin ({image_proj, ip_adapter})")
+    p.add_argument("--overwrite", action="store_true", help="replace clip/, sd/, ip-adapter/ and clip-score/ when "
+                   "--save already holds them (refused otherwise)")
     return p
+
+
+PARTS = ("clip", "sd", "ip-adapter", "clip-score")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.save
+    # Other files in --save are left alone; the folders this writes are never replaced unasked.
+    guard_output_files(out, PARTS, overwrite=args.overwrite, flag="--save")
     save_tiny_clip(os.path.join(out, "clip"), args.image_size)
     save_tiny_sd(os.path.join(out, "sd"), args.image_size)
     save_tiny_ip_adapter(os.path.join(out, "ip-adapter"), os.path.join(out, "sd"), args.ip_adapter_weight,
@@ -45,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

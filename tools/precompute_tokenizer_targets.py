@@ -9,7 +9,8 @@ ViT-H image encoder and SD's text encoder every step. Equal losses either way.
     torchrun --nproc_per_node 8 tools/precompute_tokenizer_targets.py ...
 
 One store per shard (about 0.78 MB per pair at SD 1.5 / ViT-H sizes: 257x1280 + 77x768
-float16); a shard whose store exists and matches its size is skipped, so a rerun resumes.
+float16); a shard whose store exists and was made from the shard's current bytes (size and
+blake2b hash) is skipped, so a rerun resumes; a shard that changed is computed again.
 Pairs without caption or with an image that does not decode are counted and reported.
 """
 
@@ -40,8 +41,11 @@ def main(argv=None):
     from megatron_vl.data.formats import Report
     from megatron_vl.data.pair_stream import parse_sources
     from megatron_vl.stage1.framework import ip_image_encoder_dir
-    from megatron_vl.stage1.targets import TargetEncoders, store_is_current, write_shard_targets
-    args = build_parser().parse_args(argv)
+    from megatron_vl.stage1.targets import TargetEncoders, store_is_current, targets_file, write_shard_targets
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: must be a positive number of pairs")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device == "cuda" and world > 1:
@@ -53,7 +57,14 @@ def main(argv=None):
         print(f"error: {len(missing)} shard(s) do not exist, e.g. {missing[0]}", file=sys.stderr)
         return 2
     os.makedirs(args.targets_dir, exist_ok=True)
-    todo = [s for s in shards if not store_is_current(args.targets_dir, s)]
+    todo = []
+    for s in shards:
+        if store_is_current(args.targets_dir, s):
+            continue
+        todo.append(s)
+        if os.path.isfile(targets_file(args.targets_dir, s)):
+            print(f"note: {targets_file(args.targets_dir, s)} does not match {s} as it is now; computing it again",
+                  flush=True)
     print(f"rank {rank}: {len(shards)} shard(s), {len(shards) - len(todo)} already done", flush=True)
     encoders = TargetEncoders(ip_image_encoder_dir(args.ip_adapter), args.sd_model, device)
     report = Report()
@@ -68,4 +79,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_vl.errors import run_cli
+    sys.exit(run_cli(main))

@@ -18,12 +18,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import remove_stale_temps, temp_name
 from ..config import ModelConfig
 from ..errors import UserError
 from ..parallel.layers import shard_parts, unshard_parts
@@ -128,9 +128,29 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
 
 
-def hf_to_shards(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, pp: int) -> Shards:
+def check_layout(cfg: ModelConfig, tp: int, pp: int, name: str = "the model") -> None:
+    """Refuses a TP x PP layout the model cannot be cut into, naming every size that does not
+    divide (before any tensor is read or written)."""
+    problems = []
+    if tp < 1 or pp < 1:
+        raise CheckpointError(f"--tensor-model-parallel-size {tp} / --pipeline-model-parallel-size {pp}: "
+                              "must be at least 1")
+    for what, size in (("attention heads", cfg.num_attention_heads), ("key/value heads", cfg.kv_heads),
+                       ("FFN width (intermediate_size)", cfg.ffn_hidden_size)):
+        if size % tp:
+            problems.append(f"{what} {size}")
+    if cfg.padded_vocab_size(tp) % tp:   # padding makes it divisible; kept as a guard
+        problems.append(f"padded vocabulary {cfg.padded_vocab_size(tp)}")
+    if problems:
+        raise CheckpointError(f"{name} cannot be split over --tensor-model-parallel-size {tp}: "
+                              f"{', '.join(problems)} not divisible by {tp}")
     if cfg.num_layers % pp:
-        raise CheckpointError(f"{cfg.num_layers} layers cannot be split into {pp} pipeline stages")
+        raise CheckpointError(f"{name}: {cfg.num_layers} layers cannot be split into {pp} pipeline stages "
+                              "(--pipeline-model-parallel-size)")
+
+
+def hf_to_shards(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, pp: int) -> Shards:
+    check_layout(cfg, tp, pp)
     padded = cfg.padded_vocab_size(tp)
     tied = not cfg.untie_embeddings_and_output_weights
     missing = [k for k in ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
@@ -219,17 +239,49 @@ def load_hf_state_dict(hf_dir: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _atomic_dir(final: str):
-    """A temporary sibling directory that replaces `final` only when complete."""
+def _old_name(final: str) -> str:
+    """Where the previous output waits while the new one is renamed into place."""
+    return temp_name(os.path.abspath(final) + ".old")
+
+
+def _recover_leftovers(final: str, log=print) -> None:
+    """What a writer killed while replacing `final` left in its parent: a previous output
+    moved aside just before the swap is put back when `final` is gone (nothing else holds it);
+    then every leftover of a dead writer (the half-written new output, an old one the swap had
+    already replaced) is removed, saying so."""
+    import re
+    import socket
+    from ..atomic import _pid_alive
+    final = os.path.abspath(final)
+    parent, base = os.path.dirname(final), os.path.basename(final)
+    old_pattern = re.compile(re.escape(base) + r"\.old\.tmp(\d+)-(.+)$")
+    for name in sorted(os.listdir(parent)):
+        m = old_pattern.match(name)
+        if not m or m.group(2) != socket.gethostname() or _pid_alive(int(m.group(1))):
+            continue
+        if not os.path.lexists(final):
+            os.replace(os.path.join(parent, name), final)
+            log(f"note: restored {final} from {name}, where a run (pid {m.group(1)}, no longer running) had moved "
+                "it just before replacing it")
+    for prefix in (base + ".tmp", base + ".old.tmp"):
+        remove_stale_temps(parent, prefix=prefix, log=log)
+
+
+def _atomic_dir(final: str, log=print):
+    """A temporary sibling directory (temp_name: the writer's pid and host) that replaces
+    `final` only when complete."""
     parent = os.path.dirname(os.path.abspath(final)) or "."
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp", dir=parent)
+    _recover_leftovers(final, log)
+    tmp = temp_name(os.path.abspath(final))
+    os.makedirs(tmp)
+    return tmp
 
 
 def _commit_dir(tmp: str, final: str) -> None:
     if os.path.exists(final):
         if os.listdir(final):
-            old = tmp + ".old"
+            old = _old_name(final)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old)
@@ -344,13 +396,36 @@ def save_release_checkpoint(ckpt: str, shards: Shards, cfg: ModelConfig, tp: int
             fh.write("release")
 
 
+def _not_release(ckpt: str) -> str:
+    """What a directory without the release metadata is, for the message that refuses it."""
+    if not os.path.isdir(ckpt):
+        return "no such directory"
+    try:
+        with open(os.path.join(ckpt, "latest")) as fh:
+            tag = fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        tag = ""
+    if tag.startswith("iter_"):
+        tag_dir = os.path.join(ckpt, tag)
+        if os.path.isdir(os.path.join(tag_dir, "image_tokenizer")):
+            return (f"a stage-1 (image tokenizer) training checkpoint ({tag}), not a converted language model; "
+                    "tools/export_tokenizer.py exports it")
+        return (f"a training checkpoint ({tag}), not a converted release checkpoint (import-hf output, "
+                f"{META_FILE}); export it with tools/convert_checkpoint.py export-hf first")
+    return f"not a megatron-vl checkpoint ({META_FILE} missing)"
+
+
 def read_checkpoint_meta(ckpt: str) -> Tuple[ModelConfig, int, int]:
     path = os.path.join(ckpt, META_FILE)
     try:
         with open(path) as fh:
             meta = json.load(fh)
     except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: not a megatron-vl checkpoint ({META_FILE} missing)") from None
+        raise CheckpointError(f"{ckpt}: {_not_release(ckpt)}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('version')} (this code reads {FORMAT_VERSION})")
     return ModelConfig(**meta["model"]), meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]

@@ -25,7 +25,11 @@ def max_logit_difference(hf_dir: str, state: ParallelState, batches: int = 2, ba
     from transformers import LlamaForCausalLM
     if state.pp != 1:
         raise ValueError("parity is checked with pipeline-parallel size 1")
-    hf_model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    from ..model.directory import load_pretrained
+    if checkpoint:   # a wrong --load is refused before the HF model is read
+        read_checkpoint_meta(checkpoint)
+    hf_model = load_pretrained(LlamaForCausalLM, hf_dir, "Hugging Face LLaMA (--hf-dir)",
+                               torch_dtype=torch.float32).eval()
     if checkpoint:
         cfg, _, _ = read_checkpoint_meta(checkpoint)
         shard = load_shard_for(checkpoint, state.tp, 1, state.tp_rank, 0)

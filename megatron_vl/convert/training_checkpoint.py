@@ -29,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 import yaml
 
-from ..config import Config, effective_zero_stage
+from ..config import Config, ConfigError, effective_zero_stage
 from ..training.build import canonical_name
 from ..training.checkpoint import read_latest, tag_name
 from .hf import CheckpointError
@@ -122,6 +122,42 @@ def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
     return out, states[0]
 
 
+STAGE1_PARTS = ("image_tokenizer", "image_detokenizer")
+
+
+def is_stage1_checkpoint(tag_dir: str, raw=None) -> bool:
+    """A train_tokenizer.py checkpoint: it holds the exported parts, and its config has
+    stage 1's model keys (the CLIP tower)."""
+    if all(os.path.isdir(os.path.join(tag_dir, p)) for p in STAGE1_PARTS):
+        return True
+    model = raw.get("model") if isinstance(raw, dict) else None
+    return isinstance(model, dict) and "clip_model" in model
+
+
+def read_run_config(tag_dir: str) -> Config:
+    """The pretraining/finetuning config a checkpoint was written with; a stage-1 checkpoint,
+    a missing or damaged config.yaml are one line naming what it is."""
+    path = os.path.join(tag_dir, "config.yaml")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        if is_stage1_checkpoint(tag_dir):
+            raw = None
+        else:
+            raise CheckpointError(f"{tag_dir}: config.yaml missing (not written by pretrain_vlgpt.py?)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable YAML ({' '.join(str(exc).split())[:200]})") from None
+    if is_stage1_checkpoint(tag_dir, raw):
+        raise CheckpointError(f"{tag_dir}: a stage-1 (image tokenizer) checkpoint of train_tokenizer.py, not a VL-GPT "
+                              "one; export it with tools/export_tokenizer.py --load "
+                              f"{os.path.dirname(os.path.abspath(tag_dir))} --save DIR")
+    try:
+        return Config.from_dict(raw, path)
+    except ConfigError as exc:   # written by another program or version: the checkpoint is the problem
+        raise CheckpointError(f"{path}: not a pretrain_vlgpt.py / finetune_instruct.py config ({exc})") from None
+
+
 def read_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> TrainedWeights:
     """Every weight of the checkpoint `latest` names (or of `iteration`)."""
     tag = tag_name(iteration) if iteration is not None else read_latest(load_dir)
@@ -133,11 +169,7 @@ def read_training_checkpoint(load_dir: str, iteration: Optional[int] = None) -> 
     if not os.path.isdir(tag_dir):
         have = sorted(d for d in os.listdir(load_dir) if d.startswith("iter_"))
         raise CheckpointError(f"{load_dir}: checkpoint {tag} does not exist (have: {', '.join(have) or 'none'})")
-    try:
-        with open(os.path.join(tag_dir, "config.yaml")) as fh:
-            cfg = Config.from_dict(yaml.safe_load(fh), os.path.join(tag_dir, "config.yaml"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{tag_dir}: config.yaml missing (not written by pretrain_vlgpt.py?)") from None
+    cfg = read_run_config(tag_dir)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     layers = cfg.model.num_layers
     per_tp_rank: List[Tensors] = []

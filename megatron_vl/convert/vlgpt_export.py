@@ -93,26 +93,55 @@ def _hf_tokenizer(meta: dict, override: Optional[str], ids: List[int]):
     return tok
 
 
+def _part_config(flag: str, path: str, kind: str):
+    """The config of the part directory `path` given to `flag`, which must be of that kind
+    (the other part's directory, a CLIP folder or a damaged one are refused, naming it)."""
+    from ..model import image_detokenizer as detok, image_tokenizer as tok
+    from ..model.directory import PartDirectoryError, read_part_config
+    module = tok if kind == "image tokenizer" else detok
+    cfg_type = tok.ImageTokenizerConfig if module is tok else detok.ImageDetokenizerConfig
+    try:
+        cfg = read_part_config(path, module.CONFIG_NAME, cfg_type, kind)
+    except PartDirectoryError as exc:
+        raise CheckpointError(f"{flag} {exc}") from None
+    if module is tok and not os.path.isfile(os.path.join(path, "clip", "config.json")):
+        raise CheckpointError(f"{flag} {path}: an image tokenizer directory without its CLIP tower (clip/config.json)")
+    return cfg
+
+
+def check_parts(cfg, image_tokenizer: Optional[str], image_detokenizer: Optional[str]) -> None:
+    """The image tokenizer and detokenizer shipped with an export are what their flags say,
+    and fit the model (cfg; None: the kinds only): visual width d, and N for the tokenizer."""
+    parts = [("--image-tokenizer", image_tokenizer, "image tokenizer"),
+             ("--image-detokenizer", image_detokenizer, "image detokenizer")]
+    for flag, path, kind in parts:
+        if not path:
+            continue
+        part = _part_config(flag, path, kind)
+        if cfg is None:
+            continue
+        width = part.embed_dim
+        verb = "gives" if kind == "image tokenizer" else "reads"
+        if width != cfg.model.visual_embed_dim:
+            raise CheckpointError(f"{flag} {path} {verb} visual embeddings of width {width}, the model's are "
+                                  f"{cfg.model.visual_embed_dim}")
+        if kind == "image tokenizer" and part.num_tokens != cfg.data.num_image_tokens:
+            raise CheckpointError(f"{flag} {path} gives {part.num_tokens} visual embeddings per image, the model "
+                                  f"was trained with {cfg.data.num_image_tokens} (--num-image-tokens)")
+
+
 def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer: Optional[str] = None,
                  tokenizer_model: Optional[str] = None, iteration: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, log=print,
                  image_detokenizer: Optional[str] = None) -> ExportSummary:
     sources = (load, image_tokenizer, tokenizer_model, image_detokenizer)
     check_output_dir(save, "vlgpt-export", sources)   # before any reading: refuse early
+    check_parts(None, image_tokenizer, image_detokenizer)   # each directory is the part it is named as
     w = read_training_checkpoint(load, iteration)
     cfg = w.cfg
     m, tp = cfg.model, len(w.per_tp_rank)
     ids = _image_token_ids(w)
-    if image_detokenizer:   # its input width must be the model's visual width
-        from ..model.image_detokenizer import CONFIG_NAME, ImageDetokenizerConfig
-        from ..model.directory import read_part_config
-        try:
-            width = read_part_config(image_detokenizer, CONFIG_NAME, ImageDetokenizerConfig, "image detokenizer").embed_dim
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"--image-detokenizer {exc}") from None
-        if width != cfg.model.visual_embed_dim:
-            raise CheckpointError(f"--image-detokenizer {image_detokenizer} reads visual embeddings of width {width}, "
-                                  f"the model's are {cfg.model.visual_embed_dim}")
+    check_parts(cfg, image_tokenizer, image_detokenizer)
     base = {(r, 0): {k: v for k, v in sd.items() if k.startswith(("embedding.word_embeddings", "layers.", "head."))
                      and ".lora_" not in k and not k.endswith("rows_delta") and k not in HEADS}
             for r, sd in enumerate(w.per_tp_rank)}
@@ -173,8 +202,6 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
             save_file(adapter, os.path.join(tmp, ADAPTER_DIR, "adapter_model.safetensors"),
                       metadata={"format": "pt"})
         if image_tokenizer:
-            if not os.path.isdir(image_tokenizer):
-                raise CheckpointError(f"--image-tokenizer {image_tokenizer}: no such directory")
             shutil.copytree(image_tokenizer, os.path.join(tmp, IMAGE_TOKENIZER_DIR))
         if image_detokenizer:
             shutil.copytree(image_detokenizer, os.path.join(tmp, IMAGE_DETOKENIZER_DIR))

@@ -15,6 +15,9 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from ..atomic import remove_stale_temps
+from ..errors import UsageError
+
 from .indexed import (FeatureStore, FeatureStoreWriter, IndexedDataError, IndexedDataset, bin_path, idx_path,
                       write_concatenated)
 from .preprocess import prefix_lock, read_meta, sidecar, table_fingerprint
@@ -62,7 +65,13 @@ def extract_features(prefix: str, model, processor, batch_size: int = 64, shard_
                      device: str = "cpu", progress: Optional[Callable] = None) -> ExtractionResult:
     """Writes ``{prefix}_image_features`` (one [N, d] float16 block per image-table row).
     Finished shards survive an interruption and are not recomputed."""
+    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise UsageError(f"{name} {value}: must be a positive number of images")
     with prefix_lock(prefix):
+        # A run killed mid-shard (kill -9, OOM) left its shard's temporary files: ours to clean.
+        features = sidecar(prefix, "features")
+        remove_stale_temps(os.path.dirname(features) or ".", prefix=os.path.basename(features) + ".")
         return _extract(prefix, model, processor, batch_size, shard_size, device, progress)
 
 

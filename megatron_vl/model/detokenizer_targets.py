@@ -18,6 +18,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from .directory import PartDirectoryError, load_pretrained
+
 
 def _frozen(module: nn.Module) -> nn.Module:
     module.eval()
@@ -33,9 +35,10 @@ class ImageConditionEncoder(nn.Module):
         super().__init__()
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
         if not os.path.isdir(encoder_dir):
-            raise FileNotFoundError(f"IP-Adapter image encoder {encoder_dir}: no such directory")
-        self.encoder = _frozen(CLIPVisionModelWithProjection.from_pretrained(encoder_dir))
-        self.processor = CLIPImageProcessor.from_pretrained(encoder_dir)
+            raise PartDirectoryError(f"IP-Adapter image encoder {encoder_dir}: no such directory")
+        what = "IP-Adapter image encoder"
+        self.encoder = _frozen(load_pretrained(CLIPVisionModelWithProjection, encoder_dir, what))
+        self.processor = load_pretrained(CLIPImageProcessor, encoder_dir, f"{what}'s image processor")
         c = self.encoder.config
         self.shape = ((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
 
@@ -63,9 +66,9 @@ class TextConditionEncoder(nn.Module):
         from transformers import CLIPTextModel, CLIPTokenizer
         for sub in ("text_encoder", "tokenizer"):
             if not os.path.isdir(os.path.join(sd_dir, sub)):
-                raise FileNotFoundError(f"Stable Diffusion directory {sd_dir}: no {sub}/ (the diffusers layout)")
-        self.encoder = _frozen(CLIPTextModel.from_pretrained(os.path.join(sd_dir, "text_encoder")))
-        self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(sd_dir, "tokenizer"))
+                raise PartDirectoryError(f"Stable Diffusion directory {sd_dir}: no {sub}/ (the diffusers layout)")
+        self.encoder = _frozen(load_pretrained(CLIPTextModel, os.path.join(sd_dir, "text_encoder"), "SD text encoder"))
+        self.tokenizer = load_pretrained(CLIPTokenizer, os.path.join(sd_dir, "tokenizer"), "SD tokenizer")
         self.shape = (self.tokenizer.model_max_length, self.encoder.config.hidden_size)
 
     def train(self, mode: bool = True):
@@ -88,7 +91,7 @@ def condition_shapes(encoder_dir: str, sd_dir: str):
     """(image_cond_tokens, image_cond_dim, text_cond_tokens, text_cond_dim) from the configs
     of the local directories, without loading weights."""
     from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
-    v = CLIPVisionConfig.from_pretrained(encoder_dir)
-    t = CLIPTextConfig.from_pretrained(os.path.join(sd_dir, "text_encoder"))
-    max_len = CLIPTokenizer.from_pretrained(os.path.join(sd_dir, "tokenizer")).model_max_length
+    v = load_pretrained(CLIPVisionConfig, encoder_dir, "IP-Adapter image encoder")
+    t = load_pretrained(CLIPTextConfig, os.path.join(sd_dir, "text_encoder"), "SD text encoder")
+    max_len = load_pretrained(CLIPTokenizer, os.path.join(sd_dir, "tokenizer"), "SD tokenizer").model_max_length
     return (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size, max_len, t.hidden_size

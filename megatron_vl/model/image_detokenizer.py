@@ -15,13 +15,14 @@ IP-Adapter directories it decodes with) + ``model.safetensors``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
-from .directory import load_part_weights, read_part_config, save_part
+from .directory import PartDirectoryError, load_part_weights, read_part_config, save_part
 
 CONFIG_NAME = "image_detokenizer_config.json"
 
@@ -83,7 +84,11 @@ class ImageDetokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ImageDetokenizer":
-        model = cls(read_part_config(path, CONFIG_NAME, ImageDetokenizerConfig, "image detokenizer"))
+        cfg = read_part_config(path, CONFIG_NAME, ImageDetokenizerConfig, "image detokenizer")
+        try:
+            model = cls(cfg)
+        except ValueError as exc:   # a config that cannot be built (heads not dividing the width)
+            raise PartDirectoryError(f"{os.path.join(path, CONFIG_NAME)}: {exc}") from None
         load_part_weights(model, path)
         return model
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .directory import load_part_weights, read_part_config, save_part
+from .directory import PartDirectoryError, load_part_weights, load_pretrained, read_part_config, save_part
 
 CONFIG_NAME = "image_tokenizer_config.json"
 
@@ -83,7 +83,11 @@ class ImageTokenizer(nn.Module):
     def from_pretrained(cls, path: str) -> "ImageTokenizer":
         from transformers import CLIPVisionModel
         cfg = read_part_config(path, CONFIG_NAME, ImageTokenizerConfig, "image tokenizer")
-        model = cls(cfg, CLIPVisionModel.from_pretrained(os.path.join(path, "clip")))
+        clip = load_pretrained(CLIPVisionModel, os.path.join(path, "clip"), "CLIP vision tower (clip/ of the image tokenizer)")
+        try:
+            model = cls(cfg, clip)
+        except ValueError as exc:   # a config that cannot be built (heads, clip_layer)
+            raise PartDirectoryError(f"{os.path.join(path, CONFIG_NAME)}: {exc}") from None
         load_part_weights(model, path, external=("clip.",))
         return model
 
@@ -91,7 +95,7 @@ class ImageTokenizer(nn.Module):
     def from_clip(cls, clip_dir: str, cfg: ImageTokenizerConfig, seed: int = 0) -> "ImageTokenizer":
         """An untrained tokenizer on a CLIP vision tower (before stage-1 training exists)."""
         from transformers import CLIPVisionModel
-        clip = CLIPVisionModel.from_pretrained(clip_dir)
+        clip = load_pretrained(CLIPVisionModel, clip_dir, "CLIP vision tower")
         torch.manual_seed(seed)
         return cls(cfg, clip)
 
@@ -101,5 +105,5 @@ def load_image_processor(path: str):
     from transformers import CLIPImageProcessor
     for d in (os.path.join(path, "clip"), path):
         if os.path.isfile(os.path.join(d, "preprocessor_config.json")):
-            return CLIPImageProcessor.from_pretrained(d)
-    raise FileNotFoundError(f"{path}: no preprocessor_config.json (save the CLIP image processor with the model)")
+            return load_pretrained(CLIPImageProcessor, d, "CLIP image processor")
+    raise PartDirectoryError(f"{path}: no preprocessor_config.json (save the CLIP image processor with the model)")

@@ -71,8 +71,61 @@ class TokenizerTrainConfig(Sections):
             errors.append("--lambda-image and --lambda-text must be >= 0")
         elif m.lambda_image == 0 and m.lambda_text == 0:
             errors.append("--lambda-image and --lambda-text are both 0: nothing to train")
+        errors += size_errors(self)
+        errors += ip_adapter_weight_errors(m)
         errors += training_errors(self, world_size)
         raise_errors(errors)
+
+
+# Sizes that must be at least 1 (a 0-wide or 0-deep part trains nothing), and at least 0.
+POSITIVE = {"model": ("num_image_tokens", "visual_embed_dim", "tokenizer_layers", "tokenizer_heads",
+                      "detokenizer_width", "detokenizer_layers", "detokenizer_heads"),
+            "data": ("shuffle_buffer",)}
+NON_NEGATIVE = {"data": ("prefetch",)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def size_errors(cfg: "TokenizerTrainConfig") -> List[str]:
+    """Every width, depth and count of the stage-1 model and data: in range, and the heads
+    dividing the width they split (the CLIP width is checked when CLIP is loaded)."""
+    import math
+    errors = []
+    for section, names in POSITIVE.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            if value < 1:
+                errors.append(f"{_flag(name)} {value}: must be at least 1")
+    for section, names in NON_NEGATIVE.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            if value < 0:
+                errors.append(f"{_flag(name)} {value}: must be at least 0")
+    m = cfg.model
+    if m.detokenizer_width >= 1 and m.detokenizer_heads >= 1 and m.detokenizer_width % m.detokenizer_heads:
+        errors.append(f"--detokenizer-heads {m.detokenizer_heads} does not divide --detokenizer-width "
+                      f"{m.detokenizer_width}")
+    for flag, value in (("--lambda-image", m.lambda_image), ("--lambda-text", m.lambda_text)):
+        if not math.isfinite(value):
+            errors.append(f"{flag} {value}: must be a finite number")
+    return errors
+
+
+def ip_adapter_weight_errors(m: TokenizerModelConfig) -> List[str]:
+    """The adapter weights are only read when decoding, long after training: a wrong name must
+    be refused now, not recorded in the detokenizer for the decoder to trip over."""
+    import os
+    if not m.ip_adapter or not os.path.isdir(m.ip_adapter):
+        return []   # reported as a missing directory when the models are built
+    if os.path.basename(m.ip_adapter_weight) != m.ip_adapter_weight:
+        return [f"--ip-adapter-weight {m.ip_adapter_weight}: a file name inside --ip-adapter, not a path"]
+    if os.path.isfile(os.path.join(m.ip_adapter, m.ip_adapter_weight)):
+        return []
+    present = sorted(f for f in os.listdir(m.ip_adapter) if f.endswith((".bin", ".safetensors")))
+    return [f"--ip-adapter-weight {m.ip_adapter_weight}: no such file in --ip-adapter {m.ip_adapter} (weight files "
+            f"there: {', '.join(present) or 'none'})"]
 
 
 __all__ = ["TokenizerTrainConfig", "TokenizerModelConfig", "PairDataConfig", "ConfigError"]

@@ -10,6 +10,7 @@ thread, on its device.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Callable, Dict, Iterator, Optional
@@ -17,6 +18,7 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 
 from ..data.formats import Report
+from ..errors import InputError
 from ..data.pair_stream import PairStream
 
 
@@ -55,6 +57,10 @@ class PairBatches:
                  device: Optional[torch.device] = None, dtype=torch.float32, prefetch: int = 2):
         if (encoders is None) == (store is None):
             raise ValueError("targets come from the encoders or from a store: exactly one of them")
+        missing = [s for shards in stream.sources for s in shards if not os.path.isfile(s)]
+        if missing:   # before any model runs: a typo in --train-shards is not a damaged shard
+            raise InputError(f"--train-shards: {len(missing)} shard(s) do not exist: {', '.join(missing[:3])}"
+                             + (" ..." if len(missing) > 3 else ""))
         self.stream, self.micro, self.processor = stream, micro, clip_processor
         self.encoders, self.store = encoders, store
         self.device, self.dtype, self.prefetch = device or torch.device("cpu"), dtype, prefetch
@@ -66,7 +72,10 @@ class PairBatches:
     def _prepared(self, skip: int) -> Iterator[Dict]:
         pairs = self.stream.samples(skip)
         while True:
-            chunk = [next(pairs) for _ in range(self.micro)]
+            try:
+                chunk = [next(pairs) for _ in range(self.micro)]
+            except ValueError as exc:   # the stream found nothing readable in this rank's shards
+                raise InputError(f"--train-shards: {exc}{self._skips()}") from None
             images, captions = [p.image for p in chunk], [p.caption for p in chunk]
             batch = {"pixels": self.processor(images=images, return_tensors="pt")["pixel_values"],
                      "position": chunk[-1].position + 1, "where": [p.where for p in chunk]}
@@ -75,6 +84,13 @@ class PairBatches:
             else:
                 batch["ip_pixels"], batch["token_ids"] = self.encoders.inputs(images, captions)
             yield batch
+
+    def _skips(self) -> str:
+        r = self.stream.report
+        if not r.skipped:
+            return ""
+        return " (skipped: " + "; ".join(f"{reason}: {n}, first at {r.first_seen[reason]}"
+                                         for reason, n in sorted(r.skipped.items())) + ")"
 
     def __call__(self, skip: int) -> Iterator[Dict]:
         """Yields model-ready batches (tensors on the device) with 'position' and 'where'."""

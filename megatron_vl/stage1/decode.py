@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..model.detokenizer_targets import ImageConditionEncoder
+from ..model.directory import PartDirectoryError, load_pretrained
 from ..model.image_detokenizer import ImageDetokenizer
 
 MODES = ("both", "image", "text")
@@ -39,10 +40,17 @@ class DiffusionDecoder:
             raise FileNotFoundError(f"{os.path.join(ip_adapter_dir, ip_adapter_weight)}: no IP-Adapter-Plus weights")
         self.device, self.dtype = torch.device(device), dtype
         self.detokenizer = detokenizer.to(self.device).eval()
-        self.pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, feature_extractor=None,
-                                                            requires_safety_checker=False, dtype=dtype)
-        self.pipe.load_ip_adapter(ip_adapter_dir, subfolder="", weight_name=ip_adapter_weight,
-                                  image_encoder_folder=None)
+        self.pipe = load_pretrained(StableDiffusionPipeline, sd_dir, "Stable Diffusion pipeline (--sd-model)",
+                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                    dtype=dtype)
+        weight_file = os.path.join(ip_adapter_dir, ip_adapter_weight)
+        try:
+            self.pipe.load_ip_adapter(ip_adapter_dir, subfolder="", weight_name=ip_adapter_weight,
+                                      image_encoder_folder=None)
+        except Exception as exc:   # noqa: BLE001 - damaged, or not IP-Adapter-Plus weights (safetensors, pickle...)
+            msg = " ".join(str(exc).split())[:300]
+            raise PartDirectoryError(f"{weight_file}: cannot load the IP-Adapter-Plus weights "
+                                     f"({type(exc).__name__}: {msg})") from None
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         encoder = ImageConditionEncoder(os.path.join(ip_adapter_dir, "image_encoder")).to(self.device)

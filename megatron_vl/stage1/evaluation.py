@@ -9,6 +9,8 @@ from typing import Dict, Iterable, List, Sequence
 
 import torch
 
+from ..errors import InputError
+from ..model.directory import load_pretrained
 from .decode import DiffusionDecoder, reconstruct
 
 
@@ -17,8 +19,9 @@ class ClipImageScorer:
 
     def __init__(self, clip_dir: str, device="cpu"):
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-        self.model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).to(device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(clip_dir)
+        what = "CLIP scoring model (--clip-score-model)"
+        self.model = load_pretrained(CLIPVisionModelWithProjection, clip_dir, what).to(device).eval()
+        self.processor = load_pretrained(CLIPImageProcessor, clip_dir, f"image processor of the {what}")
         self.device = device
 
     @torch.no_grad()
@@ -55,7 +58,7 @@ def evaluate_reconstruction(images: Iterable, tokenizer, processor, decoder: Dif
     out = {}
     for mode, parts in scores.items():
         if not parts:
-            raise ValueError("no image to evaluate")
+            raise InputError("no image to evaluate: the shards hold no readable pair")
         values = torch.cat(parts)
         out[mode] = {"clip_similarity": float(values.mean()), "images": int(values.numel())}
     return out

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..model.detokenizer_targets import condition_shapes
+from ..model.directory import load_pretrained
 from ..model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig, detokenizer_loss
 from ..model.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from .config import TokenizerModelConfig
@@ -46,7 +47,7 @@ def build_framework(m: TokenizerModelConfig, seed: int) -> TokenizerFramework:
     torch.manual_seed(seed)
     tokenizer = ImageTokenizer(ImageTokenizerConfig(m.num_image_tokens, m.visual_embed_dim, m.tokenizer_layers,
                                                     m.tokenizer_heads, m.clip_layer),
-                               CLIPVisionModel.from_pretrained(m.clip_model))
+                               load_pretrained(CLIPVisionModel, m.clip_model, "CLIP vision tower (--clip-model)"))
     detokenizer = ImageDetokenizer(ImageDetokenizerConfig(
         m.visual_embed_dim, image_tokens, image_dim, text_tokens, text_dim, m.detokenizer_width, m.detokenizer_layers,
         m.detokenizer_heads, sd_dir=os.path.abspath(m.sd_model), ip_adapter_dir=os.path.abspath(m.ip_adapter),

@@ -5,7 +5,9 @@ A frozen ViT-H forward per image per epoch is most of a stage-1 step, so
 ``tools/precompute_tokenizer_targets.py`` can run the encoders once: one store per shard,
 ``<targets-dir>/<shard name>-<hash of its path>.safetensors`` holding ``image`` [n, 257, 1280]
 and ``text`` [n, 77, 768] in float16, row i for the i-th readable pair of the shard, and in
-its metadata the sample keys, the shard's size and the encoder directories. Targets are
+its metadata the sample keys, the shard's size and a hash of its bytes (blake2b; a shard
+rewritten at the same size, e.g. with other captions, is recomputed, never silently reused)
+and the encoder directories. Targets are
 float16 on both paths (the on-the-fly ones are rounded the same way), so a run reads the same
 numbers either way and the two give equal losses.
 """
@@ -22,10 +24,12 @@ import torch
 
 from ..atomic import temp_name
 from ..data.formats import Report, read_wds_pairs
+from ..errors import InputError
 from ..model.detokenizer_targets import ImageConditionEncoder, TextConditionEncoder
 
 TARGET_DTYPE = torch.float16
-STORE_VERSION = 1
+STORE_VERSION = 2   # 2: stores carry the shard's content hash
+_hashes: dict = {}  # (path, size, mtime_ns) -> hash: a shard is hashed once per process
 
 
 def split_where(where: str) -> Tuple[str, str]:
@@ -54,6 +58,31 @@ class TargetEncoders:
         return e_v, e_t
 
 
+def shard_digest(shard: str) -> str:
+    """blake2b of the shard's bytes (streamed): what its targets were computed from."""
+    st = os.stat(shard)
+    key = (os.path.abspath(shard), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        h = hashlib.blake2b(digest_size=16)
+        with open(shard, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _hashes[key] = h.hexdigest()
+    return _hashes[key]
+
+
+def stale_reason(meta: dict, shard: str):
+    """Why a store's metadata does not describe the shard as it is now, or None."""
+    if meta.get("version") != str(STORE_VERSION):
+        return f"written by an older version (store format {meta.get('version')}, this one reads {STORE_VERSION})"
+    size = os.path.getsize(shard)
+    if meta.get("shard_bytes") != str(size):
+        return f"made from {meta.get('shard_bytes')} bytes of {shard}, which now has {size}: the shard changed"
+    if meta.get("shard_blake2b") != shard_digest(shard):
+        return f"made from other contents of {shard} (same size, other bytes): the shard changed"
+    return None
+
+
 def targets_file(targets_dir: str, shard: str) -> str:
     digest = hashlib.blake2b(os.path.abspath(shard).encode(), digest_size=6).hexdigest()
     stem = os.path.basename(shard)
@@ -68,6 +97,7 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
     from PIL import Image
     import io
     from safetensors.torch import save_file
+    digest = shard_digest(shard)   # before reading: a shard rewritten meanwhile never matches its store
     keys: List[str] = []
     image_rows, text_rows = [], []
     pending: List[tuple] = []
@@ -99,7 +129,7 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
         return 0
     path = targets_file(targets_dir, shard)
     meta = {"version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(os.path.getsize(shard)),
-            "keys": json.dumps(keys), **encoders.sources}
+            "shard_blake2b": digest, "keys": json.dumps(keys), **encoders.sources}
     tmp = temp_name(path)
     save_file({"image": torch.cat(image_rows).contiguous(), "text": torch.cat(text_rows).contiguous()}, tmp,
               metadata=meta)
@@ -108,16 +138,17 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
 
 
 def store_is_current(targets_dir: str, shard: str) -> bool:
-    """A store exists for this shard and was made from a file of its current size."""
+    """A store exists for this shard and was made from its current contents."""
     from safetensors import safe_open
     path = targets_file(targets_dir, shard)
     if not os.path.isfile(path):
         return False
     try:
         with safe_open(path, "pt") as fh:
-            return fh.metadata().get("shard_bytes") == str(os.path.getsize(shard))
+            meta = fh.metadata() or {}
     except Exception:
-        return False
+        return False   # damaged: recomputed
+    return stale_reason(meta, shard) is None
 
 
 class TargetStore:
@@ -138,16 +169,21 @@ class TargetStore:
         from safetensors import safe_open
         path = targets_file(self.dir, shard)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no precomputed targets for shard {shard}; run "
+            raise InputError(f"{path}: no precomputed targets for shard {shard}; run "
                                     f"tools/precompute_tokenizer_targets.py over it (or drop --targets-dir)")
-        fh = safe_open(path, "pt")
-        meta = fh.metadata()
-        if meta.get("shard_bytes") != str(os.path.getsize(shard)):
-            raise ValueError(f"{path}: made from {meta.get('shard_bytes')} bytes of {shard}, which now has "
-                             f"{os.path.getsize(shard)}: the shard changed; precompute its targets again")
+        try:
+            fh = safe_open(path, "pt")
+            meta = fh.metadata() or {}
+        except Exception as exc:
+            raise InputError(f"{path}: unreadable precomputed targets ({type(exc).__name__}: {exc}); run "
+                             f"tools/precompute_tokenizer_targets.py again (it recomputes it)") from None
+        stale = stale_reason(meta, shard)
+        if stale:
+            raise InputError(f"{path}: {stale}; run tools/precompute_tokenizer_targets.py over it again (it "
+                             "recomputes changed shards), or drop --targets-dir")
         image, text = fh.get_slice("image"), fh.get_slice("text")
         if tuple(image.get_shape()[1:]) != self.image_shape or tuple(text.get_shape()[1:]) != self.text_shape:
-            raise ValueError(f"{path}: targets shaped {tuple(image.get_shape()[1:])} / {tuple(text.get_shape()[1:])}, "
+            raise InputError(f"{path}: targets shaped {tuple(image.get_shape()[1:])} / {tuple(text.get_shape()[1:])}, "
                              f"the encoders give {self.image_shape} / {self.text_shape}: made with other encoders")
         for key, value in self.sources.items():
             if meta.get(key) != value:
@@ -164,7 +200,7 @@ class TargetStore:
             shard, key = split_where(where)
             path, rows, image, text = self._store(shard)
             if key not in rows:
-                raise KeyError(f"{path}: no targets for sample {key} of {shard}; precompute the shard again")
+                raise InputError(f"{path}: no targets for sample {key} of {shard}; precompute the shard again")
             i = rows[key]
             e_v.append(image[i:i + 1])
             e_t.append(text[i:i + 1])
