@@ -370,3 +370,17 @@ def test_tiny_model_writers_refuse_to_overwrite(tmp_path):
     assert "already holds config.json" in out
     assert (tmp_path / "clip" / "config.json").read_text() == "mine" and sorted(os.listdir(tmp_path)) == [
         "clip", "notes.txt"]
+
+
+def test_export_tokenizer_names_an_absent_step(m, tmp_path):
+    """X16: --ckpt-step of a checkpoint that is not there is named with the steps present."""
+    ck = tmp_path / "ck" / "iter_0000004"
+    for part in ("image_tokenizer", "image_detokenizer"):
+        shutil.copytree(m.export / part, ck / part)
+    (tmp_path / "ck" / "latest").write_text("iter_0000004")
+    out = tool("tools/export_tokenizer.py", "--load", tmp_path / "ck", "--save", tmp_path / "o", "--ckpt-step", 7,
+               expect=1)
+    assert f"--load {tmp_path / 'ck'}: no checkpoint iter_0000007 (--ckpt-step 7); present: iter_0000004" in out
+    assert not (tmp_path / "o").exists()
+    tool("tools/export_tokenizer.py", "--load", tmp_path / "ck", "--save", tmp_path / "o")
+    assert (tmp_path / "o" / "image_tokenizer").is_dir()

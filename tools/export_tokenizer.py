@@ -36,6 +36,11 @@ def export(load: str, save: str, ckpt_step=None) -> str:
     if tag is None:
         raise CheckpointError(f"--load {load}: no checkpoint ('latest' missing)")
     src = os.path.join(load, tag)
+    if not os.path.isdir(src):
+        present = sorted(n for n in os.listdir(load) if n.startswith("iter_")) if os.path.isdir(load) else []
+        raise CheckpointError(f"--load {load}: no checkpoint {tag}"
+                              + (f" (--ckpt-step {ckpt_step})" if ckpt_step is not None else " ('latest' names it)")
+                              + f"; present: {', '.join(present) if present else 'none'}")
     for part in (TOKENIZER_DIR, DETOKENIZER_DIR):
         if not os.path.isdir(os.path.join(src, part)):
             raise CheckpointError(f"{src}: no {part}/ (not a train_tokenizer.py checkpoint?)")
