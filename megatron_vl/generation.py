@@ -16,12 +16,63 @@ images out, batched.
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
 
 from .data.instruct_formats import IMAGE_TAG
+from .errors import UsageError
+
+
+class GenerationError(UsageError, ValueError):
+    """A prompt or a generation setting that cannot work: one line from the tools (exit 2), a
+    ValueError to Python callers."""
+
+
+# The limits of each setting: (test, wording); the tools' flags and Sampling share them.
+_LIMITS = {
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "0 (greedy) or more"),
+    "top_k": (lambda v: v >= 0, "0 (off) or more"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+    "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)"),
+}
+
+
+_INTS = ("max_new_tokens", "top_k", "seed")
+
+
+def _check(name: str, value) -> None:
+    test, wording = _LIMITS[name]
+    kinds = int if name in _INTS else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not test(value):
+        raise GenerationError(f"{name} must be {wording}, got {value!r}")
+
+
+def arg_type(kind, test, wording: str):
+    """An argparse type: `kind` parsed, then refused unless test(value); argparse names the flag
+    and exits 2 ("argument --top-p: must be in (0, 1] (1: off), got 2.0")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+    return parse
+
+
+def setting_type(name: str):
+    """The argparse type of the Sampling field `name` (same limits as Sampling checks)."""
+    test, wording = _LIMITS[name]
+    return arg_type(int if name in _INTS else float, test, wording)
+
+
+positive_int = arg_type(int, lambda v: v >= 1, "at least 1")
 
 
 @dataclass
@@ -35,6 +86,33 @@ class Sampling:
     text_to_image: bool = False    # force [IMG] after the prompt; stop after the image
     text_only: bool = False        # never open an image ([IMG]/[/IMG] suppressed): answers, captions
 
+    def __post_init__(self):
+        # Refused here rather than sampled from: a negative temperature silently meant greedy,
+        # top_p 2 silently meant off.
+        for name in _LIMITS:
+            _check(name, getattr(self, name))
+        if isinstance(self.stop, str):
+            raise GenerationError(f"stop must be a sequence of strings, got the string {self.stop!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+            check_text(s, "stop string")
+        if self.text_to_image and self.text_only:
+            raise GenerationError("text_to_image and text_only cannot both be set (one forces an image, the other "
+                                  "forbids images)")
+
+
+def check_text(text: str, what: str = "prompt") -> None:
+    """Refuses text that cannot be encoded as UTF-8: a command-line argument holding invalid
+    UTF-8 bytes reaches Python as lone surrogates, which tokenizers reject with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        c = ord(text[exc.start])
+        byte = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"code point U+{c:04X}"
+        raise GenerationError(f"{what} is not valid UTF-8 text (undecodable {byte} at character {exc.start}): "
+                              f"{text[:40]!r}") from None
+
 
 @dataclass
 class Prompt:
@@ -47,7 +125,7 @@ class Generation:
     text: str                      # the generated text (images as "<image>")
     tokens: List[int]              # generated elements (0 at visual positions)
     images: List[torch.Tensor]     # each complete image's [N, d], in order
-    stopped_by: str                # "eos", "stop string", "max tokens", "image"
+    stopped_by: str                # "eos", "stop string", "max tokens", "image", "position limit"
     partial: Optional[torch.Tensor] = None   # [n < N, d]: an image max_new_tokens cut short
 
 
@@ -56,7 +134,7 @@ def build_prompt(text: str, tokenize, image_embeds: Sequence[torch.Tensor], img_
     """Text with ``<image>`` tags + one [N, d] embedding block per tag -> a Prompt."""
     parts = text.split(IMAGE_TAG)
     if len(parts) - 1 != len(image_embeds):
-        raise ValueError(f"prompt has {len(parts) - 1} {IMAGE_TAG} tag(s) and {len(image_embeds)} image(s)")
+        raise GenerationError(f"prompt has {len(parts) - 1} {IMAGE_TAG} tag(s) and {len(image_embeds)} image(s)")
     p = Prompt([bos_id] if bos_id is not None else [], [None] if bos_id is not None else [])
     for i, part in enumerate(parts):
         if part:
@@ -67,7 +145,19 @@ def build_prompt(text: str, tokenize, image_embeds: Sequence[torch.Tensor], img_
             block = image_embeds[i]
             p.tokens += [img_id] + [0] * block.shape[0] + [img_end_id]
             p.visual += [None] + list(block) + [None]
+    if not p.tokens:
+        # Nothing to continue from: the model would be run on a 0-length sequence.
+        raise GenerationError(f"prompt {text!r} is empty after tokenization (no text, no image, no BOS): give it "
+                              "some text, or start it with the BOS token (--add-bos)")
     return p
+
+
+def check_positions(p: Prompt, max_positions: int, what: str = "prompt") -> None:
+    """Refuses a prompt longer than the model's position table: past it the model was never
+    trained (RoPE still computes, so it would silently generate garbage)."""
+    if len(p.tokens) > max_positions:
+        raise GenerationError(f"{what} has {len(p.tokens)} elements (text tokens and image positions), more than "
+                              f"the model's {max_positions} positions (max_position_embeddings): shorten it")
 
 
 def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -99,7 +189,14 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
     img, img_end = model.image_token_ids["[IMG]"], model.image_token_ids["[/IMG]"]
     n_visual, d = model.config["num_image_tokens"], model.config["visual_embed_dim"]
     b = len(prompts)
+    if b == 0:
+        return []
+    max_positions = getattr(lm.config, "max_position_embeddings", None) or float("inf")
     prompts = [Prompt(p.tokens + [img], p.visual + [None]) if sampling.text_to_image else p for p in prompts]
+    for r, p in enumerate(prompts):
+        if not p.tokens:
+            raise GenerationError(f"prompt {r + 1} of {b} is empty: nothing to continue from")
+        check_positions(p, max_positions, f"prompt {r + 1} of {b}")
     width = max(len(p.tokens) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
     vis = torch.zeros(b, width, d, device=dev, dtype=dtype)
@@ -134,6 +231,9 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
     done: List[Optional[str]] = [None] * b
     generator = torch.Generator().manual_seed(sampling.seed)
     for _ in range(sampling.max_new_tokens):
+        for r in range(b):   # the next element would sit beyond the position table
+            if not done[r] and int(next_pos[r, 0]) >= max_positions:
+                done[r] = "position limit"
         if all(done):
             break
         logits = lm.lm_head(hidden)[:, -1]
@@ -190,7 +290,7 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
                         pieces.append(decode(run))
                         run = []
                     pieces.append(IMAGE_TAG)
-                elif not visual and tok not in (img, img_end):
+                elif not visual and tok not in (img, img_end, eos_id):   # EOS is no part of the text
                     run.append(tok)
                 prev_visual = visual
             if run:
@@ -209,12 +309,12 @@ class Generator:
 
     def __init__(self, export_dir: str, device="cpu", dtype: Optional[torch.dtype] = None, add_bos: bool = True):
         import os
-        from transformers import AutoTokenizer
-        from .modeling_vlgpt import VLGPTForCausalLM
+        from .modeling_vlgpt import VLGPTForCausalLM, load_tokenizer, read_export_config
         self.dir = export_dir
+        read_export_config(export_dir)   # a missing or foreign directory: one line, before anything loads
         self.model = VLGPTForCausalLM.from_pretrained(export_dir, dtype=dtype).to(device).eval()
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(export_dir)
+        self.tokenizer = load_tokenizer(export_dir)
         self.add_bos = add_bos
         self.processor = None
         if self.model.image_tokenizer is not None:
@@ -224,11 +324,21 @@ class Generator:
             if self.model.config.get("image_detokenizer") else None
         self._decoder = None
 
+    @property
+    def max_positions(self) -> int:
+        return self.model.causal_lm.config.max_position_embeddings
+
     def encode(self, text: str) -> List[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        """Text -> ids, special tokens' spellings kept as plain text: "[IMG]" typed by a user is
+        not the image delimiter (an image comes only through <image> and its picture), nor is
+        "</s>" the end of sequence."""
+        check_text(text)
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids))
+        """Ids -> text without special tokens: the one place generated answers become text, so
+        an answer that ends at EOS carries no "</s>" into a results file or a score."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence) -> List[torch.Tensor]:
@@ -236,7 +346,7 @@ class Generator:
         if not images:
             return []
         if self.model.image_tokenizer is None:
-            raise ValueError(f"{self.dir} ships no image tokenizer (export-hf --image-tokenizer): prompts cannot "
+            raise GenerationError(f"{self.dir} ships no image tokenizer (export-hf --image-tokenizer): prompts cannot "
                              "hold images")
         tok = self.model.image_tokenizer
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -246,7 +356,10 @@ class Generator:
     def prompt(self, text: str, images: Sequence = ()) -> Prompt:
         ids = self.model.image_token_ids
         bos = self.tokenizer.bos_token_id if self.add_bos else None
-        return build_prompt(text, self.encode, self.image_embeddings(images), ids["[IMG]"], ids["[/IMG]"], bos)
+        check_text(text)
+        p = build_prompt(text, self.encode, self.image_embeddings(images), ids["[IMG]"], ids["[/IMG]"], bos)
+        check_positions(p, self.max_positions)
+        return p
 
     def generate(self, prompts: Sequence[Prompt], sampling: Sampling) -> List[Generation]:
         return generate(self.model, prompts, sampling, self.tokenizer.eos_token_id, self.decode,
@@ -255,8 +368,8 @@ class Generator:
     def decoder(self, **kw):
         if self._decoder is None:
             if self.detokenizer_dir is None:
-                raise ValueError(f"{self.dir} ships no image detokenizer (export-hf --image-detokenizer): generated "
-                                 "images cannot be turned into pixels")
+                raise GenerationError(f"{self.dir} ships no image detokenizer (export-hf --image-detokenizer): "
+                                      "generated images cannot be turned into pixels")
             from .model.image_detokenizer import ImageDetokenizer
             from .stage1.decode import DiffusionDecoder
             self._decoder = DiffusionDecoder(ImageDetokenizer.from_pretrained(self.detokenizer_dir),

@@ -25,6 +25,64 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .convert.vlgpt_export import ADAPTER_DIR, VLGPT_CONFIG, VLGPT_HEADS
+from .errors import InputError
+
+
+class ExportDirError(InputError, FileNotFoundError):
+    """A --hf-dir that is missing, not a model directory, or damaged. Also a FileNotFoundError,
+    so callers that report a missing directory keep doing so."""
+
+    def __str__(self) -> str:   # FileNotFoundError would print "(errno) msg" given two args
+        return str(self.args[0]) if self.args else ""
+
+
+def check_model_dir(path: str, what: str = "--hf-dir") -> None:
+    """Refuses anything but an existing local directory holding a transformers config.json,
+    before any from_pretrained sees it: transformers would take a missing path for a Hub repo id
+    (and try to download it, or fail with "Repo id must be in the form ...")."""
+    if not path or not os.path.exists(path):
+        raise ExportDirError(f"{what} {path}: no such directory")
+    if not os.path.isdir(path):
+        raise ExportDirError(f"{what} {path}: not a directory (an export-hf output or a LLaMA directory)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ExportDirError(f"{what} {path}: no config.json: not a transformers model directory (an export-hf "
+                             "output or a LLaMA directory)")
+
+
+def _load(what: str, path: str, loader, **kwargs):
+    """loader(path, local_files_only=True, **kwargs), its failures (a truncated weights file,
+    a damaged tokenizer) as one line naming the directory. Nothing is ever downloaded."""
+    try:
+        return loader(path, local_files_only=True, **kwargs)
+    except Exception as exc:   # noqa: BLE001 - safetensors' SafetensorError is a bare Exception; OSError, ...
+        msg = " ".join(str(exc).split())
+        raise ExportDirError(f"{path}: cannot load the {what} ({type(exc).__name__}: {msg[:300]})") from None
+
+
+def load_tokenizer(path: str):
+    """The export's transformers tokenizer, read from `path` only."""
+    from transformers import AutoTokenizer
+    check_model_dir(path)
+    return _load("tokenizer", path, AutoTokenizer.from_pretrained)
+
+
+def read_export_config(path: str) -> dict:
+    """vlgpt_config.json of an export, checked for the keys generation reads."""
+    check_model_dir(path)
+    cfg_path = os.path.join(path, VLGPT_CONFIG)
+    try:
+        with open(cfg_path) as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise ExportDirError(f"{cfg_path} missing: {path} is not a VL-GPT export "
+                             "(tools/convert_checkpoint.py export-hf on a VL-GPT checkpoint)") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ExportDirError(f"{cfg_path}: not valid JSON ({exc}); the export is damaged") from None
+    need = ("visual_embed_dim", "num_image_tokens", "image_token_ids", "lora")
+    missing = [k for k in need if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ExportDirError(f"{cfg_path}: lacks {', '.join(missing)}: not a VL-GPT export config (damaged?)")
+    return config
 
 
 class VLGPTOutput(NamedTuple):
@@ -38,10 +96,11 @@ def load_language_model(path: str, adapter: Optional[str] = ADAPTER_DIR, dtype: 
     """LlamaForCausalLM from `path`, wrapped by peft's PeftModel when `path/adapter` holds an
     adapter (merged into the weights with merge_lora)."""
     from transformers import LlamaForCausalLM
-    lm = LlamaForCausalLM.from_pretrained(path, dtype=dtype) if dtype else LlamaForCausalLM.from_pretrained(path)
+    check_model_dir(path)
+    lm = _load("language model", path, LlamaForCausalLM.from_pretrained, **({"dtype": dtype} if dtype else {}))
     if adapter and os.path.isfile(os.path.join(path, adapter, "adapter_config.json")):
         from peft import PeftModel
-        lm = PeftModel.from_pretrained(lm, os.path.join(path, adapter))
+        lm = _load("LoRA adapter", os.path.join(path, adapter), lambda p, **kw: PeftModel.from_pretrained(lm, p))
         if merge_lora:
             lm = lm.merge_and_unload()
     return lm
@@ -77,27 +136,30 @@ class VLGPTForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, merge_lora: bool = False, dtype: Optional[torch.dtype] = None,
                         load_image_tokenizer: bool = True) -> "VLGPTForCausalLM":
+        config = read_export_config(path)
         cfg_path = os.path.join(path, VLGPT_CONFIG)
-        try:
-            with open(cfg_path) as fh:
-                config = json.load(fh)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg_path} missing: {path} is not a VL-GPT export "
-                                    "(tools/convert_checkpoint.py export-hf on a VL-GPT checkpoint)") from None
         adapter = config["lora"].get("adapter")
         if adapter and not os.path.isfile(os.path.join(path, adapter, "adapter_config.json")):
-            raise FileNotFoundError(f"{cfg_path} names the LoRA adapter {adapter}/, but {path}/{adapter} holds none")
+            raise ExportDirError(f"{cfg_path} names the LoRA adapter {adapter}/, but {path}/{adapter} holds none")
         lm = load_language_model(path, adapter, dtype, merge_lora)
         image_tokenizer = None
         if load_image_tokenizer and config.get("image_tokenizer"):
             from .model.image_tokenizer import ImageTokenizer
             image_tokenizer = ImageTokenizer.from_pretrained(os.path.join(path, config["image_tokenizer"]))
         model = cls(lm, config, image_tokenizer)
-        heads = load_file(os.path.join(path, VLGPT_HEADS))
-        model.visual_proj.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
-                                           if k.startswith("visual_proj.")})
-        model.regression.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
-                                          if k.startswith("regression.")})
+        heads_path = os.path.join(path, VLGPT_HEADS)
+        if not os.path.isfile(heads_path):
+            raise ExportDirError(f"{heads_path}: missing (the visual projection and regression head of {path})")
+        try:
+            heads = load_file(heads_path)
+            model.visual_proj.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
+                                               if k.startswith("visual_proj.")})
+            model.regression.load_state_dict({k.split(".", 1)[1]: v for k, v in heads.items()
+                                              if k.startswith("regression.")})
+        except Exception as exc:   # safetensors' own error, or heads of another shape
+            msg = " ".join(str(exc).split())
+            raise ExportDirError(f"{heads_path}: cannot load the visual heads ({type(exc).__name__}: {msg[:300]})") \
+                from None
         dtype = dtype or next(model.causal_lm.parameters()).dtype
         model.visual_proj.to(dtype)
         model.regression.to(dtype)
@@ -132,6 +194,10 @@ class VLGPTForCausalLM(nn.Module):
         from transformers import DynamicCache
         if input_ids.shape[0] != 1:
             raise ValueError("generate() takes one sequence (batch size 1)")
+        if input_ids.shape[1] == 0:
+            raise ValueError("generate() needs a prompt of at least one element (input_ids is empty)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
         img, img_end = self.image_token_ids["[IMG]"], self.image_token_ids["[/IMG]"]
         n_visual, d = self.config["num_image_tokens"], self.config["visual_embed_dim"]
         lm = self.causal_lm

@@ -24,28 +24,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_vl.errors import run_cli  # noqa: E402
+
 
 def build_parser():
+    from megatron_vl.generation import positive_int, setting_type
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="export-hf output (or any LlamaForCausalLM directory)")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts; <image> marks images")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts; <image> marks images "
+                   "(text spelling [IMG], [/IMG] or </s> stays plain text)")
     p.add_argument("--image", action="append", default=[], help="image files, taken in order by the <image> tags")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=setting_type("max_new_tokens"), default=32)
+    p.add_argument("--temperature", type=setting_type("temperature"), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=setting_type("top_k"), default=0, help="0: off")
+    p.add_argument("--top-p", type=setting_type("top_p"), default=1.0, help="in (0, 1]; 1: off")
     p.add_argument("--sample", action="store_true", help="sample at temperature 1 (same as --temperature 1)")
     p.add_argument("--stop", action="append", default=[], help="stop strings (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-to-image", action="store_true", help="force [IMG] after each prompt, stop after the image")
-    p.add_argument("--text-only", action="store_true", help="never generate an image ([IMG]/[/IMG] suppressed)")
-    p.add_argument("--image-out", help="directory for the PNGs of generated images")
+    p.add_argument("--seed", type=setting_type("seed"), default=0)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--text-to-image", action="store_true",
+                      help="force [IMG] after each prompt, stop after the image")
+    mode.add_argument("--text-only", action="store_true", help="never generate an image ([IMG]/[/IMG] suppressed)")
+    p.add_argument("--image-out", help="directory for the PNGs of generated images (<prompt#>_<image#>.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --image-out replace PNGs of those names that are already there (refused by default)")
     p.add_argument("--decode-mode", default="both", choices=["both", "image", "text"])
-    p.add_argument("--diffusion-steps", type=int, default=50)
+    p.add_argument("--diffusion-steps", type=positive_int, default=50)
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per left-padded batch")
+    p.add_argument("--height", type=positive_int)
+    p.add_argument("--width", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per left-padded batch")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=True,
@@ -56,55 +64,130 @@ def build_parser():
     return p
 
 
+def check_args(args):
+    """Everything about the flags that can be refused before a model loads."""
+    from megatron_vl.errors import UsageError
+    from megatron_vl.generation import check_text
+    for i, text in enumerate(args.prompt):
+        check_text(text, f"--prompt {i + 1}")
+        if not text and not args.add_bos:
+            raise UsageError(f"--prompt {i + 1} is empty and --no-add-bos leaves nothing to continue from: give it "
+                             "some text, or drop --no-add-bos")
+    for s in args.stop:
+        check_text(s, "--stop")
+        if not s:
+            raise UsageError("--stop '' would stop at once: give a non-empty stop string")
+    if args.image_out:
+        guard_image_out(args)
+
+
+def guard_image_out(args):
+    """Refuses an --image-out that already holds a PNG this run would write (<prompt#>_*.png
+    for its prompts), unless --overwrite: the names depend on how many images come out, so
+    every PNG of these prompts' numbers counts."""
+    import re
+    from megatron_vl.atomic import guard_output_files
+    from megatron_vl.errors import UsageError
+    out = args.image_out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--image-out {out} is a file, not a directory")
+    if not os.path.isdir(out):
+        return
+    ours = re.compile(r"(\d{3,})_\d+\.png")
+    names = sorted(n for n in os.listdir(out)
+                   if ours.fullmatch(n) and int(ours.fullmatch(n).group(1)) < len(args.prompt))
+    guard_output_files(out, names, overwrite=args.overwrite, flag="--image-out")
+
+
+def save_png(picture, path, args):
+    """Written under a temporary name and renamed: never over an input image, never over a
+    file this run did not make unless --overwrite, never half-written under its name."""
+    from megatron_vl.atomic import guard_output, temp_name
+    guard_output(path, inputs=args.image, overwrite=args.overwrite, flag="--image-out")
+    tmp = temp_name(path)
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def plain_lm(args):
     import torch
-    from transformers import AutoTokenizer
-    from megatron_vl.modeling_vlgpt import load_language_model
+    from megatron_vl.modeling_vlgpt import load_language_model, load_tokenizer
+    from megatron_vl.errors import UsageError
+    from megatron_vl.generation import GenerationError
+    images = [f for f, on in (("--image", args.image), ("--text-to-image", args.text_to_image),
+                              ("--image-out", args.image_out)) if on]
+    if images:   # silently ignored before
+        raise UsageError(f"--hf-dir {args.hf_dir} is a plain language model (no vlgpt_config.json): it takes no "
+                         f"{', '.join(images)}")
     torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.hf_dir)
+    tok = load_tokenizer(args.hf_dir)
     model = load_language_model(args.hf_dir).eval()
     image_ids = [i for i in tok.convert_tokens_to_ids(["[IMG]", "[/IMG]"]) if i is not None and i != tok.unk_token_id]
     suppress = None if args.allow_image_tokens or not image_ids else image_ids
-    for prompt in args.prompt:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=args.add_bos)
+    temperature = args.temperature or (1.0 if args.sample else 0.0)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": args.top_k, "top_p": args.top_p} \
+        if temperature > 0 else {"do_sample": False}
+    stops = [s.encode().decode("unicode_escape") for s in args.stop]
+    for i, prompt in enumerate(args.prompt):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=args.add_bos, split_special_tokens=True)
+        if ids["input_ids"].shape[1] == 0:
+            raise GenerationError(f"--prompt {i + 1} is empty after tokenization: nothing to continue from")
+        limit = model.config.max_position_embeddings
+        if ids["input_ids"].shape[1] > limit:
+            raise GenerationError(f"--prompt {i + 1} has {ids['input_ids'].shape[1]} tokens, more than the model's "
+                                  f"{limit} positions (max_position_embeddings): shorten it")
         with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                 pad_token_id=tok.eos_token_id, suppress_tokens=suppress)
-        print(f"prompt: {prompt!r}\n  -> {tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=False)!r}")
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, pad_token_id=tok.eos_token_id,
+                                 suppress_tokens=suppress, **sampling)
+        text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in stops:
+            text = text.split(stop)[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "images": [], "num_images": 0}), flush=True)
+        else:
+            print(f"prompt: {prompt!r}\n  -> {text!r}", flush=True)
     return 0
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from megatron_vl.convert.vlgpt_export import VLGPT_CONFIG
+    from megatron_vl.errors import UsageError, UserError
+    from megatron_vl.modeling_vlgpt import check_model_dir
+    check_args(args)
+    check_model_dir(args.hf_dir)
     if not os.path.isfile(os.path.join(args.hf_dir, VLGPT_CONFIG)):
         return plain_lm(args)
     import torch
-    from PIL import Image
-    from megatron_vl.generation import IMAGE_TAG, Generator, Sampling
+    from megatron_vl.generation import IMAGE_TAG, GenerationError, Generator, Sampling
+    from megatron_vl.model.directory import open_image
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tags = sum(p.count(IMAGE_TAG) for p in args.prompt)
     if tags != len(args.image):
-        print(f"error: the prompts hold {tags} {IMAGE_TAG} tag(s), {len(args.image)} --image file(s) were given",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"the prompts hold {tags} {IMAGE_TAG} tag(s), {len(args.image)} --image file(s) were given")
+    sampling = Sampling(args.max_new_tokens, args.temperature or (1.0 if args.sample else 0.0), args.top_k,
+                        args.top_p, tuple(s.encode().decode("unicode_escape") for s in args.stop), args.seed,
+                        args.text_to_image, args.text_only)
     try:
         gen = Generator(args.hf_dir, device, add_bos=args.add_bos)
         files = iter(args.image)
         prompts = []
-        for text in args.prompt:
-            images = []
-            for _ in range(text.count(IMAGE_TAG)):
-                with Image.open(next(files)) as im:
-                    images.append(im.convert("RGB"))
-            prompts.append(gen.prompt(text, images))
+        for i, text in enumerate(args.prompt):
+            images = [open_image(next(files), "--image") for _ in range(text.count(IMAGE_TAG))]
+            try:
+                prompts.append(gen.prompt(text, images))
+            except GenerationError as exc:
+                raise GenerationError(f"--prompt {i + 1}: {exc}") from None
         decoder = gen.decoder() if args.image_out else None
     except (OSError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    sampling = Sampling(args.max_new_tokens, args.temperature or (1.0 if args.sample else 0.0), args.top_k,
-                        args.top_p, tuple(s.encode().decode("unicode_escape") for s in args.stop), args.seed,
-                        args.text_to_image, args.text_only)
     results = []
     for start in range(0, len(prompts), args.batch_size):
         results += gen.generate(prompts[start:start + args.batch_size], sampling)
@@ -116,17 +199,22 @@ def main(argv=None):
                                       args.diffusion_steps, args.guidance_scale, args.seed)
             for j, picture in enumerate(pictures):
                 paths.append(os.path.join(args.image_out, f"{i:03d}_{j}.png"))
-                picture.save(paths[-1])
-        cut = "" if result.partial is None else f"an image cut short after {len(result.partial)} of its " \
-            f"{gen.model.config['num_image_tokens']} embeddings (--max-new-tokens)"
+                save_png(picture, paths[-1], args)
+        notes = []
+        if result.partial is not None:
+            notes.append(f"an image cut short after {len(result.partial)} of its "
+                         f"{gen.model.config['num_image_tokens']} embeddings (--max-new-tokens), not decoded")
+        if result.stopped_by == "position limit":
+            notes.append(f"stopped at the model's {gen.max_positions} positions (max_position_embeddings) before "
+                         "--max-new-tokens")
         if args.json:
             print(json.dumps({"prompt": text, "text": result.text, "images": paths, "num_images": len(result.images),
-                              "stopped_by": result.stopped_by, "note": cut}), flush=True)
+                              "stopped_by": result.stopped_by, "note": "; ".join(notes)}), flush=True)
         else:
             print(f"prompt: {text!r}\n  -> {result.text!r}" + "".join(f"\n  image: {p}" for p in paths)
-                  + (f"\n  note: {cut}, not decoded" if cut else ""), flush=True)
+                  + "".join(f"\n  note: {n}" for n in notes), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

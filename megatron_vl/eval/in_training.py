@@ -92,15 +92,18 @@ class TrainingEvaluator:
     def _answer(self, p: Prompt, max_new: int, dtype) -> str:
         out: List[int] = []
         eos = self.tokenizer.eod_id
+        # Special tokens are no part of an answer's text (an HF tokenizer's decode would spell
+        # them out, "<s>" in a VQA answer scores 0); EOS ends it, as in generation.py.
+        special = {eos, self.tokenizer.bos_id, self.img, self.img_end}
         for _ in range(max_new):
             token = self._step(p, dtype)
             if token == eos:
                 break
             out.append(token)
             p = Prompt(p.tokens + [token], p.visual + [None])
-            if "\n" in self.tokenizer.decode(out):
+            if "\n" in self.tokenizer.decode([t for t in out if t not in special]):
                 break
-        return self.tokenizer.decode(out).split("\n")[0].strip()
+        return self.tokenizer.decode([t for t in out if t not in special]).split("\n")[0].strip()
 
     @torch.no_grad()
     def run(self) -> Dict[str, Dict]:

@@ -78,6 +78,8 @@ def normalize_answer(answer: str) -> str:
 
 def vqa_score(answer: str, human_answers: Sequence[str]) -> float:
     """One question's accuracy in [0, 1] against its (ten) human answers."""
+    if not human_answers:
+        raise ValueError("a question without human answers cannot be scored")
     humans = [h.replace("\n", " ").replace("\t", " ").strip() for h in human_answers]
     if len(set(humans)) > 1:
         humans = [strip_punctuation(h) for h in humans]
@@ -89,12 +91,24 @@ def vqa_score(answer: str, human_answers: Sequence[str]) -> float:
 def vqa_accuracy(answers: Dict, humans: Dict) -> float:
     """100 × mean accuracy over the questions of `answers` ({question_id: answer}),
     `humans` {question_id: [ten answers]}; rounded as the official script rounds it."""
+    _check_answers(answers)
     scores = [vqa_score(answers[q], humans[q]) for q in answers]
     return round(100.0 * sum(scores) / len(scores), 2)
 
 
+def _check_answers(answers: Dict) -> None:
+    """No answers, or one that is not text, is a caller's error: named, not a ZeroDivisionError
+    or an AttributeError from the normalisation."""
+    if not answers:
+        raise ValueError("no answers to score")
+    for q, a in answers.items():
+        if not isinstance(a, str):
+            raise ValueError(f"the answer to {q!r} is {a!r}, not a string")
+
+
 def exact_match(answers: Dict, truth: Dict) -> float:
     """GQA: 100 × the share of answers equal to the truth after normalisation."""
+    _check_answers(answers)
     hits = [normalize_answer(answers[q]) == normalize_answer(truth[q]) for q in answers]
     return round(100.0 * sum(hits) / len(hits), 2)
 
@@ -133,6 +147,7 @@ def tokenize_captions(captions: Dict[object, List[str]], use_java: bool = True) 
 def cider(candidates: Dict[object, str], references: Dict[object, List[str]], use_java: bool = True):
     """(CIDEr-D over the candidates' ids, per-id scores, tokenizer used), pycocoevalcap's scorer."""
     from pycocoevalcap.cider.cider import Cider
+    _check_answers(candidates)
     ids = list(candidates)
     refs, how = tokenize_captions({i: references[i] for i in ids}, use_java)
     cands, _ = tokenize_captions({i: [candidates[i]] for i in ids}, use_java)

@@ -9,20 +9,19 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..generation import Generator, Sampling
-from .tasks import Item, load_items, prompt, score, support
+from ..generation import GenerationError, Generator, Sampling
+from .tasks import EvalFileError, Item, load_items, prompt, score, support
 
 ANSWER_TOKENS = {"coco_caption": 30}
 DEFAULT_ANSWER_TOKENS = 10
 
 
 def _image(path: str):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {path}: no such file (check --image-root / --image-pattern)") from None
+    import os
+    from ..model.directory import open_image
+    if not os.path.isfile(path):
+        raise EvalFileError(f"image {path}: no such file (check --image-root / --image-pattern)")
+    return open_image(path, "image")   # a damaged image: one line naming it
 
 
 def _gather(values: Dict) -> Dict:
@@ -49,7 +48,10 @@ def answer_items(gen: Generator, task: str, items: List[Item], pool: List[Item],
         for item in batch:
             examples = support(item, pool, shots, seed)
             images = [_image(e.image) for e in examples] + [_image(item.image)]
-            prompts.append(gen.prompt(prompt(task, item, examples), images))
+            try:
+                prompts.append(gen.prompt(prompt(task, item, examples), images))
+            except GenerationError as exc:   # e.g. k shots beyond the model's positions
+                raise GenerationError(f"{task} item {item.id!r}, {shots}-shot: {exc}") from None
         for item, out in zip(batch, gen.generate(prompts, sampling)):
             answers[item.id] = out.text.strip()
         if progress is not None:
@@ -68,6 +70,9 @@ def text_to_image(gen: Generator, items: List[Item], args, rank: int, world: int
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         outs = gen.generate([gen.prompt(item.question) for item in batch], sampling)
+        for item, o in zip(batch, outs):
+            if not o.images:   # the caption left too few positions for a whole image
+                raise GenerationError(f"t2i item {item.id!r}: no complete image was generated ({o.stopped_by})")
         embeds = torch.stack([o.images[0] for o in outs])
         pictures = decoder.decode(embeds, "both", args.t2i_size, args.t2i_size, args.diffusion_steps,
                                   args.guidance_scale, args.seed)
@@ -95,7 +100,7 @@ def evaluate(gen: Generator, task: str, args, shots_list: Sequence[int], rank: i
     if args.max_items:
         items = items[:args.max_items]
     if not items:
-        raise ValueError(f"{task}: no items to evaluate in the given files")
+        raise EvalFileError(f"{task}: no items to evaluate in the given files")
     out: Dict = {"shots": {}, "answers": {}}
     if task == "t2i":
         bar = progress_factory(len(items[rank::world]), f"{task}") if progress_factory else None
