@@ -220,6 +220,23 @@ def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
         busy.kill()
         busy.wait()
     assert engine.stale_build_locks(grace_seconds=0.5) == [str(lock)]
+    # A build on another node sharing the directory is invisible in /proc but keeps writing there:
+    # its lock is watched, not called stale, and released when that build ends.
+    import threading
+
+    def remote_build():
+        for i in range(12):
+            (build / f"obj{i}.o").write_text("x")
+            time.sleep(0.1)
+        lock.unlink()
+    builder = threading.Thread(target=remote_build)
+    lock.touch()
+    builder.start()
+    try:
+        assert engine.stale_build_locks(grace_seconds=0.5) == []
+    finally:
+        builder.join()
+    lock.write_text("")
     monkeypatch.setattr(engine, "stale_build_locks", lambda: [str(lock)])
     with pytest.raises(engine.StaleBuildLock, match=rf"{lock}: left by a JIT extension build that was killed "
                        rf"half-way .* remove that directory \(rm -rf {build}; it is rebuilt\)"):

@@ -353,13 +353,26 @@ def _holders(build_dir: str) -> Optional[bool]:
     return False
 
 
-def stale_build_locks(grace_seconds: float = 5.0) -> List[str]:
-    """Lock files of torch JIT extension builds (DeepSpeed's shm comm op on CPU) that no process
+def _last_change(directory: str) -> float:
+    """The newest mtime in a build directory: a live build, here or on another host sharing
+    the directory, keeps writing objects and ninja's log there."""
+    newest = 0.0
+    for dirpath, _, names in os.walk(directory):
+        for name in names + ["."]:
+            try:
+                newest = max(newest, os.path.getmtime(os.path.join(dirpath, name)))
+            except OSError:
+                pass
+    return newest
+
+
+def stale_build_locks(grace_seconds: float = 120.0, log: Callable[[str], None] = print) -> List[str]:
+    """Lock files of torch JIT extension builds (DeepSpeed's shm comm op on CPU) that no build
     holds: a build killed half-way leaves one (torch's FileBaton: no pid in it), and every later
-    run waits on it forever without a word. Stale = still there after grace_seconds of
-    watching (and at least that old) while no process of this host works in its build
-    directory (a live build runs ninja there); a build on another host sharing the directory
-    is not visible, hence the message's caveat. Waits only while a lock exists."""
+    run waits on it forever without a word. Stale = no process of this host works in its build
+    directory (a live build runs ninja there) and nothing there has changed for grace_seconds
+    (a build on another node sharing the directory is invisible to the first test, not to the
+    second). A lock not yet known stale is reported at once and watched; returns the stale ones."""
     import glob
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if not root:
@@ -367,18 +380,23 @@ def stale_build_locks(grace_seconds: float = 5.0) -> List[str]:
         root = get_default_build_root()
     found = []
     for path in sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock"))):
+        warned = False
         while True:
-            try:
-                age = time.time() - os.path.getmtime(path)
-            except OSError:
+            if not os.path.exists(path):
                 break   # released: the build finished
             held = _holders(os.path.dirname(path))
             if held is not False:
                 break   # a live build (or no way to tell): torch waits on it, as it should
-            if age >= grace_seconds:
+            idle = time.time() - _last_change(os.path.dirname(path))
+            if idle >= grace_seconds:
                 found.append(path)
                 break
-            time.sleep(min(0.25, grace_seconds))
+            if not warned and grace_seconds >= 5:
+                log(f"warning: {path}: a JIT extension build lock that no process of this host holds, unchanged "
+                    f"for {idle:.0f} s; waiting up to {grace_seconds - idle:.0f} s more in case a job on another node "
+                    f"is building it (if not: rm -rf {os.path.dirname(path)})")
+                warned = True
+            time.sleep(min(1.0, grace_seconds / 4))
     return found
 
 
@@ -392,7 +410,7 @@ def check_build_locks() -> None:
         lock = stale[0]
         raise StaleBuildLock(
             f"{lock}: left by a JIT extension build that was killed half-way (no process on this host is "
-            f"building in {os.path.dirname(lock)}); this run would wait on it forever: remove that directory "
+            f"building in {os.path.dirname(lock)} and nothing there has changed for minutes); this run would wait on it forever: remove that directory "
             f"(rm -rf {os.path.dirname(lock)}; it is rebuilt) and run again. If a job on another node shares "
             "TORCH_EXTENSIONS_DIR and is building it now, wait for that job instead")
 
