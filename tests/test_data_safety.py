@@ -78,8 +78,9 @@ def test_convert_refuses_to_replace_anything_but_its_own_output(tmp_path):
     before_hf = sorted(os.listdir(hf_dir))
     ckpt = tmp_path / "ckpt"
 
-    def convert(*argv):
-        return tool.main([str(a) for a in argv])
+    def convert(*argv):   # as `python tools/convert_checkpoint.py` runs it: user errors are exit codes
+        from megatron_vl.errors import run_cli
+        return run_cli(tool.main, [str(a) for a in argv])
 
     assert convert("import-hf", "--hf-dir", hf_dir, "--save", project) == 1          # a project folder
     assert (project / "notes.txt").read_text() == "precious" and sorted(os.listdir(project)) == ["notes.txt"]

@@ -258,13 +258,17 @@ def test_long_conversations_are_truncated_and_counted(tmp_path, capsys):
     lengths = [30, 120, 25, 70, 10, 300, 40, 20]
     p = write_prefix(tmp_path / "ins" / "d", documents=len(lengths), loss_mask=True, lengths=lengths)
     block = NUM_IMAGE_TOKENS + 2
-    for pack in (True, False):
+    for pack in (False, True):
         cfg = dataclasses.replace(CFG, pack_documents=pack, reset_attention_mask=True)
         ds = PackedDataset(p, cfg, num_samples=20, cache_dir=str(tmp_path / "c"))
         laid = np.array(lengths) + np.array([1 + d % 2 for d in range(len(lengths))]) * block
+        if not pack:   # one conversation per sample: those that train nothing have no label at all
+            untrained = sum(bool((ds.sample_in_order(j)["labels"] == IGNORE).all()) for j in range(len(lengths)))
+            assert untrained > 0
         assert ds.notes == [f"{p} (documents 0:8): {int((laid > 64).sum())} of 8 conversations longer than "
                             "--seq-length 64 (or with more than --max-images-per-sample 3 images): truncated to "
-                            "one sample (the rest of their answers not trained)"]
+                            f"one sample (the rest of their answers not trained); {untrained} of them keep no answer "
+                            "within it (nothing of them is trained)"]
         for j in range(len(ds)):
             s = ds.sample_in_order(j)
             # Every sample starts at a conversation's start; no image block is cut.
@@ -282,6 +286,11 @@ def test_long_conversations_are_truncated_and_counted(tmp_path, capsys):
     build_data(cfg, 1)
     out = capsys.readouterr().out
     assert f"note: {p} (documents 0:8): 3 of 8 conversations longer than --seq-length 64" in out
+    # A --seq-length that leaves no conversation an answer would train on nothing: refused.
+    q = write_prefix(tmp_path / "ins2" / "d", documents=3, loss_mask=True, lengths=[200, 180, 220])
+    with pytest.raises(ConfigError, match=rf"--seq-length 64: no conversation of {q} \(documents 0:3\) has an answer "
+                       r"within one sample \(the earliest answer starts at position \d+\): nothing would be trained"):
+        PackedDataset(q, CFG, num_samples=4, cache_dir=str(tmp_path / "c"))
     # F07: no validation documents, so no evaluation: said once at start-up.
     assert "note: --split 100,0,0 leaves no validation documents: no evaluation every --eval-interval 1" in out
 

@@ -48,8 +48,10 @@ def blend(prefixes):
 
 
 def ft_args(vl_data, prefixes, *extra, iters=6):
+    # 256 positions: the sample conversations (Vicuna system prompt included) take 140-180 tokens,
+    # and a conversation is never split across samples (at 128 nothing would be trained).
     args = tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--lora-rank", 4, "--lr", "2e-3",
-                     "--global-batch-size", 4, *extra, iters=iters)
+                     "--global-batch-size", 4, "--seq-length", 256, *extra, iters=iters)
     i = args.index("--data-path")
     return args[:i] + ["--data-path", *blend(prefixes)] + args[i + 2:]
 
@@ -154,7 +156,7 @@ def test_no_pack_puts_one_conversation_per_sample(instruct):
     from megatron_vl.data.packing import PackingConfig
     prefixes, _ = instruct
     for pack in (True, False):
-        cfg = PackingConfig(seq_length=128, num_image_tokens=NUM_IMAGE_TOKENS, max_images=5, reset_attention_mask=True,
+        cfg = PackingConfig(seq_length=512, num_image_tokens=NUM_IMAGE_TOKENS, max_images=5, reset_attention_mask=True,
                             pack_documents=pack, embed_dim=EMBED_DIM)
         ds = PackedDataset(prefixes[0], cfg)
         documents = [len(np.unique(ds.sample_in_order(j)["segment_ids"][:ds.sample_in_order(j)["num_positions"]]))

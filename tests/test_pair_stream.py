@@ -53,7 +53,7 @@ def test_shards_blends_ranks_and_bad_pairs(shards):
     assert expand_shards(a) == [f"{shards}/a{i:05d}.tar" for i in range(4)]
     sources, weights = parse_sources(["0.75", a, "0.25", f"{shards}/b{{00000..00001}}.tar"])
     assert weights == [0.75, 0.25] and len(sources[1]) == 2
-    with pytest.raises(ValueError, match="expected weight/pattern pairs"):
+    with pytest.raises(ValueError, match="expected one pattern, or weight/pattern pairs such as"):
         parse_sources(["0.5", a, "b.tar"])
     # Source a over 2 ranks: each rank reads 2 of the 4 shards in an epoch (at least 10 pairs
     # with a caption each), so the first 10 positions of the two ranks never share a pair.

@@ -230,15 +230,40 @@ class PackedDataset:
         return counts
 
     def _count_truncated(self) -> None:
+        """Counts the conversations truncated to one sample, and among them those whose first
+        answer lies beyond the sample (nothing of them is trained); refuses a --seq-length that
+        leaves no conversation of the dataset an answer, which would train on nothing at all."""
         S, block, most = self.cfg.seq_length, self.cfg.num_image_tokens + 2, self.cfg.max_images
         images = self._kept_images()[self.documents]
         over = (self.doc_tokens[self.documents] + images * block > S) | (images > most)
-        if over.any():
-            self.notes.append(
-                f"{self.prefix} (documents {self.documents[0]}:{self.documents[-1] + 1}): {int(over.sum())} of "
-                f"{len(self.documents)} conversations longer than --seq-length {S} (or with more than "
-                f"--max-images-per-sample {most} images): truncated to one sample (the rest of their answers not "
-                "trained)")
+        if not over.any():
+            return
+        unanswered, first = 0, []
+        for d in self.documents[over]:
+            position = self._first_answer_position(int(d), block)
+            first.append(position)
+            unanswered += position is None or position >= S
+        where = f"{self.prefix} (documents {self.documents[0]}:{self.documents[-1] + 1})"
+        if unanswered == len(self.documents):
+            known = [p for p in first if p is not None]
+            raise ConfigError(f"--seq-length {S}: no conversation of {where} has an answer within one sample"
+                             + (f" (the earliest answer starts at position {min(known)})" if known else "")
+                             + ": nothing would be trained; raise --seq-length")
+        self.notes.append(
+            f"{where}: {int(over.sum())} of {len(self.documents)} conversations longer than --seq-length {S} (or with "
+            f"more than --max-images-per-sample {most} images): truncated to one sample (the rest of their answers not "
+            "trained)" + (f"; {unanswered} of them keep no answer within it (nothing of them is trained)"
+                          if unanswered else ""))
+
+    def _first_answer_position(self, d: int, block: int) -> Optional[int]:
+        """The laid-out position of a conversation's first answer token (None: it has none)."""
+        raw = np.asarray(self.loss_mask[d], np.uint8)
+        n_tok = int(self.doc_tokens[d])
+        answer = np.flatnonzero(raw[:n_tok])
+        if not len(answer):
+            return None
+        spans, _ = self._doc_spans_and_kept(d)
+        return int(answer[0]) + block * int(np.count_nonzero(spans[0::3] <= answer[0]))
 
     # --- index -----------------------------------------------------------------------------
 
