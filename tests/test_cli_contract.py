@@ -235,3 +235,125 @@ def test_lock_of_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path
     with exclusive_lock(str(lock), "the checkpoint directory"):
         assert json.loads(lock.read_text())["slurm_restart"] == 1
     assert "taking over" in capsys.readouterr().out and not lock.exists()
+
+
+# ---- the lock's owner is gone: heartbeat, pid reuse, restarted pid namespaces ----------------
+
+def _lock_file(path, **owner):
+    import json
+    path.write_text(json.dumps(dict({"started": "then", "command": "pretrain_vlgpt.py old"}, **owner)))
+    return str(path)
+
+
+def _ago(path, seconds):
+    import time
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_silent_lock_from_another_host_is_taken_over_and_a_beating_one_is_not(tmp_path, monkeypatch, capsys):
+    # A chained job (a new SLURM job id) or a restarted pod lands on another host after a kill -9.
+    from megatron_vl.atomic import LockHeld, exclusive_lock
+    lock = _lock_file(tmp_path / "training.lock", host="other-node", pid=4242, heartbeat=30)
+    with pytest.raises(LockHeld, match="other-node, pid 4242"):   # beating: a live run elsewhere
+        with exclusive_lock(lock, "checkpoint directory x"):
+            pass
+    _ago(lock, 1000)
+    with exclusive_lock(lock, "checkpoint directory x"):
+        pass
+    out = capsys.readouterr().out
+    assert f"note: taking over {lock}, left by a run (host other-node, pid 4242: pretrain_vlgpt.py old) whose " \
+           "heartbeat has been silent for 17 min" in out and not os.path.exists(lock)
+    # the threshold follows the environment, never below twice the owner's own period
+    monkeypatch.setenv("MEGATRON_VL_LOCK_STALE_SECONDS", "1")
+    _lock_file(tmp_path / "training.lock", host="other-node", pid=4242, heartbeat=30)
+    _ago(lock, 10)
+    with pytest.raises(LockHeld, match="other-node"):
+        with exclusive_lock(lock, "checkpoint directory x"):
+            pass
+    _lock_file(tmp_path / "training.lock", host="other-node", pid=4242, heartbeat=0.1)
+    _ago(lock, 10)
+    with exclusive_lock(lock, "checkpoint directory x"):
+        pass
+    assert "silent for 10 s" in capsys.readouterr().out
+    # a lock of an older version (no heartbeat) from another host keeps the old rule: refused
+    _lock_file(tmp_path / "training.lock", host="other-node", pid=4242)
+    _ago(lock, 1000)
+    with pytest.raises(LockHeld, match="other-node"):
+        with exclusive_lock(lock, "checkpoint directory x"):
+            pass
+    monkeypatch.setenv("MEGATRON_VL_LOCK_STALE_SECONDS", "soon")
+    _lock_file(tmp_path / "training.lock", host="other-node", pid=4242, heartbeat=30)
+    with pytest.raises(UsageError, match="MEGATRON_VL_LOCK_STALE_SECONDS='soon'"):
+        with exclusive_lock(lock, "checkpoint directory x"):
+            pass
+
+
+def test_a_lock_naming_this_pid_is_a_leftover_of_a_restarted_container(tmp_path, capsys):
+    # In a container restarted with its own pid namespace the new process often gets its old pid.
+    from megatron_vl.atomic import exclusive_lock
+    host = socket.gethostname()
+    lock = _lock_file(tmp_path / "p.lock", host=host, pid=os.getpid())
+    with exclusive_lock(lock, "dataset prefix p"):
+        pass
+    assert "left by an earlier process with this pid" in capsys.readouterr().out and not os.path.exists(lock)
+    # one lock under two names (a symlinked folder) is re-entered, not taken from itself
+    (tmp_path / "alias").symlink_to(tmp_path)
+    with exclusive_lock(lock, "dataset prefix p"):
+        with exclusive_lock(str(tmp_path / "alias" / "p.lock"), "dataset prefix p"):
+            pass
+        assert os.path.exists(lock)
+    assert not os.path.exists(lock)
+
+
+def test_a_lock_whose_pid_is_now_another_process_is_taken_over(tmp_path, capsys):
+    from megatron_vl.atomic import LockHeld, exclusive_lock
+    host, lock = socket.gethostname(), str(tmp_path / "p.lock")
+    # The old pid may now be another process (its start time differs), or predate a reboot.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with open(f"/proc/{other.pid}/stat") as fh:
+            start = int(fh.read().rsplit(")", 1)[1].split()[19])   # field 22: start time, in ticks
+        _lock_file(tmp_path / "p.lock", host=host, pid=other.pid, proc_start=start)   # that very process
+        with pytest.raises(LockHeld, match=f"pid {other.pid}"):
+            with exclusive_lock(lock, "dataset prefix p"):
+                pass
+        _lock_file(tmp_path / "p.lock", host=host, pid=other.pid, proc_start=start - 1)   # an earlier one
+        with exclusive_lock(lock, "dataset prefix p"):
+            pass
+        assert f"pid {other.pid} is now another process" in capsys.readouterr().out
+        if os.path.exists("/proc/sys/kernel/random/boot_id"):
+            _lock_file(tmp_path / "p.lock", host=host, pid=other.pid, proc_start=start, boot_id="an-earlier-boot")
+            with exclusive_lock(lock, "dataset prefix p"):
+                pass
+            assert "from before this host last started" in capsys.readouterr().out
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_heartbeat_refreshes_a_held_lock_and_stops_with_the_block(tmp_path, monkeypatch):
+    import json
+    import threading
+    import time
+    from megatron_vl import atomic
+    monkeypatch.setattr(atomic, "HEARTBEAT_SECONDS", 0.05, raising=False)
+    lock = str(tmp_path / "training.lock")
+
+    def beats():
+        return [t for t in threading.enumerate() if t.name == f"heartbeat of {lock}"]
+
+    with atomic.exclusive_lock(lock, "checkpoint directory x"):
+        assert json.loads(open(lock).read())["heartbeat"] == 0.05
+        assert len(beats()) == 1 and beats()[0].daemon   # never keeps the interpreter alive
+        _ago(lock, 1000)
+        time.sleep(0.3)
+        assert time.time() - os.stat(lock).st_mtime < 5
+        real = os.utime
+
+        def broken(*a, **k):
+            raise OSError(errno.EIO, "I/O error")
+        monkeypatch.setattr(os, "utime", broken)   # a failing touch is ignored: the beat goes on
+        time.sleep(0.2)
+        monkeypatch.setattr(os, "utime", real)
+        assert len(beats()) == 1
+    assert beats() == [] and not os.path.exists(lock)
