@@ -338,3 +338,126 @@ def test_usage_errors_exit_2_in_one_line(data, monkeypatch, capsys):            
                                     capsys)
     assert code == 2 and "--micro-batch-size 0: must be >= 1" in out and "Traceback" not in out
     assert issubclass(ConfigError, UsageError)
+
+
+# --- token ids at corpus scale: recorded by the writer, O(1) at start-up, per document on read --
+
+def _meta(prefix):
+    import json
+    with open(prefix + ".meta.json") as fh:
+        return json.load(fh)
+
+
+def _set_meta(prefix, **fields):
+    import json
+    meta = _meta(prefix)
+    for key, value in fields.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    with open(prefix + ".meta.json", "w") as fh:
+        json.dump(meta, fh)
+
+
+def test_token_id_range_is_recorded_by_the_writers(data, tmp_path):
+    from megatron_vl.data.indexed import IndexedDataset
+    from megatron_vl.data.preprocess import merge_datasets
+    prefix, _ = data
+    tokens = np.asarray(IndexedDataset(prefix)._bin)
+    assert _meta(prefix)["token_ids"] == {"min": int(tokens.min()), "max": int(tokens.max())}
+    # A merge records the range of what it copied, inputs from before the record included.
+    old = copy_prefix(write_prefix(tmp_path / "hi" / "d", documents=3, seed=9, features=False), tmp_path / "old")
+    with open(old + ".bin", "r+b") as fh:   # (an id the vocabulary holds: IMG's)
+        fh.write(np.uint16(IMG).tobytes())
+    _set_meta(old, token_ids=None)
+    merged = merge_datasets([prefix, old], str(tmp_path / "merged" / "d"), features=False)
+    assert merged["token_ids"] == {"min": int(tokens.min()), "max": IMG}
+    # A range outside the vocabulary is refused at start-up, from meta.json alone.
+    p = copy_prefix(prefix, tmp_path / "range")
+    _set_meta(p, token_ids={"min": 3, "max": VOCAB + 5})
+    assert _damage_error(p, tmp_path) == (
+        f"{p}.meta.json: the token ids written to {p}.bin run from 3 to {VOCAB + 5}, outside the tokenizer's "
+        f"{VOCAB}-token vocabulary it records: the tokenizer or the metadata is wrong; re-run "
+        f"tools/preprocess_data.py for {p}")
+
+
+def test_large_data_from_before_the_record_is_checked_as_it_is_read(data, tmp_path, monkeypatch):
+    import megatron_vl.data.dataset as dataset
+    from megatron_vl.data.indexed import IndexedDataset
+    prefix, _ = data
+    p = copy_prefix(prefix, tmp_path / "old")
+    _set_meta(p, token_ids=None)
+    monkeypatch.setattr(dataset, "VERIFY_FINGERPRINT_BYTES", 0)   # as for a corpus-sized .bin
+
+    def whole_file_read(self, *args, **kwargs):
+        raise AssertionError(f"{self.prefix}.bin read whole at start-up")
+    monkeypatch.setattr(IndexedDataset, "scan", whole_file_read)
+    ds = _open(p, tmp_path)
+    assert ds.notes == [f"{p}.meta.json predates the token-id record: token ids are checked against the "
+                        f"{VOCAB}-token vocabulary as samples are read, not at start-up (re-run "
+                        f"tools/preprocess_data.py for {p} to check them up front)"]
+    d = int(ds.doc_order[ds.starts[int(ds.shuffle[0])][0]])   # the first document sample 0 reads
+    tokens = np.memmap(p + ".bin", np.uint16, mode="r+")
+    tokens[int(ds.text.pointers[ds.text.document_indices[d]]) // 2 + 1] = VOCAB + 7
+    tokens.flush()
+    del tokens
+    ds = _open(p, tmp_path)   # opens as before (nothing scanned); the sample that reads it fails
+    with pytest.raises(IndexedDataError) as info:
+        ds[0]
+    assert str(info.value) == (
+        f"{p}.bin: token id {VOCAB + 7} (in document {d}) is outside the tokenizer's {VOCAB}-token vocabulary "
+        f"({p}.meta.json): the file is damaged or was written with another tokenizer; re-run "
+        f"tools/preprocess_data.py for {p}")
+
+
+def test_content_verdict_is_keyed_by_the_real_path(data, tmp_path, monkeypatch):
+    from megatron_vl.data.indexed import IndexedDataset
+    prefix, _ = data
+    p = copy_prefix(prefix, tmp_path / "real" / "data")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    scans = []
+    scan = IndexedDataset.scan
+    monkeypatch.setattr(IndexedDataset, "scan", lambda self, *a, **k: scans.append(self.prefix) or scan(self, *a, **k))
+    _open(p, tmp_path)
+    assert scans   # hashed once
+    scans.clear()
+    monkeypatch.chdir(tmp_path)
+    for same in (os.path.join("real", "data", "d"), str(tmp_path / "link" / "data" / "d")):
+        _open(same, tmp_path)
+    assert scans == []
+
+
+# --- a check that fails on rank 0 fails every rank, at once (no peer left in a barrier) ----------
+
+def _open_on_every_rank(rank, world, prefixes, cache):
+    import time
+    seen = []
+    for prefix in prefixes:
+        start = time.monotonic()
+        try:
+            seen.append(("ok", len(PackedDataset(prefix, CFG, num_samples=8, cache_dir=cache))))
+        except UserError as exc:
+            seen.append((type(exc).__name__, str(exc)))
+        assert time.monotonic() - start < 20, f"rank {rank} waited on {prefix}"
+    return seen
+
+
+def test_an_error_on_rank_0_is_raised_on_every_rank(data, tmp_path):
+    from megatron_vl.testing.distributed import run_distributed
+    prefix, _ = data
+    ids = copy_prefix(prefix, tmp_path / "ids")
+    tokens = np.memmap(ids + ".bin", np.uint16, mode="r+")
+    tokens[5] = VOCAB + 1
+    tokens.flush()
+    del tokens
+    spans = copy_prefix(prefix, tmp_path / "spans")
+    with open(spans + "_images.bin", "r+b") as fh:
+        fh.seek(8)
+        fh.write(np.random.default_rng(3).bytes(56))
+    seen = run_distributed(_open_on_every_rank, 2, [ids, spans, prefix], str(tmp_path / "cache"), timeout=90)
+    assert seen[0] == seen[1]
+    (kind_ids, message_ids), (kind_spans, message_spans), clean = seen[0]
+    assert kind_ids == "IndexedDataError" and message_ids.startswith(f"{ids}.bin: token id {VOCAB + 1} (the largest")
+    assert kind_spans == "IndexedDataError" and f"{spans}_images.bin: document 0" in message_spans
+    assert clean == ("ok", 8)

@@ -119,8 +119,8 @@ def test_extraction_refuses_zero_sizes_and_removes_dead_writers_temps(m, tmp_pat
     live = tmp_path / f"p_image_features.shard00001.bin.tmp{os.getppid()}-{host}"
     dead.write_bytes(b"x" * 100)
     live.write_bytes(b"y")
-    with pytest.raises(Exception):   # no dataset at this prefix: refused after the clean-up
-        extract_features(str(tmp_path / "p"), None, None, 4, 4)
+    with pytest.raises(InputError, match=f"^{tmp_path}/p.meta.json: dataset metadata missing"):
+        extract_features(str(tmp_path / "p"), None, None, 4, 4)   # no dataset there: refused after the clean-up
     assert not dead.exists() and live.exists()
     assert f"note: removed {dead}, a temporary file left by pid {DEAD_PID}" in capsys.readouterr().out
 
@@ -257,9 +257,12 @@ def rewrite_captions(shard):
     assert os.path.getsize(shard) == size
 
 
-def test_precomputed_targets_follow_the_shards_contents(m, tmp_path):
-    """PT2: a shard rewritten at the same size is recomputed by precompute (with a note) and
-    refused by training's store, naming the store and the shard."""
+def test_precomputed_targets_follow_the_shards_contents(m, tmp_path, monkeypatch):
+    """PT2: a shard rewritten at the same size (new mtime, other bytes) is recomputed by
+    precompute (with a note) and refused by training's store, naming the store and the shard.
+    Training trusts the recorded size and mtime (the shard is not read: its hash is never taken)
+    and hashes only when the mtime changed: same bytes are used silently."""
+    from megatron_vl.stage1 import targets
     from megatron_vl.stage1.targets import TargetStore, store_is_current, targets_file
     shards = tmp_path / "shards"
     shutil.copytree(m.root / "shards", shards)
@@ -267,18 +270,109 @@ def test_precomputed_targets_follow_the_shards_contents(m, tmp_path):
     common = ["--train-shards", pattern, "--sd-model", m.sd, "--ip-adapter", m.ip, "--targets-dir",
               tmp_path / "t", "--no-progress"]
     assert "wrote targets of 8 pairs from 2 shard(s)" in tool("tools/precompute_tokenizer_targets.py", *common)
-    shard = str(shards / "00000.tar")
-    store = TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {})
-    store([f"{shard}:s00000"])
+    shard, other = str(shards / "00000.tar"), str(shards / "00001.tar")
+    hashed = []
+    real_digest = targets.shard_digest
+
+    def no_hash(path):
+        raise AssertionError(f"training read {path} to hash it")
+    monkeypatch.setattr(targets, "shard_digest", no_hash)
+    targets._hashes.clear()
+    notes = []
+    TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {}, log=notes.append)([f"{shard}:s00000", f"{other}:s10004"])
+    assert notes == []
+    # Same bytes, new mtime (a copy without -p, a touch): hashed once, used without a note.
+    st = os.stat(other)
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    monkeypatch.setattr(targets, "shard_digest", lambda path: hashed.append(path) or real_digest(path))
+    TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {}, log=notes.append)([f"{other}:s10005"])
+    assert hashed == [other] and notes == []
+    # Same size, other bytes, new mtime: refused.
+    before = os.stat(shard).st_mtime_ns
     rewrite_captions(shard)
+    os.utime(shard, ns=(before, before + 5_000_000_000))   # a new mtime even on a coarse-clock filesystem
     assert not store_is_current(str(tmp_path / "t"), shard)
-    with pytest.raises(InputError, match="same size, other bytes"):
+    with pytest.raises(InputError, match=f"^{targets_file(str(tmp_path / 't'), shard)}: made from other contents of "
+                       f"{shard} \\(same size, other bytes\\): the shard changed; run tools/precompute"):
         TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {})([f"{shard}:s00000"])
     out = tool("tools/precompute_tokenizer_targets.py", *common)
-    assert "2 shard(s), 1 already done" in out and f"note: {targets_file(str(tmp_path / 't'), shard)}" in out
-    TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {})([f"{shard}:s00000"])
+    assert "2 shard(s), 1 already done" in out and "wrote targets of 4 pairs from 1 shard(s)" in out
+    assert f"note: {targets_file(str(tmp_path / 't'), shard)} does not match {shard} as it is now (made from " \
+           "other contents" in out
+    # ...and precompute recorded the other shard's new mtime, so training trusts it again unhashed.
+    assert f"note: {targets_file(str(tmp_path / 't'), other)}: the shard has a new modification time and the " \
+           "same bytes; recorded the shard's hash in it (no recompute)" in out
+    monkeypatch.setattr(targets, "shard_digest", no_hash)
+    TargetStore(str(tmp_path / "t"), (17, 48), (77, 24), {})([f"{shard}:s00000", f"{other}:s10004"])
     assert "--batch-size 0: must be a positive" in tool("tools/precompute_tokenizer_targets.py", *common,
                                                          "--batch-size", 0, expect=2)
+
+
+def write_v1_store(targets_dir, shard, keys, sources):
+    """A store as the code before content hashes (store format 1) wrote it: size only."""
+    from safetensors.torch import save_file
+    from megatron_vl.stage1.targets import targets_file
+    tensors = {"image": torch.randn(len(keys), 17, 48).half(), "text": torch.randn(len(keys), 77, 24).half()}
+    meta = {"version": "1", "shard": os.path.abspath(shard), "shard_bytes": str(os.path.getsize(shard)),
+            "keys": json.dumps(keys), **sources}
+    os.makedirs(targets_dir, exist_ok=True)
+    save_file(tensors, targets_file(targets_dir, shard), metadata=meta)
+    return tensors
+
+
+def test_format1_stores_are_kept_when_their_shard_is_not_newer(m, tmp_path):
+    """A store of format 1 (before hashes) whose shard has its size and is not newer than it is
+    used by training (one note, nothing written) and upgraded by precompute (hash, size and mtime
+    recorded, tensors kept: no recompute); one whose shard is newer is refused / recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from megatron_vl.stage1.framework import ip_image_encoder_dir
+    from megatron_vl.stage1.targets import TargetStore, shard_digest, targets_file
+    shards = tmp_path / "shards"
+    shutil.copytree(m.root / "shards", shards)
+    shard, newer = str(shards / "00000.tar"), str(shards / "00001.tar")
+    t = str(tmp_path / "t")
+    sources = {"image_encoder": os.path.abspath(ip_image_encoder_dir(m.ip)), "sd_model": os.path.abspath(m.sd)}
+    old = os.stat(shard).st_mtime_ns - 100_000_000_000
+    for s in (shard, newer):
+        os.utime(s, ns=(old, old))   # written before their stores
+    kept = write_v1_store(t, shard, [f"s0{i:04d}" for i in range(4)], sources)
+    write_v1_store(t, newer, [f"s1{i:04d}" for i in range(4, 8)], sources)
+    later = os.stat(targets_file(t, newer)).st_mtime_ns + 5_000_000_000
+    os.utime(newer, ns=(later, later))   # modified after its store was written: may have changed
+    store_bytes = open(targets_file(t, shard), "rb").read()
+    notes = []
+    store = TargetStore(t, (17, 48), (77, 24), sources, log=notes.append)
+    e_v, _ = store([f"{shard}:s00001", f"{shard}:s00002"])
+    assert torch.equal(e_v, kept["image"][1:3])
+    assert len(notes) == 1 and notes[0].startswith(f"note: {targets_file(t, shard)} (and any other store of format "
+                                                   "1") and "precompute_tokenizer_targets.py once" in notes[0]
+    with pytest.raises(InputError, match=f"^{targets_file(t, newer)}: store format 1 \\(no hash of the shard's bytes\\) "
+                       f"and {newer} was modified after it was written: the shard may have changed; run tools/"):
+        store([f"{newer}:s10004"])
+    assert open(targets_file(t, shard), "rb").read() == store_bytes and sorted(os.listdir(t)) == sorted(
+        os.path.basename(targets_file(t, s)) for s in (shard, newer))   # training wrote nothing
+    dead = f"{targets_file(t, shard)}.tmp{DEAD_PID}-{socket.gethostname()}"
+    open(dead, "wb").write(b"half an upgrade")
+    out = tool("tools/precompute_tokenizer_targets.py", "--train-shards", str(shards / "{00000..00001}.tar"),
+               "--sd-model", m.sd, "--ip-adapter", m.ip, "--targets-dir", t, "--no-progress")
+    assert f"note: {targets_file(t, shard)}: store format 1 (no hash of the shard's bytes); the shard has its size " \
+           "and is not newer than it; recorded the shard's hash in it (no recompute)" in out
+    assert f"note: {targets_file(t, newer)} does not match {newer} as it is now (store format 1" in out
+    assert "2 shard(s), 1 already done" in out and "wrote targets of 4 pairs from 1 shard(s)" in out
+    assert f"note: removed {dead}, a temporary file left by pid {DEAD_PID}" in out
+    with safe_open(targets_file(t, shard), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["version"] == "2" and meta["shard_blake2b"] == shard_digest(shard)
+    assert (meta["shard_bytes"], meta["shard_mtime_ns"]) == (str(os.path.getsize(shard)), str(old))
+    assert meta["keys"] == json.dumps([f"s0{i:04d}" for i in range(4)]) and meta["sd_model"] == sources["sd_model"]
+    upgraded = load_file(targets_file(t, shard))
+    assert all(torch.equal(upgraded[k], kept[k]) for k in kept)   # the targets themselves were not recomputed
+    assert sorted(os.listdir(t)) == sorted(os.path.basename(targets_file(t, s)) for s in (shard, newer))
+    notes.clear()
+    fresh = TargetStore(t, (17, 48), (77, 24), sources, log=notes.append)
+    assert torch.equal(fresh([f"{shard}:s00003"])[0], kept["image"][3:4]) and notes == []
+    fresh([f"{newer}:s10007"])   # recomputed: now current
 
 
 # --- reconstruct_images / eval_reconstruction ---------------------------------------------------

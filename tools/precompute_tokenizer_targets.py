@@ -10,7 +10,10 @@ ViT-H image encoder and SD's text encoder every step. Equal losses either way.
 
 One store per shard (about 0.78 MB per pair at SD 1.5 / ViT-H sizes: 257x1280 + 77x768
 float16); a shard whose store exists and was made from the shard's current bytes (size and
-blake2b hash) is skipped, so a rerun resumes; a shard that changed is computed again.
+blake2b hash) is skipped, so a rerun resumes; a shard that changed is computed again. A store
+of format 1 (before hashes) is kept when its shard has the recorded size and is not newer than
+it: its shard's hash, size and mtime are recorded in it (no recompute), with a note; so are a
+shard's new mtime and same bytes (training then trusts size and mtime and need not hash it).
 Pairs without caption or with an image that does not decode are counted and reported.
 """
 
@@ -38,10 +41,11 @@ def build_parser():
 
 def main(argv=None):
     from tqdm import tqdm
+    from megatron_vl.atomic import remove_stale_temps
     from megatron_vl.data.formats import Report
     from megatron_vl.data.pair_stream import parse_sources
     from megatron_vl.stage1.framework import ip_image_encoder_dir
-    from megatron_vl.stage1.targets import TargetEncoders, store_is_current, targets_file, write_shard_targets
+    from megatron_vl.stage1.targets import TargetEncoders, bring_store_up_to_date, write_shard_targets
     p = build_parser()
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -57,14 +61,10 @@ def main(argv=None):
         print(f"error: {len(missing)} shard(s) do not exist, e.g. {missing[0]}", file=sys.stderr)
         return 2
     os.makedirs(args.targets_dir, exist_ok=True)
-    todo = []
-    for s in shards:
-        if store_is_current(args.targets_dir, s):
-            continue
-        todo.append(s)
-        if os.path.isfile(targets_file(args.targets_dir, s)):
-            print(f"note: {targets_file(args.targets_dir, s)} does not match {s} as it is now; computing it again",
-                  flush=True)
+    # A killed run (or a killed store upgrade) left half-written stores under temp names.
+    remove_stale_temps(args.targets_dir, log=lambda msg: print(msg, flush=True))
+    todo = [s for s in shards if not bring_store_up_to_date(args.targets_dir, s,
+                                                            log=lambda msg: print(msg, flush=True))]
     print(f"rank {rank}: {len(shards)} shard(s), {len(shards) - len(todo)} already done", flush=True)
     encoders = TargetEncoders(ip_image_encoder_dir(args.ip_adapter), args.sd_model, device)
     report = Report()

@@ -6,11 +6,15 @@ and cached as ``.npy`` beside the data (or under ``--data-cache-path``): documen
 0 builds while the others wait. ``dataset[i]`` depends only on i: any rank, any time.
 
 The files of a prefix must agree before anything is read from them: document counts and
-per-document sizes between the ``.idx`` files and meta.json (every rank, O(documents)); on
-rank 0, token ids inside the tokenizer's vocabulary, the bytes of files up to
-VERIFY_FINGERPRINT_BYTES against the fingerprints meta.json records, and every image span
-inside its document. The order caches carry a CRC-32 record (``*_order.json``, written last):
-a damaged, zeroed or out-of-range cache is rebuilt with a note naming it, never read.
+per-document sizes between the ``.idx`` files and meta.json (every rank, O(documents)); the
+token-id range meta.json records inside the tokenizer's vocabulary (every rank, O(1)); on
+rank 0, the bytes of files up to VERIFY_FINGERPRINT_BYTES against the fingerprints meta.json
+records (their token ids checked in the same pass), and every image span inside its
+document. Nothing reads a whole corpus-sized file at start-up: the token ids of every
+document are also checked as it is read (the only check of a large file from before the
+recorded range). An error found on rank 0 is raised on every rank, never left to a peer
+waiting in a collective. The order caches carry a CRC-32 record (``*_order.json``, written
+last): a damaged, zeroed or out-of-range cache is rebuilt with a note naming it, never read.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..config import ConfigError, split_weights
-from ..errors import InputError
+from ..errors import InputError, UserError
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
 from .packing import PackingConfig, materialize
 from .sample_index import SampleIndexBuilder, SpanTable
@@ -36,8 +40,8 @@ from .tokenizer import IMG, IMG_END
 INDEX_VERSION = 3   # 2: keyed by content fingerprints; 3: + document lengths, checksummed caches
 VERIFY_FINGERPRINT_BYTES = 1 << 30
 """Files up to this size are hashed at start-up against the fingerprint their metadata records
-(~1 s a GiB, once: the verdict is cached by size and mtime); larger ones are checked by
-structure only (counts, sizes, spans inside their documents, token ids)."""
+(~1 s a GiB, once: the verdict is cached by real path, size and mtime); larger ones are checked
+by structure only (counts, sizes, spans inside their documents, token ids as they are read)."""
 
 __all__ = ["split_weights", "split_ranges", "open_meta", "PackedDataset", "parse_blend", "build_train_valid_test",
            "BlendedDataset", "PretrainingSampler", "collate"]
@@ -67,14 +71,43 @@ def split_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 
-def _is_rank0_and_barrier():
+def _distributed():
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0, dist.barrier
+            return dist
     except ImportError:
         pass
-    return True, lambda: None
+    return None
+
+
+def _on_rank0(work, what: str) -> None:
+    """Runs work() on rank 0 while the other ranks wait (over the default group). An error
+    there is sent to every rank and raised on each: a peer left waiting in a collective would
+    hang for the collective's timeout under srun or mpirun (only torchrun kills it)."""
+    dist = _distributed()
+    if dist is None:
+        work()
+        return
+    rank0, failure = dist.get_rank() == 0, None
+    if rank0:
+        try:
+            work()
+        except Exception as exc:   # sent on, then raised here as it is (with its traceback)
+            failure = exc
+    sent = [None if failure is None else (type(failure), str(failure))]
+    dist.broadcast_object_list(sent, src=0)
+    if failure is not None:
+        raise failure
+    if sent[0] is not None:
+        cls, message = sent[0]
+        if issubclass(cls, UserError):
+            try:
+                error = cls(message)
+            except TypeError:
+                error = InputError(message)
+            raise error from None
+        raise RuntimeError(f"rank 0 failed while {what}: {cls.__name__}: {message} (its traceback is in its output)")
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
@@ -106,6 +139,7 @@ class PackedDataset:
                                    f"re-run tools/preprocess_data.py")
         self.img_id, self.img_end_id = ids[IMG], ids[IMG_END]
         self.eod_id = meta["tokenizer"].get("eod_id")
+        self.vocab = int(meta["tokenizer"]["vocab_size"])
         self.text = IndexedDataset(prefix)
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
@@ -143,6 +177,7 @@ class PackedDataset:
             raise InputError(f"{prefix}: no documents to read" + (f" in range {lo}:{hi}" if doc_range else "")
                              + f" (the dataset holds {n_docs}; see {prefix}.meta.json's report)")
         self.notes: List[str] = []   # what the run reports at start-up about this data
+        self._check_recorded_ids()
         if cfg.whole_documents:
             self._count_truncated()
         self.doc_order, self.starts, self.shuffle = self._load_or_build_index(num_samples, cache_dir)
@@ -179,34 +214,66 @@ class PackedDataset:
                                      f"loss-mask flags, {self.prefix}.bin {int(self.doc_tokens[d])} tokens and "
                                      f"{n_img} images")
 
+    def _id_error(self, token: int, document: int, largest: bool = False) -> IndexedDataError:
+        which = ("the largest" if token >= self.vocab else "the smallest") + ", " if largest else ""
+        return IndexedDataError(
+            f"{self.prefix}.bin: token id {token} ({which}in document {document}) is outside the tokenizer's "
+            f"{self.vocab}-token vocabulary ({sidecar(self.prefix, 'meta')}): the file is damaged or was written "
+            f"with another tokenizer; re-run tools/preprocess_data.py for {self.prefix}")
+
+    def _check_recorded_ids(self) -> None:
+        """The token-id range preprocessing recorded inside the vocabulary: O(1), every rank.
+        Data from before the record is checked document by document as it is read (a whole
+        corpus-sized .bin is never read at start-up), and the run says so."""
+        meta_path, record = sidecar(self.prefix, "meta"), self.meta.get("token_ids")
+        if record is None:
+            if os.path.getsize(self.prefix + ".bin") > VERIFY_FINGERPRINT_BYTES:   # (smaller: checked when hashed)
+                self.notes.append(f"{meta_path} predates the token-id record: token ids are checked against the "
+                                  f"{self.vocab}-token vocabulary as samples are read, not at start-up (re-run "
+                                  f"tools/preprocess_data.py for {self.prefix} to check them up front)")
+            return
+        lo, hi = (record.get(k) if isinstance(record, dict) else "?" for k in ("min", "max"))
+        if lo is None and hi is None:
+            return   # no tokens at all (refused later, with the document count)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)):
+            raise IndexedDataError(f"{meta_path}: token_ids {record!r} is not a {{min, max}} pair of ids: the "
+                                   f"metadata is damaged; re-run tools/preprocess_data.py for {self.prefix}")
+        if lo < 0 or hi >= self.vocab:
+            raise IndexedDataError(f"{meta_path}: the token ids written to {self.prefix}.bin run from {lo} to {hi}, "
+                                   f"outside the tokenizer's {self.vocab}-token vocabulary it records: the tokenizer "
+                                   f"or the metadata is wrong; re-run tools/preprocess_data.py for {self.prefix}")
+
     def _check_content(self, directory: str) -> None:
-        """Rank 0, before the order: every token id inside the tokenizer's vocabulary, and files
-        small enough to hash against the fingerprints meta.json records. One pass over the
-        data; the verdict is cached (by size and mtime) in `directory`."""
-        record = os.path.join(directory, f"{os.path.basename(self.prefix)}_check.json")
-        files = [p for ds in (self.text, self.spans, self.loss_mask) if ds is not None
-                 for p in (ds.prefix + ".bin", ds.prefix + ".idx")]
-        state = {"version": 1, "fingerprint": self.fingerprint, "files": _file_stats(files)}
+        """Rank 0, before the order: files small enough to hash (VERIFY_FINGERPRINT_BYTES each,
+        so the check stays bounded at any corpus size) against the fingerprints meta.json
+        records, their token ids against the vocabulary in the same pass. The verdict is cached
+        in `directory` by real path, size and mtime (a relative and an absolute prefix agree)."""
+        todo = [(kind, ds) for kind, ds in (("tokens", self.text), ("images", self.spans),
+                                            ("loss_mask", self.loss_mask))
+                if ds is not None and kind in self.fingerprint and
+                os.path.getsize(ds.prefix + ".bin") <= VERIFY_FINGERPRINT_BYTES]
+        if not todo:
+            return
+        real = os.path.realpath(self.prefix)
+        record = os.path.join(directory, f"{os.path.basename(self.prefix)}_"
+                                         f"{hashlib.md5(real.encode()).hexdigest()[:8]}_check.json")
+        files = [os.path.realpath(ds.prefix + ext) for _, ds in todo for ext in (".bin", ".idx")]
+        state = {"version": 2, "fingerprint": self.fingerprint, "files": _file_stats(files)}
         try:
             with open(record) as fh:
                 if json.load(fh) == state:
                     return
         except (OSError, ValueError):
             pass
-        vocab = int(self.meta["tokenizer"]["vocab_size"])
         meta_path = sidecar(self.prefix, "meta")
         mismatched = []
-        for kind, ds in (("tokens", self.text), ("images", self.spans), ("loss_mask", self.loss_mask)):
-            if ds is None:
-                continue
-            small = os.path.getsize(ds.prefix + ".bin") <= VERIFY_FINGERPRINT_BYTES
-            top, where, found = ds.scan(fingerprint=small and kind in self.fingerprint)
-            if kind == "tokens" and top is not None and int(top) >= vocab:
-                raise IndexedDataError(
-                    f"{ds.prefix}.bin: token id {int(top)} (the largest, in document {ds.document_of(where)}) is "
-                    f"outside the tokenizer's {vocab}-token vocabulary ({meta_path}): the file is damaged or was "
-                    f"written with another tokenizer; re-run tools/preprocess_data.py for {self.prefix}")
-            if found is not None and found != self.fingerprint[kind]:
+        for kind, ds in todo:
+            low, high, found = ds.scan(fingerprint=True)
+            if kind == "tokens" and high is not None:
+                for token, where in (high, low):
+                    if not 0 <= token < self.vocab:
+                        raise self._id_error(token, ds.document_of(where), largest=True)
+            if found != self.fingerprint[kind]:
                 mismatched.append((kind, ds, found))
         for kind, ds, found in mismatched:
             if kind == "images":   # name the damaged record where one is out of place
@@ -354,23 +421,8 @@ class PackedDataset:
         base = os.path.join(directory, f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}")
         paths = [f"{base}_doc.npy", f"{base}_sample.npy", f"{base}_shuffle.npy"]
         record = f"{base}_order.json"
-        is_rank0, barrier = _is_rank0_and_barrier()
-        if is_rank0:
-            os.makedirs(directory, exist_ok=True)
-            self._check_content(directory)
-            problem = self._cache_problem(paths, record)
-            if problem is not None:
-                if problem != "missing":
-                    print(f"note: sample-order cache {base}_*.npy {problem}: rebuilding it", flush=True)
-                order, starts = self._build(num_samples)
-                shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(len(starts) - 1)
-                arrays = (order, starts, shuffle.astype(np.int64))
-                for p, arr in zip(paths, arrays):
-                    _save_npy(p, arr)
-                with atomic_open(record) as fh:   # last: its presence means the arrays are complete
-                    json.dump({"version": INDEX_VERSION, "arrays": [
-                        {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
-        barrier()
+        _on_rank0(lambda: self._check_and_build(directory, base, paths, record, num_samples),
+                  f"checking {self.prefix} and building its sample order")
         try:
             order, starts, shuffle = (np.load(p, mmap_mode="r") for p in paths)
         except (OSError, ValueError) as exc:
@@ -382,6 +434,23 @@ class PackedDataset:
                                    "rebuild them")
         return order, starts, shuffle
 
+    def _check_and_build(self, directory, base, paths, record, num_samples) -> None:
+        """Rank 0: the content checks, then the order caches (re)built where they cannot be used."""
+        os.makedirs(directory, exist_ok=True)
+        self._check_content(directory)
+        problem = self._cache_problem(paths, record)
+        if problem is not None:
+            if problem != "missing":
+                print(f"note: sample-order cache {base}_*.npy {problem}: rebuilding it", flush=True)
+            order, starts = self._build(num_samples)
+            shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(len(starts) - 1)
+            arrays = (order, starts, shuffle.astype(np.int64))
+            for p, arr in zip(paths, arrays):
+                _save_npy(p, arr)
+            with atomic_open(record) as fh:   # last: its presence means the arrays are complete
+                json.dump({"version": INDEX_VERSION, "arrays": [
+                    {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
+
     # --- samples ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -390,6 +459,10 @@ class PackedDataset:
     def _get_doc(self, d: int):
         lo, hi = int(self.text.document_indices[d]), int(self.text.document_indices[d + 1])
         toks = self.text[lo] if hi - lo == 1 else np.concatenate([self.text[i] for i in range(lo, hi)])
+        if len(toks):   # every read: a large .bin is never scanned whole at start-up
+            top, bottom = int(toks.max()), int(toks.min())
+            if top >= self.vocab or bottom < 0:
+                raise self._id_error(top if top >= self.vocab else bottom, d)
         spans, kept = self._doc_spans_and_kept(d)
         mask = None
         if self.loss_mask is not None:

@@ -61,11 +61,16 @@ class IndexedDatasetWriter:
     """Appends sequences (and document boundaries) to ``prefix.bin/.idx``; ``finalize``
     writes the index and renames both files into place."""
 
-    def __init__(self, prefix: str, dtype=np.int32):
+    def __init__(self, prefix: str, dtype=np.int32, track_range: bool = False):
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
+        # track_range: the smallest and largest value written, seen as they are written (one
+        # min/max per sequence), so a reader compares them with a vocabulary in O(1).
+        self.track_range = track_range
+        self.smallest: Optional[int] = None
+        self.largest: Optional[int] = None
         self._bin = open(temp_name(bin_path(prefix)), "wb")
         self._hash = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
         self.lengths: List[int] = []
@@ -76,8 +81,19 @@ class IndexedDatasetWriter:
         self._bin.write(data)
         self._hash.update(data)
 
+    def _see(self, values: np.ndarray) -> None:
+        if self.track_range and values.size:
+            lo, hi = int(values.min()), int(values.max())
+            self.smallest = lo if self.smallest is None else min(self.smallest, lo)
+            self.largest = hi if self.largest is None else max(self.largest, hi)
+
     def add_item(self, values: Sequence) -> None:
-        arr = np.asarray(values, dtype=self.dtype)
+        if self.track_range:   # before the cast: an id too big for the dtype is seen, not wrapped
+            raw = np.asarray(values)
+            self._see(raw)
+            arr = raw.astype(self.dtype, copy=False)
+        else:
+            arr = np.asarray(values, dtype=self.dtype)
         self._write(arr.tobytes(order="C"))
         self.lengths.append(arr.size)
 
@@ -98,7 +114,8 @@ class IndexedDatasetWriter:
         self.lengths.extend(int(x) for x in other.lengths)
         self.document_indices.extend(int(d) + offset for d in other.document_indices[1:])
         with open(bin_path(other_prefix), "rb") as fh:
-            while chunk := fh.read(1 << 24):
+            while chunk := fh.read(1 << 24):   # a multiple of every item size
+                self._see(np.frombuffer(chunk, self.dtype))
                 self._write(chunk)
 
     def finalize(self) -> None:
@@ -193,23 +210,26 @@ class IndexedDataset:
         return self._bin[start:start + int(self.lengths[i])]
 
     def scan(self, fingerprint: bool = True, chunk: int = 1 << 24):
-        """One pass over the data: (largest element or None when empty, its element index,
-        the content fingerprint as the writer computes it, or None without `fingerprint`)."""
+        """One pass over the whole data (O(file size): callers bound the size they scan):
+        ((smallest, its element index), (largest, its element index)), each None when empty,
+        and the content fingerprint as the writer computes it (None without `fingerprint`)."""
         digest = hashlib.blake2b(digest_size=FINGERPRINT_BYTES) if fingerprint else None
-        best, where = None, -1
+        low = high = None
         for lo in range(0, len(self._bin), chunk):
             part = self._bin[lo:lo + chunk]
-            top = part.max()
-            if best is None or top > best:
-                best, where = top, lo + int(part.argmax())
+            bottom, top = part.min(), part.max()
+            if low is None or bottom < low[0]:
+                low = (int(bottom), lo + int(part.argmin()))
+            if high is None or top > high[0]:
+                high = (int(top), lo + int(part.argmax()))
             if digest is not None:
                 digest.update(memoryview(np.ascontiguousarray(part)).cast("B"))
         if digest is None:
-            return best, where, None
+            return low, high, None
         digest.update(self.dtype.str.encode())
         digest.update(np.ascontiguousarray(self.lengths).tobytes())
         digest.update(np.ascontiguousarray(self.document_indices).tobytes())
-        return best, where, digest.hexdigest()
+        return low, high, digest.hexdigest()
 
     def document_of(self, element: int) -> int:
         """The document holding element `element` of the data."""

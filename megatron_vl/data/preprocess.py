@@ -12,8 +12,10 @@ For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's namin
                               1 per answer token, 0 per context token, then one flag per
                               image in span order (1: an image the assistant produces)
 - ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report,
-                              the conversation template, and the content fingerprint of
-                              each of the files
+                              the conversation template, the content fingerprint of each
+                              of the files, and the smallest and largest token id written
+                              (``token_ids``: training compares them with the vocabulary
+                              in O(1) instead of reading the whole ``.bin``)
 - ``P_image_features.*``      written later by tools/extract_image_features.py, tied to the
                               image table's fingerprint
 - ``P.lock``                  present while a run writes the prefix (a second run is refused)
@@ -186,7 +188,7 @@ class DatasetWriter:
     def __init__(self, prefix: str, tokenizer_meta: Dict, multimodal: bool, loss_mask: bool = False):
         self.prefix, self.meta, self.multimodal = prefix, tokenizer_meta, multimodal
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.tokens = IndexedDatasetWriter(prefix, optimal_token_dtype(tokenizer_meta["vocab_size"]))
+        self.tokens = IndexedDatasetWriter(prefix, optimal_token_dtype(tokenizer_meta["vocab_size"]), track_range=True)
         self.images = IndexedDatasetWriter(sidecar(prefix, "images"), np.int64) if multimodal else None
         self.table = IndexedDatasetWriter(sidecar(prefix, "table"), np.uint8) if multimodal else None
         self.loss_mask = IndexedDatasetWriter(sidecar(prefix, "loss_mask"), np.uint8) if loss_mask else None
@@ -219,6 +221,7 @@ class DatasetWriter:
                 "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
                 "loss_mask": self.loss_mask is not None,
                 "fingerprint": {k: w.fingerprint for k, w in names.items() if w is not None},
+                "token_ids": {"min": self.tokens.smallest, "max": self.tokens.largest},
                 "report": report.to_dict(), **extra}
         with atomic_open(sidecar(self.prefix, "meta")) as fh:
             json.dump(meta, fh, indent=2)

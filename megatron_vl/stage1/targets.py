@@ -5,10 +5,15 @@ A frozen ViT-H forward per image per epoch is most of a stage-1 step, so
 ``tools/precompute_tokenizer_targets.py`` can run the encoders once: one store per shard,
 ``<targets-dir>/<shard name>-<hash of its path>.safetensors`` holding ``image`` [n, 257, 1280]
 and ``text`` [n, 77, 768] in float16, row i for the i-th readable pair of the shard, and in
-its metadata the sample keys, the shard's size and a hash of its bytes (blake2b; a shard
-rewritten at the same size, e.g. with other captions, is recomputed, never silently reused)
-and the encoder directories. Targets are
-float16 on both paths (the on-the-fly ones are rounded the same way), so a run reads the same
+its metadata the sample keys, the shard's size, modification time and a hash of its bytes
+(blake2b; a shard rewritten at the same size, e.g. with other captions, is recomputed, never
+silently reused) and the encoder directories. Training trusts a store whose recorded size and
+modification time still match the shard (reading every shard twice would double the data
+reads) and hashes the shard only when they differ; precompute always hashes, since it is the
+tool that vouches for a store. Stores of format 1 (no hash) stay usable, so a corpus's ViT-H
+targets are not recomputed for a format change: one is current when its shard has the recorded
+size and was not modified after the store was written; precompute then records the hash in it.
+Targets are float16 on both paths (the on-the-fly ones are rounded the same way), so a run reads the same
 numbers either way and the two give equal losses.
 """
 
@@ -17,18 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import struct
 from collections import OrderedDict
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..atomic import temp_name
 from ..data.formats import Report, read_wds_pairs
-from ..errors import InputError
+from ..errors import InputError, OutputError
 from ..model.detokenizer_targets import ImageConditionEncoder, TextConditionEncoder
 
 TARGET_DTYPE = torch.float16
-STORE_VERSION = 2   # 2: stores carry the shard's content hash
+STORE_VERSION = 2   # 2: stores carry the shard's content hash (and size, mtime); 1 (size only) is still read
 _hashes: dict = {}  # (path, size, mtime_ns) -> hash: a shard is hashed once per process
 
 
@@ -58,6 +65,11 @@ class TargetEncoders:
         return e_v, e_t
 
 
+def shard_stat(shard: str) -> Tuple[int, int]:
+    st = os.stat(shard)
+    return st.st_size, st.st_mtime_ns
+
+
 def shard_digest(shard: str) -> str:
     """blake2b of the shard's bytes (streamed): what its targets were computed from."""
     st = os.stat(shard)
@@ -71,16 +83,71 @@ def shard_digest(shard: str) -> str:
     return _hashes[key]
 
 
-def stale_reason(meta: dict, shard: str):
-    """Why a store's metadata does not describe the shard as it is now, or None."""
-    if meta.get("version") != str(STORE_VERSION):
-        return f"written by an older version (store format {meta.get('version')}, this one reads {STORE_VERSION})"
-    size = os.path.getsize(shard)
+class Verdict(NamedTuple):
+    """What a store's metadata says of the shard as it is now: ``stale`` (why it must not be
+    used) or None; ``rewrite`` (why its metadata should be brought up to date: a format-1 store,
+    or a shard with a new mtime and the same bytes) or None; ``stat`` the shard's (size, mtime_ns)."""
+    stale: Optional[str]
+    rewrite: Optional[str]
+    stat: Tuple[int, int]
+
+
+def judge_store(meta: dict, shard: str, path: str, verify: bool) -> Verdict:
+    """Whether the store at ``path`` (metadata ``meta``) was made from the shard's current bytes.
+    ``verify``: hash the shard even when its recorded size and mtime match (precompute);
+    training passes False and hashes only when they differ."""
+    size, mtime_ns = stat = shard_stat(shard)
+    version = meta.get("version")
+    if version not in ("1", str(STORE_VERSION)):
+        return Verdict(f"written by another version (store format {version}, this one reads 1 and {STORE_VERSION})",
+                       None, stat)
     if meta.get("shard_bytes") != str(size):
-        return f"made from {meta.get('shard_bytes')} bytes of {shard}, which now has {size}: the shard changed"
+        return Verdict(f"made from {meta.get('shard_bytes')} bytes of {shard}, which now has {size}: the shard changed",
+                       None, stat)
+    if version == "1":
+        # No hash to compare: the shard is taken as the one the store was made from when it has
+        # that size and was not modified after the store was written (PT2's rewrite would be).
+        if mtime_ns > os.stat(path).st_mtime_ns:
+            return Verdict(f"store format 1 (no hash of the shard's bytes) and {shard} was modified after it was "
+                           "written: the shard may have changed", None, stat)
+        return Verdict(None, "store format 1 (no hash of the shard's bytes); the shard has its size and is not "
+                       "newer than it", stat)
+    same_stat = meta.get("shard_mtime_ns") == str(mtime_ns)
+    if same_stat and not verify:
+        return Verdict(None, None, stat)
     if meta.get("shard_blake2b") != shard_digest(shard):
-        return f"made from other contents of {shard} (same size, other bytes): the shard changed"
-    return None
+        return Verdict(f"made from other contents of {shard} (same size, other bytes): the shard changed", None, stat)
+    if same_stat:
+        return Verdict(None, None, stat)
+    return Verdict(None, "the shard has a new modification time and the same bytes" if "shard_mtime_ns" in meta
+                   else "the shard's modification time was not recorded (same bytes)", stat)
+
+
+def rewrite_store_metadata(path: str, shard: str, meta: dict, stat: Tuple[int, int]) -> bool:
+    """Records the shard's size, mtime and hash in the store (format 2): a copy with the new
+    header (tensor bytes copied as they are) renamed over it. False, writing nothing, when the
+    shard changed since ``stat`` was taken (its hash would not be of the bytes judged)."""
+    digest = shard_digest(shard)
+    if shard_stat(shard) != tuple(stat):
+        return False
+    new = {**meta, "version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(stat[0]),
+           "shard_mtime_ns": str(stat[1]), "shard_blake2b": digest}
+    tmp = temp_name(path)
+    try:
+        with open(path, "rb") as src:
+            n = struct.unpack("<Q", src.read(8))[0]
+            header = json.loads(src.read(n))
+            header["__metadata__"] = new
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)   # the tensors stay 8-byte aligned, as safetensors writes them
+            with open(tmp, "wb") as dst:
+                dst.write(struct.pack("<Q", len(blob)) + blob)
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
 
 
 def targets_file(targets_dir: str, shard: str) -> str:
@@ -97,7 +164,9 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
     from PIL import Image
     import io
     from safetensors.torch import save_file
-    digest = shard_digest(shard)   # before reading: a shard rewritten meanwhile never matches its store
+    # Size, mtime and hash before reading: a shard rewritten meanwhile never matches its store.
+    size, mtime_ns = shard_stat(shard)
+    digest = shard_digest(shard)
     keys: List[str] = []
     image_rows, text_rows = [], []
     pending: List[tuple] = []
@@ -128,8 +197,8 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
         report.skip("shard without a readable pair", shard)
         return 0
     path = targets_file(targets_dir, shard)
-    meta = {"version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(os.path.getsize(shard)),
-            "shard_blake2b": digest, "keys": json.dumps(keys), **encoders.sources}
+    meta = {"version": str(STORE_VERSION), "shard": os.path.abspath(shard), "shard_bytes": str(size),
+            "shard_mtime_ns": str(mtime_ns), "shard_blake2b": digest, "keys": json.dumps(keys), **encoders.sources}
     tmp = temp_name(path)
     save_file({"image": torch.cat(image_rows).contiguous(), "text": torch.cat(text_rows).contiguous()}, tmp,
               metadata=meta)
@@ -137,18 +206,51 @@ def write_shard_targets(shard: str, targets_dir: str, encoders: TargetEncoders, 
     return len(keys)
 
 
-def store_is_current(targets_dir: str, shard: str) -> bool:
-    """A store exists for this shard and was made from its current contents."""
+def read_store_metadata(path: str) -> Optional[dict]:
+    """The store's metadata; None when there is no store or it cannot be read (recomputed)."""
     from safetensors import safe_open
-    path = targets_file(targets_dir, shard)
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with safe_open(path, "pt") as fh:
-            meta = fh.metadata() or {}
+            return fh.metadata() or {}
     except Exception:
-        return False   # damaged: recomputed
-    return stale_reason(meta, shard) is None
+        return None
+
+
+def bring_store_up_to_date(targets_dir: str, shard: str, log=print) -> bool:
+    """Precompute's check: True when the shard's store is current (verified by hash, or a
+    format-1 store by size and mtime); a current store whose metadata is out of date (format 1,
+    or the shard's new mtime) gets the shard's size, mtime and hash recorded, with a note.
+    False: the store is missing, damaged or stale (noted) and must be computed again."""
+    path = targets_file(targets_dir, shard)
+    meta = read_store_metadata(path)
+    if meta is None:
+        if os.path.isfile(path):
+            log(f"note: {path} is unreadable; computing it again")
+        return False
+    verdict = judge_store(meta, shard, path, verify=True)
+    if verdict.stale:
+        log(f"note: {path} does not match {shard} as it is now ({verdict.stale}); computing it again")
+        return False
+    if verdict.rewrite:
+        try:
+            done = rewrite_store_metadata(path, shard, meta, verdict.stat)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot record the hash of {shard} in it ({exc.strerror or exc})") from None
+        if not done:
+            log(f"note: {shard} changed while it was hashed; computing {path} again")
+            return False
+        log(f"note: {path}: {verdict.rewrite}; recorded the shard's hash in it (no recompute)")
+    return True
+
+
+def store_is_current(targets_dir: str, shard: str) -> bool:
+    """A store exists for this shard and was made from its current contents (checked by hash;
+    a format-1 store by size and mtime). Writes nothing."""
+    path = targets_file(targets_dir, shard)
+    meta = read_store_metadata(path)
+    return meta is not None and judge_store(meta, shard, path, verify=True).stale is None
 
 
 class TargetStore:
@@ -161,6 +263,7 @@ class TargetStore:
         self.dir, self.image_shape, self.text_shape = targets_dir, tuple(image_shape), tuple(text_shape)
         self.sources, self.log, self.keep_open = sources, log, keep_open
         self.open: "OrderedDict[str, tuple]" = OrderedDict()
+        self.old_format_noted = False
 
     def _store(self, shard: str):
         if shard in self.open:
@@ -177,10 +280,17 @@ class TargetStore:
         except Exception as exc:
             raise InputError(f"{path}: unreadable precomputed targets ({type(exc).__name__}: {exc}); run "
                              f"tools/precompute_tokenizer_targets.py again (it recomputes it)") from None
-        stale = stale_reason(meta, shard)
-        if stale:
-            raise InputError(f"{path}: {stale}; run tools/precompute_tokenizer_targets.py over it again (it "
+        # Trusts the recorded size and mtime (no read of the shard) and writes nothing: the
+        # targets directory may be shared or read-only; precompute is what updates stores.
+        verdict = judge_store(meta, shard, path, verify=False)
+        if verdict.stale:
+            raise InputError(f"{path}: {verdict.stale}; run tools/precompute_tokenizer_targets.py over it again (it "
                              "recomputes changed shards), or drop --targets-dir")
+        if meta.get("version") == "1" and not self.old_format_noted:
+            self.old_format_noted = True
+            self.log(f"note: {path} (and any other store of format 1 in {self.dir}) is used as its shard has the "
+                     "recorded size and is not newer than the store; run tools/precompute_tokenizer_targets.py "
+                     "once to record the shards' hashes (no recompute)")
         image, text = fh.get_slice("image"), fh.get_slice("text")
         if tuple(image.get_shape()[1:]) != self.image_shape or tuple(text.get_shape()[1:]) != self.text_shape:
             raise InputError(f"{path}: targets shaped {tuple(image.get_shape()[1:])} / {tuple(text.get_shape()[1:])}, "

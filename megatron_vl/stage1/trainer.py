@@ -117,6 +117,13 @@ def train_tokenizer(argv: Optional[Sequence[str]] = None, description: Optional[
     cfg, _ = load_config(argv, parser=parser(description) if description else parser(),
                          config_cls=TokenizerTrainConfig)
     launch, device, owns_group = start_process(cfg, cfg.validate)
+    c = cfg.checkpoint
+    # A requeued job keeps its command line: once --save holds this run's checkpoints, resume from them.
+    note = ckpt.requeue_redirect(c.load, c.save, c.ckpt_step, bool(c.finetune))
+    if note:
+        if launch.rank == 0:
+            print(note, flush=True)
+        c.load, c.finetune = c.save, False
     with preflight(cfg, STAGE, log=print if launch.rank == 0 else (lambda m: None)):
         return _train_tokenizer(cfg, launch, device, owns_group)
 

@@ -21,13 +21,14 @@ removes them, saying so. A whole run holds ``DIR/training.lock``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
 import re
 import shutil
 import zipfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -98,10 +99,102 @@ def set_rng_state(state: Dict[str, Any], tracker: Optional[RNGStatesTracker]) ->
 
 def read_latest(load_dir: str) -> Optional[str]:
     try:
-        with open(os.path.join(load_dir, LATEST)) as fh:
-            return fh.read().strip() or None
-    except FileNotFoundError:
+        with open(os.path.join(load_dir, LATEST), errors="replace") as fh:
+            return fh.read(4096).strip() or None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+
+
+def latest_problem(save_dir: str, tags) -> Optional[str]:
+    """Why ``latest`` does not name one of `tags` (the tag directories there), or None."""
+    path = os.path.join(save_dir, LATEST)
+    if not os.path.exists(path):
+        return "is missing"
+    if not os.path.isfile(path):
+        return "is not a file"
+    text = read_latest(save_dir)
+    if text is None:
+        return "is empty"
+    it = tag_iteration(text)
+    if it is None:
+        return f"says {text[:40]!r}, not a checkpoint tag (iter_NNNNNNN)"
+    if it not in tags:
+        return f"names {text}, which is not there"
+    return None
+
+
+ORIGIN = "origin.json"
+
+
+def read_origin(save_dir: str, tag: Optional[str]) -> Optional[Dict[str, Any]]:
+    """Where the run that wrote checkpoint `tag` started from ({"load": absolute --load or
+    None, "iteration": N}), None when unrecorded (written before origins were recorded)."""
+    import json
+    if not tag:
+        return None
+    try:
+        with open(os.path.join(save_dir, tag, ORIGIN)) as fh:
+            origin = json.load(fh)
+        return origin if isinstance(origin, dict) and "load" in origin else None
+    except (OSError, ValueError):
+        return None
+
+
+def _same(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _start_iteration(load_dir: str, ckpt_step: Optional[int], finetune: bool) -> Optional[int]:
+    """The iteration a run with --load load_dir starts from (None: no checkpoint named there)."""
+    if finetune or is_release(load_dir):
+        return 0
+    return ckpt_step if ckpt_step is not None else tag_iteration(read_latest(load_dir))
+
+
+def run_origin(load_dir: Optional[str], save_dir: Optional[str], ckpt_step: Optional[int],
+               finetune: bool) -> Dict[str, Any]:
+    """What every checkpoint of this run records as its origin: --load and the iteration it
+    starts from; a run resumed from --save itself inherits the origin of the checkpoint it
+    resumes (so a requeued job's checkpoints keep pointing at the directory it started from)."""
+    if not load_dir:
+        return {"load": None, "iteration": 0}
+    if _same(load_dir, save_dir):
+        tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+        return read_origin(load_dir, tag) or {"load": None, "iteration": tag_iteration(tag) or 0}
+    return {"load": os.path.abspath(load_dir), "iteration": _start_iteration(load_dir, ckpt_step, finetune)}
+
+
+def requeue_redirect(load_dir: Optional[str], save_dir: Optional[str], ckpt_step: Optional[int],
+                     finetune: bool) -> Optional[str]:
+    """--load A --save B when B already holds checkpoints of this very run (a requeued job keeps
+    its command line): the note to print before resuming from B instead, or None (A stays).
+    B's checkpoints are this run's when A is a release / a --finetune start (iteration 0), or
+    when B's newest records that its run started from A (origin.json) and is not older than
+    where A starts now. --ckpt-step numbers A's checkpoints: refused with a redirect."""
+    if not load_dir or not save_dir or _same(load_dir, save_dir):
+        return None
+    latest = read_latest(save_dir)
+    newest = tag_iteration(latest)
+    if newest is None or not os.path.isdir(os.path.join(save_dir, latest)):
+        return None
+    if is_release(load_dir) or finetune:
+        note = (f"{save_dir} holds checkpoint {latest}: resuming from it, not from the pretrained weights in "
+                f"{load_dir}")
+    else:
+        origin = read_origin(save_dir, latest) or {}
+        if origin.get("load") != os.path.abspath(load_dir):
+            return None
+        start = _start_iteration(load_dir, ckpt_step, False)
+        if start is not None and newest < start:
+            return None   # A has moved past this run's checkpoints: the usual rules decide
+        note = (f"{save_dir} holds checkpoint {latest} of this run (started from {load_dir} at "
+                f"{tag_name(int(origin.get('iteration') or 0))}): resuming from it, not from {load_dir}")
+    if ckpt_step is not None:
+        raise CheckpointError(f"--ckpt-step {ckpt_step} numbers the checkpoints of --load {load_dir}, but --save "
+                              f"{save_dir} already holds {latest} of this run, which a restart resumes instead: drop "
+                              f"--ckpt-step to resume {save_dir}, pass --load {save_dir} --ckpt-step N to rewind it, "
+                              "or choose a new --save to start over")
+    return note
 
 
 def is_release(load_dir: str) -> bool:
@@ -177,7 +270,8 @@ def save_dir_problems(save_dir: str, load_dir: Optional[str], ckpt_step: Optiona
                       stage: str, log: Callable[[str], None] = print) -> None:
     """Refuses (CheckpointError) a run that would overwrite or rewind checkpoints in --save
     it does not resume from (rules: module docstring); then removes what earlier saves left
-    uncommitted there. Called by one rank, holding the directory's lock."""
+    uncommitted there (only tags strictly above the one a valid ``latest`` names). Called by
+    one rank, holding the directory's lock."""
     if not os.path.isdir(save_dir):
         return
     latest = read_latest(save_dir)
@@ -185,10 +279,18 @@ def save_dir_problems(save_dir: str, load_dir: Optional[str], ckpt_step: Optiona
         raise CheckpointError(f"--save {save_dir} is a release checkpoint (`latest` says release: import-hf's "
                               "output); training writes its checkpoints into a directory of its own: choose a "
                               "new --save (and --load this one)")
-    last = tag_iteration(latest)
     tags = list_tags(save_dir)
-    committed = [t for t in tags if last is not None and t <= last]
-    same = bool(load_dir) and os.path.abspath(load_dir) == os.path.abspath(save_dir)
+    same = _same(load_dir, save_dir)
+    bad = latest_problem(save_dir, tags) if tags else None
+    if bad and not (same and ckpt_step in tags):
+        # Without a valid `latest` nothing tells committed tags from a killed save's: touch none.
+        marker = os.path.join(save_dir, LATEST)
+        listed = ", ".join(tag_name(t) for t in tags)
+        raise CheckpointError(f"{marker} {bad}, but {save_dir} holds {listed}: nothing there is removed or "
+                              f"overwritten. Write the tag of the checkpoint to resume into it (echo "
+                              f"{tag_name(tags[-1])} > {marker}), or resume one with --load {save_dir} --ckpt-step N")
+    last = ckpt_step if bad else tag_iteration(latest)
+    committed = tags if bad else [t for t in tags if last is not None and t <= last]
     if committed:
         shown = tag_name(last) if last in tags else tag_name(committed[-1])
         theirs = checkpoint_stage(save_dir, shown)
@@ -201,38 +303,75 @@ def save_dir_problems(save_dir: str, load_dir: Optional[str], ckpt_step: Optiona
         if same and not finetune:
             start = ckpt_step if ckpt_step is not None else last
             newer = [tag_name(t) for t in committed if t > start]
-            if newer:
+            if newer and bad:
+                log(f"note: --ckpt-step {ckpt_step}: {os.path.join(save_dir, LATEST)} {bad}; this run resumes "
+                    f"{tag_name(start)} and replaces {', '.join(newer)} as it reaches them (to keep them, resume "
+                    "into a new --save)")
+            elif newer:
                 log(f"note: --ckpt-step {ckpt_step} rewinds {save_dir} to {tag_name(start)} although `latest` "
                     f"names {latest}: this run replaces {', '.join(newer)} as it reaches them (to keep them, "
                     "resume into a new --save)")
         else:
             from_release = is_release(load_dir)
-            start = 0 if finetune or from_release else (
-                ckpt_step if ckpt_step is not None else tag_iteration(read_latest(load_dir)) or 0)
-            if committed[-1] > start:
+            start = _start_iteration(load_dir, ckpt_step, finetune) or 0
+            # A tag at the start iteration is as much in the way as a newer one: this run did not write it.
+            if committed[-1] >= start:
                 newest = tag_name(committed[-1])
                 if same:
                     raise CheckpointError(f"--finetune starts at iteration 0, and --save {save_dir} holds "
                                           f"checkpoints up to {newest} that it would overwrite: choose a new --save")
                 what = "its weights only (iteration 0)" if finetune or from_release else tag_name(start)
-                raise CheckpointError(f"--save {save_dir} holds {newest}, newer than what --load {load_dir} "
-                                      f"starts from ({what}): this run would overwrite it. To continue that run, "
-                                      f"pass --load {save_dir}; otherwise choose a new --save")
-    for t in tags:
-        if t not in committed:
-            path = os.path.join(save_dir, tag_name(t))
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"note: removed {path}: newer than the checkpoint `latest` names ({latest or 'none'}), so never "
-                "committed (a save killed or out of space, or abandoned by a --ckpt-step rewind)")
+                order = ("newer than what" if committed[-1] > start else
+                         "written by another run at the iteration that")
+                raise CheckpointError(f"--save {save_dir} holds {newest}, {order} --load {load_dir} "
+                                      f"starts from ({what}): this run would overwrite it. To continue that "
+                                      f"run, pass --load {save_dir}; otherwise choose a new --save")
+    if not bad:
+        for t in tags:
+            if t not in committed:
+                path = os.path.join(save_dir, tag_name(t))
+                shutil.rmtree(path, ignore_errors=True)
+                log(f"note: removed {path}: newer than the checkpoint `latest` names ({latest or 'none'}), so never "
+                    "committed (a save killed or out of space, or abandoned by a --ckpt-step rewind)")
     remove_stale_temps(save_dir, log=log)
 
 
-def _disk_full(exc: BaseException) -> bool:
+_TORCH_WRITE_ERRORS = ("No space left", "basic_ios::clear", "file write failed", "unexpected pos",
+                       "PytorchStreamWriter failed")
+
+
+def _io_error(exc: BaseException) -> bool:
+    """An error writing a file: OSError, or torch.save's RuntimeError (which carries no errno)."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_ERRORS))
+
+
+def _free_bytes(directory: str) -> Optional[int]:
+    try:
+        st = os.statvfs(directory)
+        return st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):
+        return None
+
+
+def _disk_full(exc: BaseException, directory: str) -> bool:
+    """ENOSPC / EDQUOT, or a message saying so. torch.save's own failure ("unexpected pos ...
+    basic_ios::clear") names no cause: a full disk only when the file system has (almost) no
+    space left now; otherwise it is another I/O error (EIO, a stale NFS handle, ...)."""
     import errno
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and any(
-        s in str(exc) for s in ("No space left", "basic_ios::clear", "file write failed", "unexpected pos"))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(s in str(exc) for s in ("No space left", "Disk quota exceeded")):
+        return True
+    if isinstance(exc, RuntimeError) and _io_error(exc):
+        free = _free_bytes(directory)
+        return free is not None and free < 64 * 2**20
+    return False
+
+
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
 
 
 def write_manifest(tag_dir: str) -> None:
@@ -275,27 +414,126 @@ def mixed_files_problem(load_dir: str, tag: str) -> Optional[str]:
             if os.path.relpath(f, path) not in listed:
                 return f"{f}: not part of this checkpoint (not in its manifest): {hint}"
         return None
-    configs = {}
-    for f in sorted(glob.glob(os.path.join(path, "*_states.pt"))):
+    # An older checkpoint (no manifest). Only the engine's model-state files are opened (one per
+    # model-parallel rank; lazily: no tensor is read): each records DeepSpeed's configuration and
+    # the data-parallel size, which the optimizer files must match. Unpickling every rank's
+    # optimizer file here, on rank 0 while the others wait, would not scale.
+    configs, dp_sizes = {}, set()
+    for f in sorted(glob.glob(os.path.join(path, "mp_rank_*_model_states.pt"))):
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
-            configs[f] = repr(sd.get("ds_config")) if isinstance(sd, dict) else None
         except Exception:   # noqa: BLE001 - unreadable files are named by check_checkpoint_files
             continue
-    seen = {c for c in configs.values() if c is not None}
-    if len(seen) > 1:
+        if isinstance(sd, dict):
+            configs[f] = repr(sd.get("ds_config"))
+            if isinstance(sd.get("dp_world_size"), int):
+                dp_sizes.add(sd["dp_world_size"])
+    if len(set(configs.values())) > 1:
         first = next(iter(configs.values()))
         odd = next(f for f, c in configs.items() if c != first)
-        return (f"{odd}: written with another DeepSpeed configuration than {next(iter(configs))}: {hint}")
+        return f"{odd}: written with another DeepSpeed configuration than {next(iter(configs))}: {hint}"
+    if len(dp_sizes) == 1:
+        dp = dp_sizes.pop()
+        for f in sorted(glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt"))):
+            m = re.search(r"zero_pp_rank_(\d+)_", os.path.basename(f))
+            if m and int(m.group(1)) >= dp:
+                return (f"{f}: the optimizer state of data-parallel rank {m.group(1)}, but the checkpoint's model "
+                        f"states were written by {dp} data-parallel rank(s): {hint}")
     return None
+
+
+def _failed_ranks(failed: bool) -> List[int]:
+    """The ranks that failed (one all-reduce of a flag per rank over the world group): every
+    rank learns it, so none is left waiting in a collective the failed one never reaches."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [_rank()] if failed else []
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.zeros(dist.get_world_size(), device=device)
+    if failed:
+        flags[dist.get_rank()] = 1
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]
+
+
+@contextlib.contextmanager
+def _deferred_write_errors(engine):
+    """DeepSpeed writes its files between barriers of its own: a rank whose write fails must
+    still reach them. Its checkpoint engine's save() records the first failure (and the file)
+    instead of raising, and writes nothing more; the caller raises it after DeepSpeed returns."""
+    failures: List[tuple] = []
+    target = getattr(engine, "checkpoint_engine", None)
+    if target is None or not hasattr(target, "save"):
+        yield failures
+        return
+    had_own = "save" in vars(target)
+    original = target.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if failures:
+            return
+        try:
+            original(state_dict, path, *args, **kwargs)
+        except Exception as exc:   # noqa: BLE001 - raised by the caller once DeepSpeed is done
+            failures.append((exc, path))
+    target.save = save
+    try:
+        yield failures
+    finally:
+        if had_own:
+            target.save = original
+        else:
+            del target.save
+
+
+def _failure_message(exc: BaseException, path: Optional[str], save_dir: str, tag: str, full: bool) -> Optional[str]:
+    """The one line for a failed write (None: not an I/O error, a bug: its traceback stays)."""
+    tag_dir = os.path.join(save_dir, tag)
+    marker = f"{os.path.join(save_dir, LATEST)} still names {read_latest(save_dir) or 'no checkpoint'}"
+    path = path or getattr(exc, "filename", None)
+    if full:
+        where = f" (writing {path})" if path else ""
+        return (f"no space left on the device while saving checkpoint {tag_dir}{where}: removed the incomplete "
+                f"{tag}; {marker}: free space, then resume with --load {save_dir}")
+    if _io_error(exc):
+        return (f"could not write {path or tag_dir} (I/O error: {_detail(exc)}); {marker}; removed the incomplete "
+                f"{tag}")
+    return None
+
+
+def _write_parts(engine, cfg, save_dir: str, tag: str, client: Dict[str, Any], tracker, origin) -> None:
+    import json
+    tag_dir = os.path.join(save_dir, tag)
+    rank = _rank()
+    with _deferred_write_errors(engine) as failures:
+        engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+    if failures:
+        exc, path = failures[0]
+        exc.ckpt_path = path
+        raise exc
+    rng_dir = os.path.join(tag_dir, "rng")
+    os.makedirs(rng_dir, exist_ok=True)
+    path = os.path.join(rng_dir, f"rank_{rank:05d}.pt")
+    tmp = temp_name(path)
+    try:
+        torch.save(rng_state(tracker), tmp)
+    except Exception as exc:
+        exc.ckpt_path = path
+        raise
+    os.replace(tmp, path)
+    if rank == 0:
+        save_yaml(cfg, os.path.join(tag_dir, "config.yaml"))
+        with atomic_open(os.path.join(tag_dir, ORIGIN)) as fh:
+            json.dump(origin or {"load": None, "iteration": 0}, fh)
 
 
 def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Dict[str, Any],
                     tracker: Optional[RNGStatesTracker], keep_last: Optional[int] = None,
                     log: Callable[[str], None] = print,
-                    before_commit: Optional[Callable[[str], None]] = None) -> str:
+                    before_commit: Optional[Callable[[str], None]] = None,
+                    origin: Optional[Dict[str, Any]] = None) -> str:
     """Writes checkpoint `iteration` on every rank; `before_commit(tag_dir)` (every rank)
-    adds files to it before ``latest`` names it."""
+    adds files to it before ``latest`` names it; `origin` (run_origin) goes into origin.json.
+    A failed write on any rank stops every rank with one line, ``latest`` unchanged."""
     tag = tag_name(iteration)
     rank = _rank()
     tag_dir = os.path.join(save_dir, tag)
@@ -308,28 +546,9 @@ def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Di
             shutil.rmtree(tag_dir, ignore_errors=True)
             log(f"replacing {tag_dir} (abandoned by the --ckpt-step rewind)")
         _barrier()
-    try:
-        engine.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
-        rng_dir = os.path.join(tag_dir, "rng")
-        os.makedirs(rng_dir, exist_ok=True)
-        path = os.path.join(rng_dir, f"rank_{rank:05d}.pt")
-        tmp = temp_name(path)
-        torch.save(rng_state(tracker), tmp)
-        os.replace(tmp, path)
-        if rank == 0:
-            save_yaml(cfg, os.path.join(tag_dir, "config.yaml"))
-        if before_commit is not None:
-            before_commit(tag_dir)
-    except Exception as exc:
-        # Never committed: nothing may take the partial directory for a checkpoint.
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        if _disk_full(exc):
-            where = f" (writing {exc.filename})" if getattr(exc, "filename", None) else ""
-            raise OutputError(f"no space left on the device while saving checkpoint {tag_dir}{where}: removed the "
-                              f"incomplete {tag}; {os.path.join(save_dir, LATEST)} still names "
-                              f"{read_latest(save_dir) or 'no checkpoint'}: free space, then resume with --load "
-                              f"{save_dir}") from exc
-        raise
+    _agree_or_raise(lambda: _write_parts(engine, cfg, save_dir, tag, client, tracker, origin), save_dir, tag)
+    if before_commit is not None:
+        _agree_or_raise(lambda: before_commit(tag_dir), save_dir, tag)
     faults.maybe_kill_during_save(iteration)
     _barrier()   # every rank's files are complete before the marker moves
     if rank == 0:
@@ -340,6 +559,33 @@ def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Di
             prune(save_dir, keep_last, log)
     _barrier()
     return tag
+
+
+def _agree_or_raise(write: Callable[[], None], save_dir: str, tag: str) -> None:
+    """Runs this rank's part of a save; then every rank learns whether any failed. On a
+    failure rank 0 removes the uncommitted tag directory (after all agreed) and every rank
+    raises: the failed one its own error, the others one naming it."""
+    failure: Optional[BaseException] = None
+    full = False
+    try:
+        write()
+    except Exception as exc:   # noqa: BLE001 - every rank must hear of it first
+        failure = exc
+        full = _disk_full(exc, save_dir)   # before the partial files are removed
+    failed = _failed_ranks(failure is not None)
+    if not failed:
+        return
+    if _rank() == 0:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)   # never committed
+    _barrier()
+    if failure is not None:
+        msg = _failure_message(failure, getattr(failure, "ckpt_path", None), save_dir, tag, full)
+        if msg is None:
+            raise failure
+        raise OutputError(msg) from failure
+    raise OutputError(f"rank {failed[0]} failed to write its part of {tag} in {save_dir}: see its error; removed "
+                      f"the incomplete {tag}; {os.path.join(save_dir, LATEST)} still names "
+                      f"{read_latest(save_dir) or 'no checkpoint'}")
 
 
 def prune(save_dir: str, keep_last: int, log: Callable[[str], None] = print) -> None:

@@ -68,6 +68,10 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.iteration = self.consumed = self.skipped_total = self.skipped_consecutive = 0
         self.saved_iteration: Optional[int] = None   # the checkpoint on disk for self.iteration
+        self.start_iteration = 0                      # where this run started (after resume)
+        c = cfg.checkpoint
+        # what each checkpoint records as its run's start (a requeue recognises its own by it)
+        self.origin = ckpt.run_origin(c.load, c.save, c.ckpt_step, bool(getattr(c, "finetune", False)))
         self.exit_code: Optional[int] = None
         self.batch_digest = 0
         self.history: List[Dict] = []    # per iteration, for tests and tools: losses, samples, skips
@@ -218,7 +222,8 @@ class Trainer:
         self._settle()   # the skip counters go into the checkpoint
         c = self.cfg.checkpoint
         tag = ckpt.save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
-                                   self.tracker, c.keep_last, self.log, before_commit=self.write_export)
+                                   self.tracker, c.keep_last, self.log, before_commit=self.write_export,
+                                   origin=self.origin)
         self.saved_iteration = self.iteration
         self.log(f"saved checkpoint {os.path.join(c.save, tag)} at iteration {self.iteration}")
 
@@ -304,9 +309,14 @@ class Trainer:
                 return 0
         self._settle()
         self.evaluate()
-        # (a resumed run with nothing left to train already has this checkpoint: never rewrite it in place)
+        # A run that trained nothing (--train-iters 0, or a resumed run with nothing left) writes
+        # nothing: its checkpoint would be a copy, or replace one in place.
         if cfg.checkpoint.save and self.saved_iteration != self.iteration:
-            self.save()
+            if self.iteration > self.start_iteration:
+                self.save()
+            else:
+                self.log(f"no iteration trained (at {self.iteration} of --train-iters {t.train_iters}): no checkpoint "
+                         f"written to {cfg.checkpoint.save}")
         return 0
 
     def _log_window(self, seconds: float) -> None:
@@ -404,8 +414,8 @@ class StaleBuildLock(UserError):
     """A JIT build lock no process holds (exit 1)."""
 
 
-def check_build_locks() -> None:
-    stale = stale_build_locks()
+def check_build_locks(log: Callable[[str], None] = print) -> None:
+    stale = stale_build_locks(log=log)
     if stale:
         lock = stale[0]
         raise StaleBuildLock(
@@ -473,8 +483,9 @@ def start_process(cfg, validate: Callable[[int], None]):
                           "training); use --bf16 on CPU")
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal exp() in softmax tails is ~100x slower on CPU
-        if launch.local_rank == 0:
-            check_build_locks()
+        # Every rank checks (cheap: the same files, the same verdict) and so stops with the same
+        # line: one rank stopping alone would leave the others waiting in the rendezvous below.
+        check_build_locks(log=print if launch.local_rank == 0 else (lambda m: None))
     owns_group = not dist.is_initialized()
     init_distributed(cfg.parallel.distributed_backend, single_process_group=True, launch=launch,
                      timeout_minutes=cfg.parallel.distributed_timeout_minutes)
@@ -494,6 +505,7 @@ def run_training(trainer: Trainer, owns_group: bool) -> Trainer:
     """resume, train under the stop-signal handler, map an abort to exit 1, tear down."""
     import sys
     trainer.resume()
+    trainer.start_iteration = trainer.iteration
     stop = StopRequest()
     try:
         trainer.exit_code = trainer.train(stop)

@@ -199,12 +199,11 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
         prepare(cfg, ns)
     launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world))
     c = cfg.checkpoint
-    if c.load and c.save and os.path.abspath(c.load) != os.path.abspath(c.save) and \
-            (ckpt.is_release(c.load) or c.finetune) and ckpt.read_latest(c.save) not in (None, "release"):
-        # A requeued job keeps its command line: once --save holds a checkpoint, resume from it.
+    # A requeued job keeps its command line: once --save holds this run's checkpoints, resume from them.
+    note = ckpt.requeue_redirect(c.load, c.save, c.ckpt_step, bool(c.finetune))
+    if note:
         if launch.rank == 0:
-            print(f"{c.save} holds checkpoint {ckpt.read_latest(c.save)}: resuming from it, not from the "
-                  f"pretrained weights in {c.load}", flush=True)
+            print(note, flush=True)
         c.load, c.finetune = c.save, False
     with preflight(cfg, stage, log=print if launch.rank == 0 else (lambda m: None)):
         return _pretrain(cfg, launch, device, owns_group, stage)
