@@ -30,7 +30,7 @@ import numpy as np
 
 from ..atomic import atomic_open
 from ..config import ConfigError, split_weights
-from ..errors import InputError, UserError
+from ..errors import InputError, OutputError, UserError
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
 from .packing import PackingConfig, materialize
 from .sample_index import SampleIndexBuilder, SpanTable
@@ -445,11 +445,15 @@ class PackedDataset:
             order, starts = self._build(num_samples)
             shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(len(starts) - 1)
             arrays = (order, starts, shuffle.astype(np.int64))
-            for p, arr in zip(paths, arrays):
-                _save_npy(p, arr)
-            with atomic_open(record) as fh:   # last: its presence means the arrays are complete
-                json.dump({"version": INDEX_VERSION, "arrays": [
-                    {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
+            try:
+                for p, arr in zip(paths, arrays):
+                    _save_npy(p, arr)
+                with atomic_open(record) as fh:   # last: its presence means the arrays are complete
+                    json.dump({"version": INDEX_VERSION, "arrays": [
+                        {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
+            except OSError as exc:   # e.g. a read-only data directory
+                raise OutputError(f"{directory}: cannot write the sample-order cache of {self.prefix} ({exc.strerror or exc}); "
+                                  "pass --data-cache-path a writable directory") from None
 
     # --- samples ---------------------------------------------------------------------------
 
