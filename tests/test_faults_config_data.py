@@ -461,3 +461,18 @@ def test_an_error_on_rank_0_is_raised_on_every_rank(data, tmp_path):
     assert kind_ids == "IndexedDataError" and message_ids.startswith(f"{ids}.bin: token id {VOCAB + 1} (the largest")
     assert kind_spans == "IndexedDataError" and f"{spans}_images.bin: document 0" in message_spans
     assert clean == ("ok", 8)
+
+
+def test_an_unwritable_order_cache_is_one_line_naming_the_flag(data, tmp_path, monkeypatch):
+    import errno
+    import megatron_vl.data.dataset as dataset
+    from megatron_vl.errors import OutputError
+    prefix, _ = data
+
+    def read_only(path, arr):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    monkeypatch.setattr(dataset, "_save_npy", read_only)
+    with pytest.raises(OutputError) as info:
+        PackedDataset(prefix, CFG, num_samples=5, cache_dir=str(tmp_path / "ro"))
+    assert str(info.value) == (f"{tmp_path}/ro: cannot write the sample-order cache of {prefix} (Read-only file "
+                               "system); pass --data-cache-path a writable directory")

@@ -436,7 +436,10 @@ class PackedDataset:
 
     def _check_and_build(self, directory, base, paths, record, num_samples) -> None:
         """Rank 0: the content checks, then the order caches (re)built where they cannot be used."""
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise self._unwritable(directory, exc) from None
         self._check_content(directory)
         problem = self._cache_problem(paths, record)
         if problem is not None:
@@ -452,8 +455,11 @@ class PackedDataset:
                     json.dump({"version": INDEX_VERSION, "arrays": [
                         {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
             except OSError as exc:   # e.g. a read-only data directory
-                raise OutputError(f"{directory}: cannot write the sample-order cache of {self.prefix} ({exc.strerror or exc}); "
-                                  "pass --data-cache-path a writable directory") from None
+                raise self._unwritable(directory, exc) from None
+
+    def _unwritable(self, directory: str, exc: OSError) -> OutputError:
+        return OutputError(f"{directory}: cannot write the sample-order cache of {self.prefix} "
+                           f"({exc.strerror or exc}); pass --data-cache-path a writable directory")
 
     # --- samples ---------------------------------------------------------------------------
 
