@@ -153,14 +153,21 @@ def test_mixed_checkpoint_is_refused_by_name(vl_data, trained, tmp_path, monkeyp
     code, out = run(vl_data, monkeypatch, capsys, "--load", m, "--save", tmp_path / "out", iters=6)
     assert code == 1
     assert f"error: {stray}: not part of this checkpoint (not in its manifest): files of two different saves" in out
-    # an older checkpoint (no manifest): the stray file was written under another DeepSpeed configuration
+    # An older checkpoint (no manifest): the model states say 1 data-parallel rank, so rank 1's optimizer
+    # file is another save's. Found without unpickling any optimizer file (rank 0 would read them all
+    # while every other rank waits).
     os.remove(tag / ckpt.MANIFEST)
     import torch
-    sd = torch.load(stray, weights_only=False)
-    sd["ds_config"] = dict(sd["ds_config"], train_batch_size=64)
-    torch.save(sd, stray)
+    real_load, opened = torch.load, []
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: opened.append(str(f)) or real_load(f, *a, **kw))
     problem = ckpt.mixed_files_problem(str(m), "iter_0000004")
-    assert problem and "written with another DeepSpeed configuration" in problem and str(stray) in problem
+    assert problem == (f"{stray}: the optimizer state of data-parallel rank 1, but the checkpoint's model states were "
+                       "written by 1 data-parallel rank(s): files of two different saves (another run saved into "
+                       "this directory?); it cannot be loaded: resume from another checkpoint with --ckpt-step, or "
+                       "from the run that wrote it")
+    assert opened and not [f for f in opened if "optim_states" in f], opened
+    os.remove(stray)
+    assert ckpt.mixed_files_problem(str(m), "iter_0000004") is None
 
 
 @pytest.mark.timeout(300)
@@ -191,16 +198,40 @@ def test_longer_train_iters_continues_the_schedule_and_disk_full_keeps_latest(vl
                                "basic_ios::clear: iostream error")
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", full_disk)
+    # torch.save's failure carries no errno: a full disk when the file system has no space left
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda d: 4096)
     df = tmp_path / "df"
     code, out = run(vl_data, monkeypatch, capsys, "--save", df, "--save-interval", 2, iters=4)
     assert code == 1
     err = [l for l in out.splitlines() if l.startswith("error:")]
-    assert err == [f"error: no space left on the device while saving checkpoint {df}/iter_0000004: removed the "
-                   f"incomplete iter_0000004; {df}/latest still names iter_0000002: free space, then resume with "
-                   f"--load {df}"]
+    assert err == [f"error: no space left on the device while saving checkpoint {df}/iter_0000004 (writing "
+                   f"{df}/iter_0000004/mp_rank_00_model_states.pt): removed the incomplete iter_0000004; "
+                   f"{df}/latest still names iter_0000002: free space, then resume with --load {df}"]
     assert "Traceback" not in out
     assert (df / "latest").read_text() == "iter_0000002" and not (df / "iter_0000004").exists()
     assert not (df / ckpt.LOCK).exists()
+    # Item 6: an I/O error that is not a full disk (EIO, a stale NFS handle; or torch.save's failure with
+    # space left) is not called one: one line naming the file, `latest` kept.
+    import errno
+
+    def io_error(obj, f, *a, **kw):
+        if "iter_0000004" in str(f):
+            raise OSError(errno.EIO, "Input/output error", str(f))
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", io_error)
+    eio = tmp_path / "eio"
+    code, out = run(vl_data, monkeypatch, capsys, "--save", eio, "--save-interval", 2, iters=4)
+    assert code == 1 and "Traceback" not in out
+    err = [l for l in out.splitlines() if l.startswith("error:")]
+    assert err == [f"error: could not write {eio}/iter_0000004/mp_rank_00_model_states.pt (I/O error: Input/output "
+                   f"error); {eio}/latest still names iter_0000002; removed the incomplete iter_0000004"]
+    assert (eio / "latest").read_text() == "iter_0000002" and not (eio / "iter_0000004").exists()
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda d: 10 * 2**30)
+    for exc in (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 832 vs 726"),
+                RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+                OSError(errno.ESTALE, "Stale file handle")):
+        assert not ckpt._disk_full(exc, str(eio))
+    assert ckpt._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), str(eio))
 
 
 def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
@@ -237,7 +268,7 @@ def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
     finally:
         builder.join()
     lock.write_text("")
-    monkeypatch.setattr(engine, "stale_build_locks", lambda: [str(lock)])
+    monkeypatch.setattr(engine, "stale_build_locks", lambda log=print: [str(lock)])
     with pytest.raises(engine.StaleBuildLock, match=rf"{lock}: left by a JIT extension build that was killed "
                        rf"half-way .* remove that directory \(rm -rf {build}; it is rebuilt\)"):
         engine.check_build_locks()
@@ -267,28 +298,186 @@ def test_malformed_fault_hook_and_finetune_without_load(vl_data, monkeypatch, ca
     assert parser(stage="instruct").parse_args(["--allow-random-init"]).allow_random_init
 
 
-def _preflight_rank(rank, world, save):
+class _FakeDeepSpeed:
+    """DeepSpeed's save as far as it matters here: each rank writes its file through its checkpoint
+    engine between two barriers; rank 1's write finds the disk full."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.checkpoint_engine = self
+
+    def save(self, state_dict, path):
+        import errno
+        if self.rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        with open(path, "w") as fh:
+            fh.write("part")
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import torch.distributed as dist
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        dist.barrier()
+        self.checkpoint_engine.save(client_state, os.path.join(save_dir, tag, f"rank{self.rank}_states.pt"))
+        dist.barrier()
+
+
+def _preflight_rank(rank, world, save, save2):
     from megatron_vl.config import load_config
     from megatron_vl.training.engine import preflight
     cfg, _ = load_config(["--save", save])
+    seen = []
     try:
         with preflight(cfg, "pretrain", log=lambda m: None):
-            return "ran"
+            seen.append("ran")
     except Exception as exc:   # noqa: BLE001 - what each rank saw
-        return f"{type(exc).__name__}: {exc}"
+        seen.append(f"{type(exc).__name__}: {exc}")
+    # Item 2: a failed write on rank 1 stops both ranks (rank 0 is not left in a barrier)
+    start = time.monotonic()
+    try:
+        ckpt.save_checkpoint(_FakeDeepSpeed(rank), cfg, save2, 2, {}, None, log=lambda m: None)
+        seen.append("saved")
+    except Exception as exc:   # noqa: BLE001
+        seen.append(f"{type(exc).__name__}: {exc}")
+    seen.append(time.monotonic() - start)
+    return seen
 
 
 @pytest.mark.timeout(120)
 def test_lock_refusal_reaches_every_rank(tmp_path):
     """K25 with 2 ranks: rank 0 alone takes --save's lock; when it cannot, rank 1 stops too
-    (no rank left waiting in a collective)."""
+    (no rank left waiting in a collective). Item 2 in the same processes: rank 1's write fails
+    (disk full): both ranks stop within seconds with one line each, `latest` unchanged."""
     from megatron_vl.testing.distributed import run_distributed
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / ckpt.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                       "started": "now", "command": "other run"}))
-        seen = run_distributed(_preflight_rank, 2, str(tmp_path), timeout=100)
+        save2 = tmp_path / "save2"
+        save2.mkdir()
+        (save2 / "latest").write_text("iter_0000001")
+        seen = run_distributed(_preflight_rank, 2, str(tmp_path), str(save2), timeout=100)
     finally:
         holder.kill()
         holder.wait()
-    assert all(f"checkpoint directory {tmp_path} is in use by another run (host" in s for s in seen), seen
+    assert all(f"checkpoint directory {tmp_path} is in use by another run (host" in s[0] for s in seen), seen
+    assert seen[1][1] == (f"OutputError: no space left on the device while saving checkpoint {save2}/iter_0000002 "
+                          f"(writing {save2}/iter_0000002/rank1_states.pt): removed the incomplete iter_0000002; "
+                          f"{save2}/latest still names iter_0000001: free space, then resume with --load {save2}")
+    assert seen[0][1] == (f"OutputError: rank 1 failed to write its part of iter_0000002 in {save2}: see its error; "
+                          f"removed the incomplete iter_0000002; {save2}/latest still names iter_0000001")
+    assert all(s[2] < 10 for s in seen), seen
+    assert (save2 / "latest").read_text() == "iter_0000001" and not (save2 / "iter_0000002").exists()
+
+
+@pytest.mark.timeout(300)
+def test_unreadable_latest_removes_nothing(vl_data, trained, tmp_path, monkeypatch, capsys):
+    """Item 1 (K10-K12 with --save): without a valid `latest` nothing tells committed tags from a
+    killed save's: every file stays, one line names the marker, the tags and the way out."""
+    d = tmp_path / "d"
+    shutil.copytree(trained, d)
+    marker = d / "latest"
+    cases = [("garbage", "says 'garbage', not a checkpoint tag (iter_NNNNNNN)", True),
+             ("", "is empty", True), ("iter_0000006", "names iter_0000006, which is not there", True),
+             (None, "is missing", True), (None, "is missing", False)]
+    for text, why, with_load in cases:
+        if text is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_text(text)
+        before = _digest(d)
+        code, out = run(vl_data, monkeypatch, capsys, *(["--load", d] if with_load else []), "--save", d, iters=6)
+        assert code == 1, out[-2000:]
+        err = [l for l in out.splitlines() if l.startswith("error:")]
+        assert err == [f"error: {marker} {why}, but {d} holds iter_0000002, iter_0000004: nothing there is removed "
+                       f"or overwritten. Write the tag of the checkpoint to resume into it (echo iter_0000004 > "
+                       f"{marker}), or resume one with --load {d} --ckpt-step N"], out[-2000:]
+        assert _digest(d) == before
+    # --ckpt-step names the checkpoint: resumed, the newer one replaced only when reached, nothing removed
+    said = []
+    ckpt.save_dir_problems(str(d), str(d), 2, False, "pretrain", said.append)
+    assert said == [f"note: --ckpt-step 2: {marker} is missing; this run resumes iter_0000002 and replaces "
+                    "iter_0000004 as it reaches them (to keep them, resume into a new --save)"]
+    assert _digest(d) == before
+
+
+@pytest.mark.timeout(300)
+def test_requeue_resumes_its_own_save_and_train_iters_0_writes_nothing(vl_data, trained, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Item 3: a requeued --load A --save B (same command line) resumes B when B's checkpoints record
+    that their run started from A; --ckpt-step (A's numbering) with that redirect is refused; B
+    without that record is refused as before. Item 5: --train-iters 0 writes no checkpoint."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(trained, a)
+    (a / "latest").write_text("iter_0000002")
+    job = ("--load", a, "--save", b, "--save-interval", 2)
+    code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)
+    assert code == 0, out[-3000:]
+    assert json.loads((b / "iter_0000004" / ckpt.ORIGIN).read_text()) == {"load": str(a), "iteration": 2}
+    before = _digest(b)
+    code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)   # the requeue
+    assert code == 0, out[-3000:]
+    assert (f"{b} holds checkpoint iter_0000004 of this run (started from {a} at iter_0000002): "
+            f"resuming from it, not from {a}") in out
+    assert f"loaded checkpoint {b}/iter_0000004" in out and _digest(b) == before
+    code, out = run(vl_data, monkeypatch, capsys, *job, "--ckpt-step", 2, iters=4)
+    assert code == 1
+    assert (f"error: --ckpt-step 2 numbers the checkpoints of --load {a}, but --save {b} already holds iter_0000004 "
+            f"of this run, which a restart resumes instead") in out
+    # a run resumed from B inherits B's origin; B's origin elsewhere (or none) is refused
+    assert ckpt.run_origin(str(b), str(b), None, False) == {"load": str(a), "iteration": 2}
+    (b / "iter_0000004" / ckpt.ORIGIN).write_text(json.dumps({"load": str(tmp_path / "other"), "iteration": 2}))
+    code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)
+    assert code == 1 and (f"error: --save {b} holds iter_0000004, newer than what --load {a} starts from "
+                          f"(iter_0000002): this run would overwrite it") in out
+    # Item 5: validation only
+    v = tmp_path / "v"
+    code, out = run(vl_data, monkeypatch, capsys, "--save", v, iters=0)
+    assert code == 0, out[-3000:]
+    assert f"no iteration trained (at 0 of --train-iters 0): no checkpoint written to {v}" in out
+    assert not ckpt.list_tags(str(v)) and not (v / "latest").exists()
+
+
+def test_save_holding_the_start_iteration_is_refused(tmp_path):
+    """Item 4: --load A --save B where B holds A's iteration (written by another run): refused, not
+    replaced at the final save; the same directory (a rewind) stays allowed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "iter_0000004").mkdir(parents=True)
+        (d / "latest").write_text("iter_0000004")
+    with pytest.raises(ckpt.CheckpointError, match=rf"--save {b} holds iter_0000004, written by another run at the "
+                       rf"iteration that --load {a} starts from \(iter_0000004\): this run would overwrite it"):
+        ckpt.save_dir_problems(str(b), str(a), None, False, "pretrain")
+    ckpt.save_dir_problems(str(b), str(b), None, False, "pretrain")
+
+
+def test_a_failed_write_on_another_rank_stops_this_one(tmp_path, monkeypatch):
+    """Item 2, in-process: rank 0 wrote its part, rank 1 failed: rank 0 learns it from the
+    agreement, removes the uncommitted tag and stops with one line; `latest` unchanged."""
+    (tmp_path / "iter_0000002").mkdir()
+    (tmp_path / "iter_0000002" / "part.pt").write_text("x")
+    (tmp_path / "latest").write_text("iter_0000001")
+    monkeypatch.setattr(ckpt, "_ranks_with", lambda failed: [1])
+    from megatron_vl.errors import OutputError
+    with pytest.raises(OutputError) as info:
+        ckpt._agree_or_raise(lambda: None, str(tmp_path), "iter_0000002")
+    assert str(info.value) == (f"rank 1 failed to write its part of iter_0000002 in {tmp_path}: see its error; "
+                               f"removed the incomplete iter_0000002; {tmp_path}/latest still names iter_0000001")
+    assert not (tmp_path / "iter_0000002").exists() and (tmp_path / "latest").read_text() == "iter_0000001"
+
+
+def test_every_local_rank_checks_the_build_lock(tmp_path, monkeypatch):
+    """Item 8: a stale JIT build lock stops every rank with the same line before the rendezvous
+    (local rank 0 alone stopping would leave the others waiting in it)."""
+    from megatron_vl.config import load_config
+    from megatron_vl.parallel import launcher, state
+    from megatron_vl.training import engine
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    monkeypatch.setattr(engine, "stale_build_locks", lambda log=print: [str(lock)])
+    monkeypatch.setattr(launcher, "detect_launch", lambda: launcher.LaunchInfo("slurm", 1, 2, 1, "127.0.0.1", 29500))
+
+    def rendezvous(*a, **kw):
+        raise AssertionError("reached the rendezvous")
+    monkeypatch.setattr(state, "init_distributed", rendezvous)
+    cfg, _ = load_config([])
+    with pytest.raises(engine.StaleBuildLock, match=rf"{lock}: left by a JIT extension build"):
+        engine.start_process(cfg, lambda world: None)

@@ -16,7 +16,15 @@ a stage never saves into a directory of another stage's checkpoints; ``--ckpt-st
 --load = --save is a deliberate rewind (said in one line): the newer checkpoints are replaced
 as the run reaches them. Tag directories newer than the one ``latest`` names were never
 committed (a save killed or out of space, or a rewind's abandoned ones): the next run on DIR
-removes them, saying so. A whole run holds ``DIR/training.lock``.
+removes them, saying so; without a valid ``latest`` (missing, empty, garbage, naming no tag there)
+nothing tells committed tags from those, and a run on DIR is refused with every file kept. A
+whole run holds ``DIR/training.lock``. ``--load A --save B`` where B holds A's iteration or a
+newer one is refused, except for a requeued job (same command line): ``origin.json`` in each
+checkpoint records the --load its run started from (a run resumed from B inherits B's), and
+when B's newest started from A the run resumes B instead (requeue_redirect).
+
+A save stops every rank together: each rank's write failure (DeepSpeed's files included) is
+agreed on by all ranks before anything is committed, and then every rank raises one line.
 """
 
 from __future__ import annotations
@@ -442,14 +450,14 @@ def mixed_files_problem(load_dir: str, tag: str) -> Optional[str]:
     return None
 
 
-def _failed_ranks(failed: bool) -> List[int]:
-    """The ranks that failed (one all-reduce of a flag per rank over the world group): every
-    rank learns it, so none is left waiting in a collective the failed one never reaches."""
+def _ranks_with(flag: bool) -> List[int]:
+    """The ranks whose `flag` is set (one all-reduce of a flag per rank over the world group):
+    every rank learns it, so none is left waiting in a collective another never reaches."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [_rank()] if failed else []
+        return [_rank()] if flag else []
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     flags = torch.zeros(dist.get_world_size(), device=device)
-    if failed:
+    if flag:
         flags[dist.get_rank()] = 1
     dist.all_reduce(flags)
     return [r for r, f in enumerate(flags.tolist()) if f]
@@ -539,9 +547,9 @@ def save_checkpoint(engine, cfg, save_dir: str, iteration: int, client_state: Di
     tag_dir = os.path.join(save_dir, tag)
     client = dict(client_state, iteration=iteration, config=cfg.to_dict())
     # A directory of that name is a checkpoint a --ckpt-step rewind abandoned (save_dir_problems):
-    # replaced whole, so no file of it mixes with this save's.
-    if os.path.isdir(tag_dir):
-        _barrier()
+    # replaced whole, so no file of it mixes with this save's. Rank 0 looks before any rank writes
+    # (each looking for itself, a late rank would see the directory an early one just made).
+    if _ranks_with(rank == 0 and os.path.isdir(tag_dir)):
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
             log(f"replacing {tag_dir} (abandoned by the --ckpt-step rewind)")
@@ -572,7 +580,7 @@ def _agree_or_raise(write: Callable[[], None], save_dir: str, tag: str) -> None:
     except Exception as exc:   # noqa: BLE001 - every rank must hear of it first
         failure = exc
         full = _disk_full(exc, save_dir)   # before the partial files are removed
-    failed = _failed_ranks(failure is not None)
+    failed = _ranks_with(failure is not None)
     if not failed:
         return
     if _rank() == 0:
