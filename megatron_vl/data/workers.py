@@ -3,8 +3,12 @@ number in flight, and a worker's death reported instead of waited on.
 
 multiprocessing.Pool does not notice a worker killed from outside (the kernel's OOM killer
 sends SIGKILL): its results never come and the parent waits forever, holding the prefix's
-lock. concurrent.futures.ProcessPoolExecutor marks itself broken when a worker dies; that is
-turned into one line naming the worker's exit and the input it was encoding.
+lock. concurrent.futures.ProcessPoolExecutor notices most of the time, but a worker killed
+while it writes a result leaves half a message in the shared result pipe, and the executor's
+thread then waits for the rest forever (CPython 3.11, measured here: about one kill in ten).
+So each worker has a pipe of its own, which only it writes: when it dies the pipe reads as
+ended, half a message or not, and its process sentinel fires; the parent waits on both and
+turns either into one line naming the worker's exit and the records it was encoding.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Dict, Iterable, Iterator, Sequence
+from multiprocessing.connection import wait
+from typing import Callable, Dict, Iterable, Iterator, List, Sequence
 
 from ..errors import UserError
 
@@ -40,72 +43,149 @@ def describe_exit(code) -> str:
     return f"exited with code {code}"
 
 
-def _start_worker(parent: int, initializer: Callable, initargs: Sequence) -> None:
-    """A worker's start: it ends itself when its parent is gone (killed with -9, nothing told
-    the workers), instead of waiting on the task queue forever."""
+def _serve(parent: int, conn, fn: Callable, initializer: Callable, initargs: Sequence) -> None:
+    """A worker: (seq, batch) in, (status, seq, results or exception) out, until None or EOF.
+    It ends itself when its parent is gone (killed with -9, nothing told the workers) instead
+    of waiting on its pipe forever, and leaves Ctrl-C to the parent, which ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
         os._exit(1)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    initializer(*initargs)
+    try:
+        initializer(*initargs)
+    except BaseException as exc:   # e.g. a tokenizer that does not load: the parent raises it
+        conn.send(("error", -1, exc))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        seq, batch = message
+        try:
+            reply = ("ok", seq, fn(batch))
+        except BaseException as exc:
+            reply = ("error", seq, exc)
+        try:
+            conn.send(reply)
+        except Exception as exc:   # an exception that does not pickle: its text does
+            conn.send(("error", seq, RuntimeError(f"{type(reply[2]).__name__}: {reply[2]} ({exc})")))
+
+
+class _Worker:
+    def __init__(self, process, conn):
+        self.process, self.conn = process, conn
+        self.in_flight: collections.deque = collections.deque()   # (seq, first task of the batch)
+        self.ready = None   # (seq, batch) read from the input, sent when the worker is free
 
 
 class EncodePool:
     """`fn(batch) -> [result per task]` over `workers` spawned processes; `imap` yields the
-    results of `tasks` in order, keeping at most a few batches per worker in flight (memory
-    stays flat however large the input)."""
+    results of `tasks` in order, with two batches per worker at most (one encoding, one read
+    ahead): memory stays flat however large the input."""
 
     def __init__(self, workers: int, fn: Callable, initializer: Callable, initargs: Sequence, batch: int = 64):
-        self.fn, self.batch, self.window = fn, batch, 2 * workers + 2
-        self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                                            initargs=(os.getpid(), initializer, tuple(initargs)))
-        self.processes: Dict[int, object] = {}   # every worker seen, to name the one that died
-
-    def _note_processes(self) -> None:
-        self.processes.update(getattr(self.executor, "_processes", None) or {})
+        ctx = mp.get_context("spawn")
+        self.batch = batch
+        self.workers: List[_Worker] = []
+        try:
+            for _ in range(workers):
+                here, there = ctx.Pipe(duplex=True)
+                process = ctx.Process(target=_serve, args=(os.getpid(), there, fn, initializer, tuple(initargs)),
+                                      daemon=True, name="preprocess-worker")
+                process.start()
+                there.close()   # only the worker holds its end: its death reads as the pipe's end
+                self.workers.append(_Worker(process, here))
+        except BaseException:
+            self.close()
+            raise
 
     def imap(self, tasks: Iterable, source: str, prefix: str, where: Callable = str) -> Iterator:
-        """`where(task)` names a task's record in the message if a worker dies."""
-        pending = collections.deque()
-        tasks = iter(tasks)
-        first = None
-        while True:
-            try:
-                while len(pending) < self.window:
-                    chunk = list(itertools.islice(tasks, self.batch))
-                    if not chunk:
-                        break
-                    first = first if pending else chunk[0]
-                    pending.append((chunk[0], self.executor.submit(self.fn, chunk)))
-                    self._note_processes()
-                if not pending:
-                    return
-                first, future = pending[0]
-                results = future.result()
-            except BrokenProcessPool:
-                raise WorkerDied(self._death(source, where(first) if first is not None else None, prefix)) from None
-            pending.popleft()
-            yield from results
+        """`where(task)` names a task's record in the message if a worker dies.
 
-    def _death(self, source: str, where, prefix: str) -> str:
-        self._note_processes()
-        dead = [(pid, p.exitcode) for pid, p in self.processes.items() if p.exitcode is not None]
-        # The executor terminates the survivors (SIGTERM) once one has died: name the first cause.
-        cause = [d for d in dead if d[1] != -signal.SIGTERM] or dead
-        who = (f"worker process {cause[0][0]} {describe_exit(cause[0][1])}" if cause
-               else "a worker process ended abruptly")
-        at = f" (the batch from {where})" if where else ""
-        return (f"preprocessing stopped: {who} while encoding {source}{at}; nothing was written to {prefix}; "
-                "run again with fewer --workers or more memory")
+        One batch in each worker's pipe at a time: a worker then never writes a result while
+        the parent is blocked writing it a task (both pipes full: a deadlock with large
+        records). The next batch of each worker is read from the input while it works."""
+        tasks = iter(tasks)
+        done: Dict[int, list] = {}
+        next_seq = next_out = 0
+        exhausted = False
+        while True:
+            for w in self.workers:
+                if w.ready is None and not exhausted:
+                    chunk = list(itertools.islice(tasks, self.batch))
+                    if chunk:
+                        w.ready = (next_seq, chunk)
+                        next_seq += 1
+                    else:
+                        exhausted = True
+                if not w.in_flight and w.ready is not None:
+                    seq, chunk = w.ready
+                    w.in_flight.append((seq, chunk[0]))
+                    w.ready = None
+                    try:
+                        w.conn.send((seq, chunk))
+                    except OSError:   # its reading end closed: it died
+                        raise self._died(w, source, prefix, where) from None
+            while next_out in done:
+                yield from done.pop(next_out)
+                next_out += 1
+            busy = [w for w in self.workers if w.in_flight]
+            if not busy:
+                if exhausted and not any(w.ready for w in self.workers) and not done:
+                    return
+                continue
+            ready = wait([w.process.sentinel for w in busy] + [w.conn for w in busy])
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        status, seq, value = w.conn.recv()
+                    except (EOFError, OSError):
+                        raise self._died(w, source, prefix, where) from None
+                    if status == "error":
+                        raise value
+                    w.in_flight.popleft()
+                    done[seq] = value
+                elif w.process.sentinel in ready:
+                    raise self._died(w, source, prefix, where)
+
+    def _died(self, w: _Worker, source: str, prefix: str, where: Callable) -> BaseException:
+        w.process.join(timeout=5)
+        if w.process.exitcode is not None:
+            # What it said before it ended (a tokenizer that did not load, say) is the cause. Its
+            # end of the pipe is closed, so half a message reads as the end, never as a wait.
+            try:
+                while w.conn.poll(0):
+                    status, _, value = w.conn.recv()
+                    if status == "error":
+                        return value
+            except (EOFError, OSError, ValueError):
+                pass
+        at = f" (the batch from {where(w.in_flight[0][1])})" if w.in_flight else ""
+        return WorkerDied(f"preprocessing stopped: worker process {w.process.pid} {describe_exit(w.process.exitcode)} "
+                          f"while encoding {source}{at}; nothing was written to {prefix}; run again with fewer "
+                          "--workers or more memory")
 
     def close(self) -> None:
         """Ends the workers now (finished or not): nothing of theirs is needed any more."""
-        self._note_processes()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        for p in self.processes.values():   # idle workers leave at once on the shutdown
-            p.join(timeout=1)
-        for p in self.processes.values():   # busy ones (an error stopped the run) are ended
-            if p.exitcode is None:
-                p.terminate()
-                p.join(timeout=5)
+        for w in self.workers:
+            if not w.in_flight:   # a busy one may not read: it is ended below instead
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+        for w in self.workers:   # idle workers leave at once
+            w.process.join(timeout=1)
+        for w in self.workers:   # busy ones (an error stopped the run) are ended
+            if w.process.exitcode is None:
+                w.process.terminate()
+                w.process.join(timeout=5)
+            if w.process.exitcode is None:
+                w.process.kill()
+                w.process.join(timeout=5)
+            w.conn.close()
