@@ -44,6 +44,9 @@ def check_model_dir(path: str, what: str = "--hf-dir") -> None:
         raise ExportDirError(f"{what} {path}: no such directory")
     if not os.path.isdir(path):
         raise ExportDirError(f"{what} {path}: not a directory (an export-hf output or a LLaMA directory)")
+    if os.path.isfile(os.path.join(path, "latest")) or os.path.isfile(os.path.join(path, "megatron_vl_checkpoint.json")):
+        raise ExportDirError(f"{what} {path}: a training or release checkpoint, not a VL-GPT export: export it first "
+                             f"(python tools/convert_checkpoint.py export-hf --load {path} --save DIR)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ExportDirError(f"{what} {path}: no config.json: not a transformers model directory (an export-hf "
                              "output or a LLaMA directory)")

@@ -177,7 +177,7 @@ def test_tp2_export_matches_training_model(vl_data, tmp_path, image_tokenizer):
     with pytest.raises(CheckpointError, match="checkpoint iter_0000009 does not exist \\(have: iter_0000002\\)"):
         export_vlgpt(str(tmp_path / "ckpt"), str(tmp_path / "x"), iteration=9)
     assert not os.path.exists(tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="is not a VL-GPT export"):
+    with pytest.raises(FileNotFoundError, match="a training or release checkpoint, not a VL-GPT export: export it first"):
         VLGPTForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
 
 

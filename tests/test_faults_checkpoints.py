@@ -280,7 +280,7 @@ def test_malformed_fault_hook_and_finetune_without_load(vl_data, monkeypatch, ca
     from megatron_vl.training import faults, finetune
     for spec in ("garbage spec @@", "nan_loss@x", "nan_los@3", "nan_loss@0"):
         monkeypatch.setenv(faults.ENV, spec)
-        with pytest.raises(UsageError, match=rf"MEGATRON_VL_INJECT=.*expected NAME@ITER"):
+        with pytest.raises(UsageError, match=r"MEGATRON_VL_INJECT=.*expected NAME@ITER"):
             faults.check()
     monkeypatch.setenv(faults.ENV, "garbage spec @@")
     code, out = run(vl_data, monkeypatch, capsys, iters=1)

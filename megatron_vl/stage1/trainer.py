@@ -22,7 +22,7 @@ from ..data.pair_stream import PairStream, parse_sources
 from ..parallel.random import seed_everything
 from ..training.build import make_engine
 from ..training import checkpoint as ckpt
-from ..training.engine import Trainer, exit_code, preflight, run_training, start_process
+from ..training.engine import Trainer, exit_code, guarded_save, run_training, start_process
 from ..training.metrics import memory_gb
 from .config import TokenizerTrainConfig
 from .data import PairBatches
@@ -117,14 +117,7 @@ def train_tokenizer(argv: Optional[Sequence[str]] = None, description: Optional[
     cfg, _ = load_config(argv, parser=parser(description) if description else parser(),
                          config_cls=TokenizerTrainConfig)
     launch, device, owns_group = start_process(cfg, cfg.validate)
-    c = cfg.checkpoint
-    # A requeued job keeps its command line: once --save holds this run's checkpoints, resume from them.
-    note = ckpt.requeue_redirect(c.load, c.save, c.ckpt_step, bool(c.finetune))
-    if note:
-        if launch.rank == 0:
-            print(note, flush=True)
-        c.load, c.finetune = c.save, False
-    with preflight(cfg, STAGE, log=print if launch.rank == 0 else (lambda m: None)):
+    with guarded_save(cfg, STAGE, launch.rank):
         return _train_tokenizer(cfg, launch, device, owns_group)
 
 

@@ -426,6 +426,21 @@ def check_build_locks(log: Callable[[str], None] = print) -> None:
 
 
 @contextlib.contextmanager
+def guarded_save(cfg, stage: str, rank: int):
+    """What every stage's job runs inside: a requeued job keeps its command line, so once
+    --save holds this run's own checkpoints it resumes from them (said in a line); then
+    preflight's lock and --save rules for the whole job."""
+    c = cfg.checkpoint
+    note = ckpt.requeue_redirect(c.load, c.save, c.ckpt_step, bool(c.finetune))
+    if note:
+        if rank == 0:
+            print(note, flush=True)
+        c.load, c.finetune = c.save, False
+    with preflight(cfg, stage, log=print if rank == 0 else (lambda m: None)):
+        yield
+
+
+@contextlib.contextmanager
 def preflight(cfg, stage: str, log: Callable[[str], None] = print):
     """Before a run builds anything: holds --save's lock for the whole block (one writer per
     checkpoint directory) and refuses, on every rank, a --save that would overwrite or rewind

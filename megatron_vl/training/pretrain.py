@@ -16,7 +16,7 @@ from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState
 from . import checkpoint as ckpt
 from .build import build_model, initialize_engine
-from .engine import Trainer, exit_code, preflight, run_training, start_process
+from .engine import Trainer, exit_code, guarded_save, run_training, start_process
 from .data import build_data, loader, model_batch
 from .metrics import StepStats, format_line, throughput
 
@@ -198,14 +198,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     if prepare is not None:
         prepare(cfg, ns)
     launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world))
-    c = cfg.checkpoint
-    # A requeued job keeps its command line: once --save holds this run's checkpoints, resume from them.
-    note = ckpt.requeue_redirect(c.load, c.save, c.ckpt_step, bool(c.finetune))
-    if note:
-        if launch.rank == 0:
-            print(note, flush=True)
-        c.load, c.finetune = c.save, False
-    with preflight(cfg, stage, log=print if launch.rank == 0 else (lambda m: None)):
+    with guarded_save(cfg, stage, launch.rank):
         return _pretrain(cfg, launch, device, owns_group, stage)
 
 
