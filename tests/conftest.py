@@ -10,7 +10,21 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# `-m "not slow"`: the quick subset (under 3 minutes on 2 cores). Slow: whole training runs,
+# multi-process jobs and exports, i.e. the modules below and any test on the session's tiny
+# training data (building it alone runs preprocessing and feature extraction).
+SLOW_MODULES = {"test_pretrain_script", "test_pretrain", "test_eval", "test_export_vlgpt", "test_finetune",
+                "test_reshard", "test_stage1", "test_convert", "test_examples", "test_stage1_decode", "test_launcher",
+                "test_zero3", "test_plan_memory", "test_generation", "test_tensor_parallel", "test_parallel_state",
+                "test_faults_checkpoints", "test_pretrain_gpu"}
+SLOW_FIXTURES = {"vl_data", "export"}
+
+
 def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
