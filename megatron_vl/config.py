@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, get_args, get_origin, get_type_hints
 
@@ -171,7 +172,7 @@ class LoopConfig:
     train_iters: int = opt(100, "Optimizer steps to train.", low=0)
     bf16: bool = opt(False, "Train in bfloat16 mixed precision.")
     fp16: bool = opt(False, "Train in float16 with dynamic loss scaling.")
-    seed: int = opt(1234, "Random seed.")
+    seed: int = opt(1234, "Random seed.", low=0)
     max_skipped_steps: int = opt(
         10, "Abort after this many consecutive updates skipped for a non-finite loss or gradient norm.", low=0)
     exit_interval: Optional[int] = opt(
@@ -421,9 +422,14 @@ def range_errors(cfg) -> List[str]:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
             meta = f.metadata
+            value = getattr(obj, f.name)
+            # No setting means anything at infinity or NaN: refused for every float field.
+            if any(isinstance(v, float) and not math.isfinite(v)
+                   for v in (value if isinstance(value, (list, tuple)) else [value])):
+                errors.append(f"{flag_name(f)} {value!r}: must be a finite number")
+                continue
             if meta.get("low") is None and meta.get("above") is None and meta.get("below") is None:
                 continue
-            value = getattr(obj, f.name)
             for v in (value if isinstance(value, (list, tuple)) else [value]):
                 if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
@@ -523,6 +529,9 @@ def training_errors(cfg, world_size: int) -> List[str]:
         errors += _path_errors(cfg)   # (Config.validate checks them itself)
     if t.bf16 and t.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
+    o = getattr(cfg, "optimizer", None)
+    if o is not None and o.min_lr > o.lr:
+        errors.append(f"--min-lr ({o.min_lr}) is above --lr ({o.lr}): the decay would raise the learning rate")
     dp = data_parallel_size(cfg, world_size)
     gbs = t.global_batch_size
     if dp >= 1 and gbs is not None and gbs % (t.micro_batch_size * dp):

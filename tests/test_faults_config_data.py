@@ -476,3 +476,17 @@ def test_an_unwritable_order_cache_is_one_line_naming_the_flag(data, tmp_path, m
         PackedDataset(prefix, CFG, num_samples=5, cache_dir=str(tmp_path / "ro"))
     assert str(info.value) == (f"{tmp_path}/ro: cannot write the sample-order cache of {prefix} (Read-only file "
                                "system); pass --data-cache-path a writable directory")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr inf: must be a finite number"),
+    (["--clip-grad", "nan"], "--clip-grad nan: must be a finite number"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--min-lr", "1", "--lr", "1e-3"], "--min-lr (1.0) is above --lr (0.001): the decay would raise the learning rate"),
+])
+def test_non_finite_numbers_negative_seeds_and_min_lr_above_lr_are_refused(flags, message):
+    # Every float field, declared range or not: infinity and NaN mean nothing as a setting.
+    cfg, _ = load_config(["--data-path", "x", *flags])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 1)
+    assert f"  - {message}" in str(info.value).splitlines()
