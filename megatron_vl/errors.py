@@ -7,7 +7,7 @@ returns the class's exit code, with no traceback: ``MEGATRON_VL_DEBUG=1`` re-rai
 a developer who wants the stack. Anything else (a bug) still ends in a traceback.
 
 Exit codes (documented in the README): 2 for usage (flags, configuration), 1 for everything else
-(data, checkpoints, locks, disk full).
+(data, checkpoints, locks, disk full, a path that is missing, unwritable or of the wrong kind).
 
 This module is a leaf: it imports nothing of ours, so every layer may raise these.
 """
@@ -40,6 +40,10 @@ class OutputError(UserError):
     """An output that would overwrite an input or a file this run did not make (exit 1)."""
 
 
+_PATH_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS,
+                errno.ENAMETOOLONG, errno.ELOOP}
+
+
 def debug_enabled() -> bool:
     """MEGATRON_VL_DEBUG=1 lets user errors through with their traceback."""
     return os.environ.get("MEGATRON_VL_DEBUG", "") not in ("", "0")
@@ -60,6 +64,12 @@ def report(exc: BaseException) -> Optional[int]:
         return exc.exit_code
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         print(f"error: {disk_full_message(exc)}", file=sys.stderr, flush=True)
+        return 1
+    if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS and getattr(exc, "filename", None):
+        # A path the user named that is missing, unwritable, or of the wrong kind: the system's
+        # own words with the path are the whole report.
+        where = f"{exc.filename} -> {exc.filename2}" if getattr(exc, "filename2", None) else f"{exc.filename}"
+        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         return 1
     if isinstance(exc, RuntimeError) and ("No space left on device" in str(exc)
                                           or "basic_ios::clear" in str(exc)):

@@ -34,7 +34,8 @@ def _in_process(script, argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
             spec.loader.exec_module(module)
-            code = module.main(argv) or 0
+            from megatron_vl.errors import run_cli   # as `python tools/X.py` runs main: user errors are one line
+            code = run_cli(module.main, argv)
         except SystemExit as exc:   # argparse and sys.exit("message"), as the interpreter maps them
             if exc.code is None or isinstance(exc.code, int):
                 code = exc.code or 0

@@ -357,3 +357,29 @@ def test_the_heartbeat_refreshes_a_held_lock_and_stops_with_the_block(tmp_path, 
         monkeypatch.setattr(os, "utime", real)
         assert len(beats()) == 1
     assert beats() == [] and not os.path.exists(lock)
+
+
+@pytest.mark.parametrize("exc, line", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/proc/nope"),
+     "error: /proc/nope: No such file or directory"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), "error: /root/x: Permission denied"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp"), "error: /tmp: Is a directory"),
+])
+def test_run_cli_names_a_path_the_system_refused(capsys, monkeypatch, exc, line):
+    """A tool writing into a folder that does not exist (make_tiny_llama --save /proc/nope) or
+    reading a directory as a file: the path and the system's reason, no traceback."""
+    monkeypatch.delenv("MEGATRON_VL_DEBUG", raising=False)
+
+    def main():
+        raise exc
+    assert run_cli(main) == 1
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_run_cli_lets_an_os_error_without_a_path_through(monkeypatch):
+    monkeypatch.delenv("MEGATRON_VL_DEBUG", raising=False)
+
+    def main():
+        raise ConnectionResetError(errno.ECONNRESET, "reset")   # no path of the user's: a bug or the network
+    with pytest.raises(ConnectionResetError):
+        run_cli(main)

@@ -272,8 +272,10 @@ def test_malformed_records_invalid_utf8_and_damaged_files_are_counted(sample, tm
     r = read_meta(f"{tmp_path}/w_text_document")["report"]
     assert r["skipped"]["damaged file, read up to the damage"] >= 2 and 0 < r["documents_written"] < 6
     assert r["first_seen"]["damaged file, read up to the damage"].startswith(f"{cut_tar} (ReadError")
-    only_empty = _preprocess_pairs(sample, empty_tar, tmp_path / "e")
+    # Nothing but damage: counted, and no empty dataset passed off as a result.
+    only_empty = _preprocess_pairs(sample, empty_tar, tmp_path / "e", expect=1)
     assert f"skipped (damaged file, read up to the damage): 1  first at {empty_tar} (ReadError: empty file)" in only_empty
+    assert f"error: {tmp_path}/e_text_document: no document written: all 1 records were skipped" in only_empty
     # --partitions with a failure in a later partition: no _part files left behind.
     strict = run_tool("tools/preprocess_data.py", "--input-format", "wds-pairs", "--input", str(tar), str(cut_tar),
                       "--output-prefix", str(tmp_path / "parts"), "--tokenizer-model", str(sample / "tokenizer.model"),

@@ -18,6 +18,7 @@ from argparse import Namespace
 import pytest
 
 from megatron_vl.training import checkpoint as ckpt
+from megatron_vl.training import save_rules
 from pretrain_helpers import pretrain_in_process, tiny_args
 
 
@@ -111,21 +112,21 @@ def test_save_dir_rules_for_stages_and_rewinds(tmp_path):
     for load in (None, s2):
         with pytest.raises(ckpt.CheckpointError, match=r"--save .*/s2 holds stage-2 \(pretraining, pretrain_vlgpt.py\) "
                            r"checkpoints \(`latest`: iter_0000100\); this stage-3 .* run would write over them"):
-            ckpt.save_dir_problems(str(s2), load and str(s2), None, True, "instruct")
+            save_rules.save_dir_problems(str(s2), load and str(s2), None, True, "instruct")
     # stage 1 into a stage-2 directory
     with pytest.raises(ckpt.CheckpointError, match="this stage-1"):
-        ckpt.save_dir_problems(str(s2), str(s2), None, False, "tokenizer")
+        save_rules.save_dir_problems(str(s2), str(s2), None, False, "tokenizer")
     # a release directory as --save
     rel = tmp_path / "rel"
     rel.mkdir()
     (rel / "latest").write_text("release")
     with pytest.raises(ckpt.CheckpointError, match="is a release checkpoint"):
-        ckpt.save_dir_problems(str(rel), str(rel), None, False, "pretrain")
+        save_rules.save_dir_problems(str(rel), str(rel), None, False, "pretrain")
     # --ckpt-step rewind in place: allowed, said
     s3 = tmp_path / "s3"
     fake(s3, "instruct", [8, 16], 16)
     said = []
-    ckpt.save_dir_problems(str(s3), str(s3), 8, False, "instruct", said.append)
+    save_rules.save_dir_problems(str(s3), str(s3), 8, False, "instruct", said.append)
     assert said == [f"note: --ckpt-step 8 rewinds {s3} to iter_0000008 although `latest` names iter_0000016: this "
                     "run replaces iter_0000016 as it reaches them (to keep them, resume into a new --save)"]
     # FI01-FI05: a stage-1 checkpoint given to stage 2/3 (older: recognised by its exported tokenizer)
@@ -135,9 +136,9 @@ def test_save_dir_rules_for_stages_and_rewinds(tmp_path):
     for stage in ("instruct", "pretrain"):
         with pytest.raises(ckpt.CheckpointError, match=r"iter_0000002 is a stage-1 \(image tokenizer, "
                            r"train_tokenizer.py\) checkpoint, not a stage-2"):
-            ckpt.check_load_stage(str(s1), None, stage)
+            save_rules.check_load_stage(str(s1), None, stage)
     with pytest.raises(ckpt.CheckpointError, match="is a stage-3 .* not a stage-1 one"):
-        ckpt.check_load_stage(str(s3), None, "tokenizer")
+        save_rules.check_load_stage(str(s3), None, "tokenizer")
 
 
 @pytest.mark.timeout(300)
@@ -160,14 +161,14 @@ def test_mixed_checkpoint_is_refused_by_name(vl_data, trained, tmp_path, monkeyp
     import torch
     real_load, opened = torch.load, []
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: opened.append(str(f)) or real_load(f, *a, **kw))
-    problem = ckpt.mixed_files_problem(str(m), "iter_0000004")
+    problem = save_rules.mixed_files_problem(str(m), "iter_0000004")
     assert problem == (f"{stray}: the optimizer state of data-parallel rank 1, but the checkpoint's model states were "
                        "written by 1 data-parallel rank(s): files of two different saves (another run saved into "
                        "this directory?); it cannot be loaded: resume from another checkpoint with --ckpt-step, or "
                        "from the run that wrote it")
     assert opened and not [f for f in opened if "optim_states" in f], opened
     os.remove(stray)
-    assert ckpt.mixed_files_problem(str(m), "iter_0000004") is None
+    assert save_rules.mixed_files_problem(str(m), "iter_0000004") is None
 
 
 @pytest.mark.timeout(300)
@@ -236,7 +237,7 @@ def test_longer_train_iters_continues_the_schedule_and_disk_full_keeps_latest(vl
 
 def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
     """H2: a lock no process works beside is named after a short watch; a live build's is not."""
-    from megatron_vl.training import engine
+    from megatron_vl.training import preflight
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     build = tmp_path / "deepspeed_shm_comm"
     build.mkdir()
@@ -245,12 +246,12 @@ def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
     busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], cwd=build)   # like ninja
     try:
         start = time.time()
-        assert engine.stale_build_locks(grace_seconds=0.5) == []
+        assert preflight.stale_build_locks(grace_seconds=0.5) == []
         assert time.time() - start < 0.5
     finally:
         busy.kill()
         busy.wait()
-    assert engine.stale_build_locks(grace_seconds=0.5) == [str(lock)]
+    assert preflight.stale_build_locks(grace_seconds=0.5) == [str(lock)]
     # A build on another node sharing the directory is invisible in /proc but keeps writing there:
     # its lock is watched, not called stale, and released when that build ends.
     import threading
@@ -264,14 +265,14 @@ def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
     lock.touch()
     builder.start()
     try:
-        assert engine.stale_build_locks(grace_seconds=0.5) == []
+        assert preflight.stale_build_locks(grace_seconds=0.5) == []
     finally:
         builder.join()
     lock.write_text("")
-    monkeypatch.setattr(engine, "stale_build_locks", lambda log=print: [str(lock)])
-    with pytest.raises(engine.StaleBuildLock, match=rf"{lock}: left by a JIT extension build that was killed "
+    monkeypatch.setattr(preflight, "stale_build_locks", lambda log=print: [str(lock)])
+    with pytest.raises(preflight.StaleBuildLock, match=rf"{lock}: left by a JIT extension build that was killed "
                        rf"half-way .* remove that directory \(rm -rf {build}; it is rebuilt\)"):
-        engine.check_build_locks()
+        preflight.check_build_locks()
 
 
 def test_malformed_fault_hook_and_finetune_without_load(vl_data, monkeypatch, capsys):
@@ -323,7 +324,7 @@ class _FakeDeepSpeed:
 
 def _preflight_rank(rank, world, save, save2):
     from megatron_vl.config import load_config
-    from megatron_vl.training.engine import preflight
+    from megatron_vl.training.preflight import preflight
     cfg, _ = load_config(["--save", save])
     seen = []
     try:
@@ -394,7 +395,7 @@ def test_unreadable_latest_removes_nothing(vl_data, trained, tmp_path, monkeypat
         assert _digest(d) == before
     # --ckpt-step names the checkpoint: resumed, the newer one replaced only when reached, nothing removed
     said = []
-    ckpt.save_dir_problems(str(d), str(d), 2, False, "pretrain", said.append)
+    save_rules.save_dir_problems(str(d), str(d), 2, False, "pretrain", said.append)
     assert said == [f"note: --ckpt-step 2: {marker} is missing; this run resumes iter_0000002 and replaces "
                     "iter_0000004 as it reaches them (to keep them, resume into a new --save)"]
     assert _digest(d) == before
@@ -412,7 +413,7 @@ def test_requeue_resumes_its_own_save_and_train_iters_0_writes_nothing(vl_data, 
     job = ("--load", a, "--save", b, "--save-interval", 2)
     code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)
     assert code == 0, out[-3000:]
-    assert json.loads((b / "iter_0000004" / ckpt.ORIGIN).read_text()) == {"load": str(a), "iteration": 2}
+    assert json.loads((b / "iter_0000004" / save_rules.ORIGIN).read_text()) == {"load": str(a), "iteration": 2}
     before = _digest(b)
     code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)   # the requeue
     assert code == 0, out[-3000:]
@@ -424,8 +425,8 @@ def test_requeue_resumes_its_own_save_and_train_iters_0_writes_nothing(vl_data, 
     assert (f"error: --ckpt-step 2 numbers the checkpoints of --load {a}, but --save {b} already holds iter_0000004 "
             f"of this run, which a restart resumes instead") in out
     # a run resumed from B inherits B's origin; B's origin elsewhere (or none) is refused
-    assert ckpt.run_origin(str(b), str(b), None, False) == {"load": str(a), "iteration": 2}
-    (b / "iter_0000004" / ckpt.ORIGIN).write_text(json.dumps({"load": str(tmp_path / "other"), "iteration": 2}))
+    assert save_rules.run_origin(str(b), str(b), None, False) == {"load": str(a), "iteration": 2}
+    (b / "iter_0000004" / save_rules.ORIGIN).write_text(json.dumps({"load": str(tmp_path / "other"), "iteration": 2}))
     code, out = run(vl_data, monkeypatch, capsys, *job, iters=4)
     assert code == 1 and (f"error: --save {b} holds iter_0000004, newer than what --load {a} starts from "
                           f"(iter_0000002): this run would overwrite it") in out
@@ -446,8 +447,8 @@ def test_save_holding_the_start_iteration_is_refused(tmp_path):
         (d / "latest").write_text("iter_0000004")
     with pytest.raises(ckpt.CheckpointError, match=rf"--save {b} holds iter_0000004, written by another run at the "
                        rf"iteration that --load {a} starts from \(iter_0000004\): this run would overwrite it"):
-        ckpt.save_dir_problems(str(b), str(a), None, False, "pretrain")
-    ckpt.save_dir_problems(str(b), str(b), None, False, "pretrain")
+        save_rules.save_dir_problems(str(b), str(a), None, False, "pretrain")
+    save_rules.save_dir_problems(str(b), str(b), None, False, "pretrain")
 
 
 def test_a_failed_write_on_another_rank_stops_this_one(tmp_path, monkeypatch):
@@ -470,14 +471,14 @@ def test_every_local_rank_checks_the_build_lock(tmp_path, monkeypatch):
     (local rank 0 alone stopping would leave the others waiting in it)."""
     from megatron_vl.config import load_config
     from megatron_vl.parallel import launcher, state
-    from megatron_vl.training import engine
+    from megatron_vl.training import engine, preflight
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    monkeypatch.setattr(engine, "stale_build_locks", lambda log=print: [str(lock)])
+    monkeypatch.setattr(preflight, "stale_build_locks", lambda log=print: [str(lock)])
     monkeypatch.setattr(launcher, "detect_launch", lambda: launcher.LaunchInfo("slurm", 1, 2, 1, "127.0.0.1", 29500))
 
     def rendezvous(*a, **kw):
         raise AssertionError("reached the rendezvous")
     monkeypatch.setattr(state, "init_distributed", rendezvous)
     cfg, _ = load_config([])
-    with pytest.raises(engine.StaleBuildLock, match=rf"{lock}: left by a JIT extension build"):
+    with pytest.raises(preflight.StaleBuildLock, match=rf"{lock}: left by a JIT extension build"):
         engine.start_process(cfg, lambda world: None)

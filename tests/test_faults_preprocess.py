@@ -180,9 +180,13 @@ def test_obelics_texts_as_a_string_and_a_slot_with_text_and_image_are_counted(sa
     """O_texts_string (one sentence per character before) and O_sameslot (image dropped unseen)."""
     jpg = (sample / "mmc4" / "images" / sorted(os.listdir(sample / "mmc4" / "images"))[0]).read_bytes()
     path = _parquet(tmp_path / "s.parquet", ["abc def", "hello"], [[None] * 7, [None] * 5])
-    out, _ = preprocess(sample, "obelics", path, tmp_path / "s")
+    out, err = preprocess(sample, "obelics", path, tmp_path / "s", expect=1)
     assert f"skipped (texts/images not lists): 2  first at {path}:row 0 (texts str, images list)" in out
     assert "documents written: 0" in out
+    # Every record skipped: an error naming the likely cause, not an empty dataset and exit 0.
+    assert one_error_line(err) == (f"error: {tmp_path}/s_text_document: no document written: all 2 records were "
+                                   f"skipped (most: texts/images not lists, 2, first at {path}:row 0 (texts str, "
+                                   f"images list)); is --input-format obelics right for {path}?")
     _, err = preprocess(sample, "obelics", path, tmp_path / "s2", "--strict", expect=1)
     assert f"{path}:row 0 (texts str, images list): texts/images not lists" in one_error_line(err)
 

@@ -200,7 +200,7 @@ def test_a_stale_extension_build_lock_is_named(tmp_path, monkeypatch):
     """A JIT build killed half-way leaves a lock every later run would wait on silently: one
     that no process works beside is named after a short watch, however young
     (tests/test_faults_checkpoints.py covers a live build's lock)."""
-    from megatron_vl.training.engine import stale_build_locks
+    from megatron_vl.training.preflight import stale_build_locks
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert stale_build_locks(grace_seconds=0.2) == []     # no lock: no wait
     (tmp_path / "deepspeed_shm_comm").mkdir()

@@ -33,7 +33,7 @@ from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess
 from megatron_vl.data.indexed import FeatureStore  # noqa: E402
 from megatron_vl.data.conversation import TEMPLATES  # noqa: E402
 from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS  # noqa: E402
-from megatron_vl.errors import UsageError, UserError, run_cli  # noqa: E402
+from megatron_vl.errors import InputError, UsageError, UserError, run_cli  # noqa: E402
 
 
 def build_parser():
@@ -101,6 +101,12 @@ def main(argv=None):
                 raise   # run_cli names a full disk; a UserError's message is already the whole report
             raise UserError(f"{exc.filename or prefix}: {exc.strerror or exc}") from None
         print(f"== {prefix}\n{report.format()}")
+        if not report.documents_written and report.skipped:
+            # Every record refused: most likely the wrong --input-format, never a dataset to train on.
+            reason, count = report.skipped.most_common(1)[0]
+            raise InputError(f"{prefix}: no document written: all {sum(report.skipped.values())} records were skipped "
+                             f"(most: {reason}, {count}, first at {report.first_seen[reason]}); is --input-format "
+                             f"{args.input_format} right for {args.input[0]}?")
         features = sidecar(prefix, "features")
         if os.path.isfile(features + ".idx"):
             try:

@@ -22,8 +22,9 @@ from ..data.pair_stream import PairStream, parse_sources
 from ..parallel.random import seed_everything
 from ..training.build import make_engine
 from ..training import checkpoint as ckpt
-from ..training.engine import Trainer, exit_code, guarded_save, run_training, start_process
+from ..training.engine import Trainer, exit_code, run_training, start_process
 from ..training.metrics import memory_gb
+from ..training.preflight import guarded_save
 from .config import TokenizerTrainConfig
 from .data import PairBatches
 from .framework import TokenizerFramework, build_framework, ip_image_encoder_dir

@@ -19,6 +19,7 @@ from ..config import Config, ConfigError
 from ..data.dataset import parse_blend
 from ..data.preprocess import read_meta
 from . import checkpoint as ckpt
+from . import save_rules
 
 STAGE = "instruct"
 # The paper's stage-3 recipe, before the user's flags (which override them).
@@ -44,6 +45,6 @@ def prepare(cfg: Config, ns=None) -> None:
                       "or a release checkpoint), or --allow-random-init to tune randomly initialised weights")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
-    ckpt.check_load_stage(c.load, c.ckpt_step, STAGE)
+    save_rules.check_load_stage(c.load, c.ckpt_step, STAGE)
     if c.load and not ckpt.is_release(c.load) and ckpt.read_latest(c.load) is not None:
         c.finetune = ckpt.read_stage(c.load, c.ckpt_step) != STAGE

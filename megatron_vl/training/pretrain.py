@@ -16,9 +16,10 @@ from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState
 from . import checkpoint as ckpt
 from .build import build_model, initialize_engine
-from .engine import Trainer, exit_code, guarded_save, run_training, start_process
+from .engine import Trainer, exit_code, run_training, start_process
 from .data import build_data, loader, model_batch
 from .metrics import StepStats, format_line, throughput
+from .preflight import guarded_save
 
 
 class VLGPTTrainer(Trainer):
