@@ -448,6 +448,18 @@ def test_eval_reconstruction_problems_are_one_line(m, tmp_path):
     score = save_tiny_ip_image_encoder(str(tmp_path / "score"), seed=7)
     out = tool(*base, "--shards", junk, "--clip-score-model", score, expect=1)
     assert f"error: --shards {junk}: no readable pair" in out and "damaged file" in out
+    # --output-json: a file this tool did not write is refused before anything loads (the user's
+    # notes stay), its own earlier scores are replaced by a rerun, --overwrite replaces anything.
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    out = tool(*base, "--shards", junk, "--clip-score-model", score, "--output-json", notes, expect=1)
+    assert f"error: --output-json {notes} already exists and this run did not make it" in out
+    assert notes.read_text() == '{"mine": 1}'
+    out = tool(*base, "--shards", junk, "--clip-score-model", score, "--output-json", notes, "--overwrite", expect=1)
+    assert "no readable pair" in out   # past the guard
+    notes.write_text('{"tool": "megatron-vl eval_reconstruction", "scores": {}}')
+    out = tool(*base, "--shards", junk, "--clip-score-model", score, "--output-json", notes, expect=1)
+    assert "no readable pair" in out
 
 
 # --- tiny model writers never overwrite -------------------------------------------------------------

@@ -37,9 +37,23 @@ def build_parser():
     p.add_argument("--ip-adapter")
     p.add_argument("--ip-adapter-weight")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output-json", help="write the scores here too")
+    p.add_argument("--output-json", help="write the scores here too (a rerun replaces this tool's own earlier file; "
+                   "any other existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-json this tool did not write")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+SCORES_KIND = "megatron-vl eval_reconstruction"
+
+
+def _own_scores(path: str) -> bool:
+    """Whether `path` is a scores file this tool wrote (a rerun may replace it)."""
+    try:
+        with open(path) as fh:
+            return json.load(fh).get("tool") == SCORES_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv=None):
@@ -62,8 +76,9 @@ def main(argv=None):
     if missing:
         print(f"error: {len(missing)} shard(s) do not exist, e.g. {missing[0]}", file=sys.stderr)
         return 2
-    if args.output_json:   # a rerun replaces its own scores, never one of the inputs
-        guard_output(args.output_json, inputs=shards, overwrite=True, flag="--output-json")
+    if args.output_json:   # a rerun replaces its own scores, never one of the inputs or another file
+        guard_output(args.output_json, inputs=shards, overwrite=args.overwrite or _own_scores(args.output_json),
+                     flag="--output-json")
     tok_dir, detok_dir = os.path.join(args.export, "image_tokenizer"), os.path.join(args.export, "image_detokenizer")
     try:
         tokenizer = ImageTokenizer.from_pretrained(tok_dir).to(args.device).eval()
@@ -107,7 +122,7 @@ def main(argv=None):
         print(f"skipped ({reason}): {n}  first at {report.first_seen[reason]}")
     if args.output_json:
         with atomic_open(args.output_json, "w") as fh:
-            json.dump({"scores": scores, "skipped": dict(report.skipped)}, fh, indent=2)
+            json.dump({"tool": SCORES_KIND, "scores": scores, "skipped": dict(report.skipped)}, fh, indent=2)
     return 0
 
 
