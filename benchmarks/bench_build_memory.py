@@ -6,6 +6,7 @@ vocabulary table) and the largest module's TP slice (built whole before zero.Ini
 partitions it).
 
     python benchmarks/bench_build_memory.py [--hidden 1024 --layers 8 --ffn 2816 --vocab 32002]
+    python benchmarks/bench_build_memory.py --smoke     # same code path, tiny sizes (the test-suite's check)
 
 "Build" = peak RSS after build_model minus RSS before it (imports, process group, DeepSpeed
 communication up). The engine (optimizer states, ZeRO buffers) comes after and is reported
@@ -23,6 +24,7 @@ from megatron_vl.plan.measure import peak_bytes, rss_bytes  # noqa: E402
 from megatron_vl.testing.distributed import run_distributed  # noqa: E402
 
 MB = 1024 * 1024
+SMOKE = {"hidden": 64, "layers": 1, "ffn": 176, "vocab": 256, "ranks": 1}
 
 
 def _rss_mb() -> float:
@@ -59,14 +61,20 @@ def _rank(rank, world, argv):
             "numel": numel, "largest": largest}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32002)
     p.add_argument("--ranks", type=int, default=4)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
+                        f"flags still win); the figures mean nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
     model = ["--hidden-size", args.hidden, "--num-layers", args.layers, "--num-attention-heads", 8,

@@ -2,6 +2,7 @@
 features, seq 512, warm page cache (goal >= 1,000 samples/s; a 32xA100 run needs ~27 per GPU).
 
     python benchmarks/bench_dataloader.py [--images 600 --samples 2000 --workdir /tmp/bench_dl]
+    python benchmarks/bench_dataloader.py --smoke     # same code path, tiny sizes (seconds; the test-suite's check)
 """
 
 import argparse
@@ -19,18 +20,25 @@ from megatron_vl.data.dataset import PackedDataset  # noqa: E402
 from megatron_vl.data.formats import Report  # noqa: E402
 from megatron_vl.data.indexed import FeatureStoreWriter  # noqa: E402
 from megatron_vl.data.packing import PackingConfig  # noqa: E402
-from megatron_vl.data.preprocess import DatasetWriter  # noqa: E402
+from megatron_vl.data.preprocess import DatasetWriter, table_fingerprint  # noqa: E402
+
+SMOKE = {"images": 20, "samples": 30}
 
 TOKENIZER = {"type": "bench", "model": "-", "vocab_size": 32002, "eod_id": 2,
              "image_token_ids": {"[IMG]": 32000, "[/IMG]": 32001}}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=600, help="images (= documents, one each) in the dataset")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--workdir", default=None)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke test: same code path at the smallest sizes ({SMOKE}; explicit flags still win)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_dl_")
     os.makedirs(work, exist_ok=True)
     prefix = os.path.join(work, "bench_text_document")
@@ -40,7 +48,7 @@ def main():
         tokens = rng.integers(3, 32000, 60)
         writer.add(tokens, [(10, 20, b"")])
     writer.finalize(Report(), {})
-    feats = FeatureStoreWriter(prefix + "_image_features", 32, 4096)
+    feats = FeatureStoreWriter(prefix + "_image_features", 32, 4096, source=table_fingerprint(prefix))
     for _ in range(args.images):
         feats.add(rng.standard_normal((32, 4096)).astype(np.float16))
     feats.finalize()

@@ -3,6 +3,7 @@ ZeRO-1/2/3, TP=2, PP=2, LoRA on and off, recompute, on a model of ~13M parameter
 4 layers), under DeepSpeed's default buffers and under scaled-down ones.
 
     python benchmarks/bench_plan_memory.py [--hidden 512] [--workdir /tmp/bench_plan_memory]
+    python benchmarks/bench_plan_memory.py --smoke     # same code path, tiny sizes (the test-suite's check)
 
 "Measured" is the worst rank's peak of bytes held in CPU tensors (torch's allocator, every
 thread; megatron_vl/plan/measure.py) from just before the model is built through 3 training
@@ -13,7 +14,9 @@ steps. "Predicted" is the planner's total for that layout on the CPU code paths
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,13 +37,38 @@ BUFFERS = {
         "stage3_max_live_parameters": 1_000_000, "stage3_max_reuse_distance": 1_000_000,
         "stage3_param_persistence_threshold": 10_000}},
 }
+# Smoke: a fresh corpus in a temporary directory (removed after), small buffers (DeepSpeed's
+# defaults hold ~2 GB per rank).
+SMOKE = {"hidden": 64, "layouts": ["ZeRO-3"], "buffers": ["buckets 1e6"], "iters": 1, "workdir": None}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--workdir", default="/tmp/bench_plan_memory")
-    args = p.parse_args()
+    p.add_argument("--workdir", default="/tmp/bench_plan_memory", help="holds the tiny corpus (built once; --smoke: a temporary directory)")
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), metavar="LAYOUT",
+                   help=f"layouts to measure (default all: {', '.join(LAYOUTS)})")
+    p.add_argument("--buffers", nargs="+", choices=list(BUFFERS), default=list(BUFFERS), metavar="BUFFERS",
+                   help=f"DeepSpeed buffer settings to measure under (default all: {', '.join(BUFFERS)})")
+    p.add_argument("--iters", type=int, default=3, help="training steps per run")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke test: the same code path at the smallest sizes ({SMOKE}; explicit flags still "
+                        f"win); the figures mean nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    temporary = args.workdir is None
+    if temporary:
+        args.workdir = tempfile.mkdtemp(prefix="bench_plan_memory_")
+    try:
+        run(args)
+    finally:
+        if temporary:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def run(args):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
     from pretrain_helpers import build_vl_data, tiny_args
@@ -56,15 +84,17 @@ def main():
              "--num-query-groups", 8, "--global-batch-size", 4, "--micro-batch-size", 1, "--seq-length", 64,
              "--eval-iters", 0]
     runs = {}
-    for buffers, zero in BUFFERS.items():
+    for buffers in args.buffers:
+        zero = BUFFERS[buffers]
         path = os.path.join(args.workdir, f"ds_{len(runs)}.json")
         with open(path, "w") as fh:
             json.dump(zero, fh)
-        for name, layout in LAYOUTS.items():
+        for name in args.layouts:
+            layout = LAYOUTS[name]
             if "live" in buffers and "ZeRO-3" not in name:
                 continue
             runs[(buffers, name)] = [str(a) for a in tiny_args(prefix, *model, *layout, "--deepspeed_config", path,
-                                                               iters=3)]
+                                                               iters=args.iters)]
     measured = run_distributed(measured_runs, 2, list(runs.values()), timeout=1800)
     print(f"{'buffers':<30} {'layout':<22} {'measured':>9} {'predicted':>9} {'error':>7}  peak at   (MiB)")
     for i, ((buffers, name), argv) in enumerate(runs.items()):

@@ -3,6 +3,7 @@ on sample data drawn by tools/make_sample_data.py (real jpeg files, zip shard, v
 of every image, sentencepiece tokenization).
 
     python benchmarks/bench_preprocess.py [--documents 2000]
+    python benchmarks/bench_preprocess.py --smoke     # same code path, tiny sizes (seconds; the test-suite's check)
 """
 
 import argparse
@@ -17,11 +18,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_vl.data.preprocess import preprocess_files  # noqa: E402
 
 
-def main():
+SMOKE = {"documents": 20}
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--documents", type=int, default=2000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
+                        f"flags still win); the figures mean nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import make_sample_data
     work = tempfile.mkdtemp(prefix="bench_pre_")

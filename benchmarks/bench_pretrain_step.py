@@ -7,6 +7,7 @@ and the overhead ratio engine/bare.
     python benchmarks/bench_pretrain_step.py                     # hidden 256, 4 layers, seq 512, batch 4
     python benchmarks/bench_pretrain_step.py --layers 2 --repeats 5
     python benchmarks/bench_pretrain_step.py --zero-stage 3 --lora-rank 16
+    python benchmarks/bench_pretrain_step.py --smoke     # same code path, tiny sizes (the test-suite's check)
 """
 
 import argparse
@@ -20,6 +21,9 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+
+SMOKE = {"hidden": 64, "layers": 1, "seq": 64, "batch": 1, "vocab": 256, "repeats": 1, "warmup": 0}
 
 
 def synthetic_batches(cfg, n, seed=0):
@@ -42,7 +46,7 @@ def synthetic_batches(cfg, n, seed=0):
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -53,7 +57,13 @@ def main():
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true",
+                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
+                        f"flags still win); the figures mean nothing")
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
 
     from megatron_vl.config import load_config
     from megatron_vl.parallel.random import seed_everything

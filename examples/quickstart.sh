@@ -19,12 +19,20 @@ STAGE3_ITERS=${STAGE3_ITERS:-40}
 PIP="python -m pip install --disable-pip-version-check -q"
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 step() { printf '\n== [%s] %s\n' "$(date +%T)" "$*"; }
+# $OUT is emptied first, but only if a quickstart made it (its marker file) or it is empty or missing.
+MARKER=.megatron-vl-quickstart
+if [ -e "$OUT" ] || [ -L "$OUT" ]; then
+    if ! [ -f "$OUT/$MARKER" ] && { ! [ -d "$OUT" ] || [ -L "$OUT" ] || [ -n "$(ls -A "$OUT")" ]; }; then
+        echo "error: OUT=$OUT exists and was not made by this quickstart (no $OUT/$MARKER): not removing it; choose another OUT=dir" >&2
+        exit 1
+    fi
+fi
 
 step "0. installing CPU torch, deepspeed (no compiled ops) and megatron-vl"
 $PIP "torch==2.13.0"
 DS_BUILD_OPS=0 $PIP -e .
 
-rm -rf "$OUT" && mkdir -p "$OUT"
+rm -rf "$OUT" && mkdir -p "$OUT" && echo "made by examples/quickstart.sh, which may delete this folder" > "$OUT/$MARKER"
 step "1. sample corpus: MMC4 jsonl.zip + images, OBELICS parquet, webdataset pairs, tokenizer -> $OUT/sample"
 python tools/make_sample_data.py --output "$OUT/sample" --pair-shards 2
 

@@ -8,10 +8,16 @@ images out, batched.
   sampling until ``[IMG]``; then N embeddings, each the regression head's prediction fed back
   through the visual projection; then ``[/IMG]`` and text again. A text-to-image mode forces
   ``[IMG]`` after the prompt and stops after the image.
+- Budgets: max_new_tokens counts sampled text tokens (``[IMG]`` included) only. An image,
+  once opened, is always completed (its N embeddings, then ``[/IMG]``), outside that budget;
+  max_new_images (default: no limit) caps the images per sequence (then ``[IMG]`` is
+  suppressed). An image that could not be completed within the model's position table
+  (max_position_embeddings) is never opened: generation ends before its ``[IMG]``. So every
+  image returned is a whole ``[N, d]``, and no partial image exists.
 - Batches: prompts of different lengths are left-padded (attention mask; positions count
   from each prompt's first real element), one KV cache (transformers' DynamicCache); stop at
-  EOS, at a stop string, or after max_new_tokens. Every tensor lives on the model's device
-  and dtype.
+  EOS, at a stop string, after max_new_tokens text tokens, or at the position table's end.
+  Every tensor lives on the model's device and dtype.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ class Sampling:
     seed: int = 0
     text_to_image: bool = False    # force [IMG] after the prompt; stop after the image
     text_only: bool = False        # never open an image ([IMG]/[/IMG] suppressed): answers, captions
+    max_new_images: Optional[int] = None   # images per sequence at most (then [IMG] suppressed); None: no limit
 
     def __post_init__(self):
         # Refused here rather than sampled from: a negative temperature silently meant greedy,
@@ -100,6 +107,11 @@ class Sampling:
         if self.text_to_image and self.text_only:
             raise GenerationError("text_to_image and text_only cannot both be set (one forces an image, the other "
                                   "forbids images)")
+        m = self.max_new_images
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise GenerationError(f"max_new_images must be None (no limit) or 0 or more, got {m!r}")
+        if self.text_to_image and m == 0:
+            raise GenerationError("text_to_image with max_new_images=0: the forced image would not be allowed")
 
 
 def check_text(text: str, what: str = "prompt") -> None:
@@ -124,9 +136,9 @@ class Prompt:
 class Generation:
     text: str                      # the generated text (images as "<image>")
     tokens: List[int]              # generated elements (0 at visual positions)
-    images: List[torch.Tensor]     # each complete image's [N, d], in order
+    images: List[torch.Tensor]     # each image's [N, d], in order (always whole: see the module docstring)
     stopped_by: str                # "eos", "stop string", "max tokens", "image", "position limit"
-    partial: Optional[torch.Tensor] = None   # [n < N, d]: an image max_new_tokens cut short
+    image_not_opened: bool = False   # stopped where an image ([IMG]) was due: it would not fit the position table
 
 
 def build_prompt(text: str, tokenize, image_embeds: Sequence[torch.Tensor], img_id: int, img_end_id: int,
@@ -178,11 +190,23 @@ def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torc
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def open_image_in_prompt(p: Prompt, img: int) -> int:
+    """How many visual positions end `p` inside an image its last [IMG] opened (0 if none is
+    open; -1 if the prompt ends with no [IMG] before its trailing visual positions)."""
+    trailing = 0
+    while trailing < len(p.visual) and p.visual[-1 - trailing] is not None:
+        trailing += 1
+    opened = trailing < len(p.tokens) and p.tokens[-1 - trailing] == img
+    return trailing if opened else -1
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optional[int] = None,
              decode=None, pad_id: int = 0) -> List[Generation]:
-    """Generates for every prompt in one batch; `decode(ids) -> str` for stop strings and text."""
+    """Generates for every prompt in one batch; `decode(ids) -> str` for stop strings and text.
+    See the module docstring for the budgets: every image returned is a whole [N, d]."""
     from transformers import DynamicCache
+    from .modeling_vlgpt import cache_kwargs
     lm = model.causal_lm
     dev = model.regression.weight.device
     dtype = model.regression.weight.dtype
@@ -192,11 +216,25 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
     if b == 0:
         return []
     max_positions = getattr(lm.config, "max_position_embeddings", None) or float("inf")
-    prompts = [Prompt(p.tokens + [img], p.visual + [None]) if sampling.text_to_image else p for p in prompts]
+    done: List[Optional[str]] = [None] * b
+    not_opened = [False] * b
     for r, p in enumerate(prompts):
         if not p.tokens:
             raise GenerationError(f"prompt {r + 1} of {b} is empty: nothing to continue from")
         check_positions(p, max_positions, f"prompt {r + 1} of {b}")
+        trailing = open_image_in_prompt(p, img)
+        if 0 <= trailing <= n_visual and len(p.tokens) + (n_visual - trailing) + 1 > max_positions:
+            raise GenerationError(f"prompt {r + 1} of {b} ends inside an image that cannot be completed within the "
+                                  f"model's {max_positions} positions (max_position_embeddings): shorten it")
+    if sampling.text_to_image:   # [IMG] forced where the whole image fits; else nothing is generated
+        forced = []
+        for r, p in enumerate(prompts):
+            if len(p.tokens) + 1 + n_visual + 1 <= max_positions:
+                forced.append(Prompt(p.tokens + [img], p.visual + [None]))
+            else:
+                forced.append(p)
+                done[r], not_opened[r] = "position limit", True
+        prompts = forced
     width = max(len(p.tokens) for p in prompts)
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
     vis = torch.zeros(b, width, d, device=dev, dtype=dtype)
@@ -213,32 +251,40 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     hidden = lm.model(inputs_embeds=model.embed(ids, vis, vmask), attention_mask=attn, position_ids=positions,
-                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1:]
+                      use_cache=True, **cache_kwargs(lm.model, cache)).last_hidden_state[:, -1:]
     next_pos = positions[:, -1:] + 1
-    # Per-row state: visual positions still to generate in the open image, whether [/IMG] is next.
+    # Per-row state: visual positions still to generate in the open image, whether [/IMG] is next,
+    # the open image's embeddings so far (those the prompt holds first), text tokens and images made.
     remaining, close_next = [0] * b, [False] * b
-    for r, p in enumerate(prompts):
-        trailing = 0
-        while trailing < len(p.visual) and p.visual[-1 - trailing] is not None:
-            trailing += 1
-        opened = trailing < len(p.tokens) and p.tokens[-1 - trailing] == img
-        remaining[r] = n_visual - trailing if opened else 0
-        close_next[r] = opened and remaining[r] == 0
-    out_tokens: List[List[int]] = [[] for _ in range(b)]
-    out_visual: List[List[bool]] = [[] for _ in range(b)]
-    out_images: List[List[torch.Tensor]] = [[] for _ in range(b)]
     current: List[List[torch.Tensor]] = [[] for _ in range(b)]
-    done: List[Optional[str]] = [None] * b
+    for r, p in enumerate(prompts):
+        trailing = open_image_in_prompt(p, img) if not done[r] else -1
+        if 0 <= trailing <= n_visual:   # (more than N visual positions after [IMG]: no image is open)
+            remaining[r] = n_visual - trailing
+            close_next[r] = remaining[r] == 0
+            current[r] = [v.float().cpu() for v in p.visual[len(p.visual) - trailing:]]
+    out_tokens: List[List[int]] = [[] for _ in range(b)]
+    out_kinds: List[List[str]] = [[] for _ in range(b)]      # "text", "visual", "close" (a forced [/IMG])
+    out_images: List[List[torch.Tensor]] = [[] for _ in range(b)]
+    n_text, n_images = [0] * b, [0] * b
     generator = torch.Generator().manual_seed(sampling.seed)
-    for _ in range(sampling.max_new_tokens):
-        for r in range(b):   # the next element would sit beyond the position table
-            if not done[r] and int(next_pos[r, 0]) >= max_positions:
+    while True:
+        for r in range(b):
+            if done[r] or remaining[r] > 0 or close_next[r]:
+                continue   # an open image is completed: it was only opened where it fits
+            if int(next_pos[r, 0]) >= max_positions:     # the next element would sit beyond the table
                 done[r] = "position limit"
+            elif n_text[r] >= sampling.max_new_tokens:
+                done[r] = "max tokens"
         if all(done):
             break
         logits = lm.lm_head(hidden)[:, -1]
         if sampling.text_only:
             logits[:, [img, img_end]] = float("-inf")
+        elif sampling.max_new_images is not None:
+            for r in range(b):
+                if n_images[r] >= sampling.max_new_images:
+                    logits[r, img] = float("-inf")
         picked = _pick(logits, sampling, generator)
         regressed = model.regression(hidden)[:, -1]                   # [b, d]
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
@@ -250,7 +296,7 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
                 is_visual[r] = True
                 current[r].append(regressed[r].float().cpu())
                 out_tokens[r].append(0)
-                out_visual[r].append(True)
+                out_kinds[r].append("visual")
                 remaining[r] -= 1
                 close_next[r] = remaining[r] == 0
                 continue
@@ -258,48 +304,57 @@ def generate(model, prompts: Sequence[Prompt], sampling: Sampling, eos_id: Optio
                 token, close_next[r] = img_end, False
                 out_images[r].append(torch.stack(current[r]))
                 current[r] = []
+                n_images[r] += 1
+                out_kinds[r].append("close")
             else:
                 token = int(picked[r])
-                remaining[r] = n_visual if token == img else 0
+                if token == img and int(next_pos[r, 0]) + n_visual + 1 >= max_positions:
+                    # [IMG] here, its N embeddings and [/IMG] would not all fit: never opened.
+                    done[r], not_opened[r] = "position limit", True
+                    continue
+                n_text[r] += 1
+                if token == img:
+                    remaining[r], close_next[r] = n_visual, n_visual == 0
+                out_kinds[r].append("text")
             tokens[r] = token
             out_tokens[r].append(token)
-            out_visual[r].append(False)
-            if token == img_end and sampling.text_to_image:
+            if out_kinds[r][-1] == "close" and sampling.text_to_image:
                 done[r] = "image"
-            elif eos_id is not None and token == eos_id:
+            elif out_kinds[r][-1] == "text" and eos_id is not None and token == eos_id:
                 done[r] = "eos"
-            elif sampling.stop and decode is not None and token != img_end:
-                text = decode([t for t in out_tokens[r] if t not in (0, img, img_end)])
+            elif out_kinds[r][-1] == "text" and sampling.stop and decode is not None:
+                text = decode([t for t, k in zip(out_tokens[r], out_kinds[r])
+                               if k == "text" and t not in (img, img_end)])
                 if any(s in text for s in sampling.stop):
                     done[r] = "stop string"
+        if all(done):
+            break   # nothing more is fed to the model
         step = torch.where(is_visual[:, None, None], model.visual_proj(regressed[:, None].to(dtype)),
                            lm.get_input_embeddings()(tokens[:, None]))
         attn = torch.cat([attn, torch.ones(b, 1, dtype=attn.dtype, device=dev)], 1)
-        hidden = lm.model(inputs_embeds=step, attention_mask=attn, position_ids=next_pos, past_key_values=cache,
-                          use_cache=True).last_hidden_state
+        hidden = lm.model(inputs_embeds=step, attention_mask=attn, position_ids=next_pos, use_cache=True,
+                          **cache_kwargs(lm.model, cache)).last_hidden_state
         next_pos = next_pos + 1
     results = []
     for r in range(b):
-        partial = torch.stack(current[r]) if current[r] else None   # not an image: never decoded
         text = ""
-        if decode is not None:   # text runs decoded; each image (its visual run) as <image>
-            pieces, run, prev_visual = [], [], False
-            for tok, visual in zip(out_tokens[r], out_visual[r]):
-                if visual and not prev_visual:
+        if decode is not None:   # text runs decoded; each image as <image>
+            pieces, run = [], []
+            for tok, kind in zip(out_tokens[r], out_kinds[r]):
+                if kind == "close":
                     if run:
                         pieces.append(decode(run))
                         run = []
                     pieces.append(IMAGE_TAG)
-                elif not visual and tok not in (img, img_end, eos_id):   # EOS is no part of the text
+                elif kind == "text" and tok not in (img, img_end, eos_id):   # EOS is no part of the text
                     run.append(tok)
-                prev_visual = visual
             if run:
                 pieces.append(decode(run))
             text = "".join(pieces)
             for stop in sampling.stop:
                 if stop in text:
                     text = text[:text.index(stop)]
-        results.append(Generation(text, out_tokens[r], out_images[r], done[r] or "max tokens", partial))
+        results.append(Generation(text, out_tokens[r], out_images[r], done[r], not_opened[r]))
     return results
 
 

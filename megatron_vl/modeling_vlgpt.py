@@ -4,7 +4,7 @@ export-hf) loaded back with its visual ends.
     from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
     model = VLGPTForCausalLM.from_pretrained("vlgpt-hf")          # LoRA adapter applied by peft
     out = model(input_ids, visual_embeds=feats, visual_mask=mask)  # out.logits, out.visual_predictions
-    gen = model.generate(input_ids, max_new_tokens=64)            # interleaved: gen.tokens, gen.images
+    gen = model.generate(input_ids, max_new_tokens=64)            # interleaved: gen.tokens, gen.images ([N, d] each)
 
 The language model is a plain ``LlamaForCausalLM`` (``model.language_model``; a
 ``PeftModel`` around it when the directory holds an unmerged adapter), so text generation
@@ -16,6 +16,8 @@ output at t predicts element t+1.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from typing import NamedTuple, Optional
@@ -109,11 +111,23 @@ def load_language_model(path: str, adapter: Optional[str] = ADAPTER_DIR, dtype: 
     return lm
 
 
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """The keyword that hands a KV cache to a transformers model's forward: ``cache`` where the
+    installed transformers takes it (``past_key_values`` is deprecated there, with a
+    FutureWarning), ``past_key_values`` on versions that predate it."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
 class VLGPTGeneration(NamedTuple):
     tokens: torch.Tensor          # [1, S]: prompt + generated (0 at visual positions, as in training)
     visual_mask: torch.Tensor     # [1, S]
     visual_embeds: torch.Tensor   # [1, S, d]: given or generated embedding at visual positions, 0 elsewhere
-    images: list                  # the generated images' embeddings, each [N, d] (for the detokenizer)
+    images: list                  # each image's embeddings, always a whole [N, d] (for the detokenizer)
 
 
 class VLGPTForCausalLM(nn.Module):
@@ -187,13 +201,18 @@ class VLGPTForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, visual_embeds: Optional[torch.Tensor] = None,
                  visual_mask: Optional[torch.Tensor] = None, max_new_tokens: int = 64,
-                 eos_token_id: Optional[int] = None) -> VLGPTGeneration:
+                 eos_token_id: Optional[int] = None, max_new_images: Optional[int] = None) -> VLGPTGeneration:
         """Greedy interleaved generation for one sequence, as VL-GPT decodes: text by argmax
         until [IMG]; then N visual embeddings, each the regression head's prediction fed back
         through the visual projection; then [/IMG] and text again. A prompt may end inside an
         image ([IMG] + fewer than N visual positions): the image is completed first.
-        KV-cached (transformers' DynamicCache); every new position counts against
-        max_new_tokens. ``images`` holds the embeddings generated for each image."""
+        KV-cached (transformers' DynamicCache). The same rule as megatron_vl.generation:
+        max_new_tokens counts text tokens ([IMG] included) only; an opened image always gets
+        its N embeddings and [/IMG], outside that budget; max_new_images (default: no limit)
+        suppresses [IMG] once reached; an image that would not fit the position table
+        (max_position_embeddings) is never opened (generation ends before its [IMG]). So each
+        entry of ``images`` is a whole [N, d] (a prompt's open image: its given embeddings,
+        then the generated ones)."""
         from transformers import DynamicCache
         if input_ids.shape[0] != 1:
             raise ValueError("generate() takes one sequence (batch size 1)")
@@ -201,25 +220,39 @@ class VLGPTForCausalLM(nn.Module):
             raise ValueError("generate() needs a prompt of at least one element (input_ids is empty)")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}")
+        if max_new_images is not None and (isinstance(max_new_images, bool) or not isinstance(max_new_images, int)
+                                           or max_new_images < 0):
+            raise ValueError(f"max_new_images must be None (no limit) or 0 or more, got {max_new_images!r}")
         img, img_end = self.image_token_ids["[IMG]"], self.image_token_ids["[/IMG]"]
         n_visual, d = self.config["num_image_tokens"], self.config["visual_embed_dim"]
         lm = self.causal_lm
+        max_positions = getattr(lm.config, "max_position_embeddings", None) or float("inf")
         dev = self.regression.weight.device   # every tensor made here lives where the model does
         input_ids = input_ids.to(dev)
         mask = visual_mask.to(dev) if visual_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         vis = (visual_embeds.to(dev) if visual_embeds is not None
                else torch.zeros(*input_ids.shape, d, device=dev)).float()
+        length = input_ids.shape[1]
+        if length > max_positions:
+            raise ValueError(f"the prompt has {length} elements, more than the model's {max_positions} positions "
+                             "(max_position_embeddings)")
         trailing = 0                                    # visual positions at the end of the prompt
         while trailing < mask.shape[1] and mask[0, -1 - trailing]:
             trailing += 1
-        opened = trailing < input_ids.shape[1] and int(input_ids[0, -1 - trailing]) == img
+        opened = trailing < length and int(input_ids[0, -1 - trailing]) == img and trailing <= n_visual
         remaining = n_visual - trailing if opened else 0
         close_next = opened and remaining == 0
-        tokens, masks, embeds, images, current = [input_ids], [mask], [vis], [], []
+        current = list(vis[0, length - trailing:].unbind(0)) if opened else []   # the open image so far
+        if opened and length + remaining + 1 > max_positions:
+            raise ValueError(f"the prompt ends inside an image that cannot be completed within the model's "
+                             f"{max_positions} positions (max_position_embeddings)")
+        tokens, masks, embeds, images = [input_ids], [mask], [vis], []
+        n_text = 0
         cache = DynamicCache()
-        hidden = lm.model(inputs_embeds=self.embed(input_ids, vis, mask), past_key_values=cache,
-                          use_cache=True).last_hidden_state[:, -1:]
-        for _ in range(max_new_tokens):
+        hidden = lm.model(inputs_embeds=self.embed(input_ids, vis, mask), use_cache=True,
+                          **cache_kwargs(lm.model, cache)).last_hidden_state[:, -1:]
+        position = length                               # of the next element
+        while True:
             if remaining > 0:
                 v = self.regression(hidden)                                # [1, 1, d]
                 token, step = torch.zeros(1, 1, dtype=input_ids.dtype, device=dev), self.visual_proj(v)
@@ -229,19 +262,26 @@ class VLGPTForCausalLM(nn.Module):
             else:
                 if close_next:
                     token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype, device=dev), False
-                    if current:
-                        images.append(torch.stack(current))
+                    images.append(torch.stack(current))
                     current = []
                 else:
-                    token = lm.lm_head(hidden)[:, -1].argmax(-1, keepdim=True).to(input_ids.dtype)
+                    if position >= max_positions or n_text >= max_new_tokens:
+                        break
+                    logits = lm.lm_head(hidden)[:, -1]
+                    if max_new_images is not None and len(images) >= max_new_images:
+                        logits[:, img] = float("-inf")
+                    token = logits.argmax(-1, keepdim=True).to(input_ids.dtype)
+                    if int(token) == img and position + n_visual + 1 >= max_positions:
+                        break                                  # the image would not fit: never opened
+                    n_text += 1
                     remaining = n_visual if int(token) == img else 0
+                    close_next = int(token) == img and n_visual == 0
                 v, step = None, lm.get_input_embeddings()(token)
             tokens.append(token)
             masks.append(torch.tensor([[v is not None]], device=dev))
             embeds.append(v.float() if v is not None else torch.zeros(1, 1, d, device=dev))
+            position += 1
             if v is None and eos_token_id is not None and int(token) == eos_token_id:
                 break
-            hidden = lm.model(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
-        if current:
-            images.append(torch.stack(current))
+            hidden = lm.model(inputs_embeds=step, use_cache=True, **cache_kwargs(lm.model, cache)).last_hidden_state
         return VLGPTGeneration(torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(embeds, 1), images)

@@ -97,11 +97,16 @@ def check_interleaved_generation(model):
     batch = fixed_batch()
     start = 10                        # [IMG] at 9; the prompt keeps its first 3 visual positions
     prompt = {k: batch[k][:1, :start + 3] for k in ("tokens", "visual_embeds", "visual_mask")}
-    gen = model.generate(prompt["tokens"], prompt["visual_embeds"], prompt["visual_mask"], max_new_tokens=40)
+    # The open image is completed outside the text budget (its N - 3 embeddings and [/IMG]); then
+    # 40 text tokens, no new image (max_new_images=0), so the length is exact.
+    gen = model.generate(prompt["tokens"], prompt["visual_embeds"], prompt["visual_mask"], max_new_tokens=40,
+                         max_new_images=0)
     n = NUM_IMAGE_TOKENS
-    assert gen.tokens.shape == (1, start + 3 + 40)
+    assert gen.tokens.shape == (1, start + n + 1 + 40)
     assert gen.visual_mask[0, start + 3:start + n].all() and int(gen.tokens[0, start + n]) == IMG_END_ID
-    assert gen.images[0].shape == (n - 3, EMBED_DIM)
+    # Returned whole: the prompt's 3 embeddings, then the generated ones.
+    assert gen.images[0].shape == (n, EMBED_DIM)
+    assert torch.equal(gen.images[0][:3].float(), prompt["visual_embeds"][0, start:start + 3].float())
     with torch.no_grad():
         full = model(gen.tokens, gen.visual_embeds, gen.visual_mask)
     for p in range(start + 3, gen.tokens.shape[1]):

@@ -21,7 +21,7 @@ def sequence(prompt: Prompt, out, n_visual):
     """The whole sequence (prompt + generated elements) as model inputs."""
     tokens = prompt.tokens + out.tokens
     visual = [v for v in prompt.visual]
-    images = iter(out.images + ([out.partial] if out.partial is not None else []))
+    images = iter(out.images)   # every image whole ([N, d]): no partial one exists
     block, k = None, 0
     for t in out.tokens:
         if t == 0 and (block is None or k == n_visual):

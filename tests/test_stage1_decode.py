@@ -97,7 +97,7 @@ def test_generated_embeddings_of_an_export_decode_to_pngs(export, tmp_path):
     assert json.load(open(export / "vlgpt_config.json"))["image_detokenizer"] == "image_detokenizer"
     model = VLGPTForCausalLM.from_pretrained(str(export)).float()
     ids = torch.tensor([[1, 5, 7, model.image_token_ids["[IMG]"]]])
-    gen = model.generate(ids, max_new_tokens=NUM_IMAGE_TOKENS + 1)
+    gen = model.generate(ids, max_new_tokens=NUM_IMAGE_TOKENS + 1, max_new_images=1)
     assert len(gen.images) == 1 and gen.images[0].shape == (NUM_IMAGE_TOKENS, EMBED_DIM)
     torch.save(gen.images, tmp_path / "gen_images.pt")
     out = run_script([PY, "tools/reconstruct_images.py", "--image-detokenizer", export / "image_detokenizer",

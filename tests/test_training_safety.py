@@ -12,7 +12,7 @@ import torch
 from megatron_vl.config import load_config
 from megatron_vl.data.dataset import PackedDataset
 from megatron_vl.data.packing import IGNORE, PackingConfig
-from pretrain_helpers import PY, ROOT, logged_losses, pretrain_in_process, run_script, tiny_args
+from pretrain_helpers import NUM_IMAGE_TOKENS, PY, ROOT, logged_losses, pretrain_in_process, run_script, tiny_args
 from test_packing import DOCS, EOD, write_dataset
 
 
@@ -190,9 +190,11 @@ def test_generate_runs_on_cuda(vl_data, tmp_path):
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export])
     model = VLGPTForCausalLM.from_pretrained(str(export)).float().cuda()
     ids = torch.tensor([[1, 5, 7, model.image_token_ids["[IMG]"]]], device="cuda")
-    out = model.generate(ids, max_new_tokens=12)
-    assert out.tokens.device.type == "cuda" and out.tokens.shape[1] == ids.shape[1] + 12
-    cpu = VLGPTForCausalLM.from_pretrained(str(export)).float().generate(ids.cpu(), max_new_tokens=12)
+    # The prompt's open image is completed (N embeddings and [/IMG]), then 12 text tokens, no new image.
+    out = model.generate(ids, max_new_tokens=12, max_new_images=0)
+    assert out.tokens.device.type == "cuda" and out.tokens.shape[1] == ids.shape[1] + NUM_IMAGE_TOKENS + 1 + 12
+    cpu = VLGPTForCausalLM.from_pretrained(str(export)).float().generate(ids.cpu(), max_new_tokens=12,
+                                                                         max_new_images=0)
     assert torch.equal(out.tokens.cpu(), cpu.tokens)
 
 

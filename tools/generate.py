@@ -11,9 +11,11 @@ r"""Generate from an exported VL-GPT: prompts mixing text and images in, text an
     python tools/generate.py --hf-dir vlgpt-hf --prompt "a" --prompt "the picture shows" --temperature 0.8 \
         --top-p 0.9 --top-k 50 --seed 1 --json
 
-Images the model generates are written as PNGs (out/<prompt#>_<image#>.png) with --image-out;
-that needs an export made with --image-detokenizer (and the SD / IP-Adapter directories it
-names). A directory that is not a VL-GPT export (a plain LLaMA) is continued as text with
+--max-new-tokens counts text tokens only: an image the model opens always gets its N embeddings
+and [/IMG] (--max-new-images caps how many images; one that would not fit the model's positions
+is never opened). Images the model generates are written as PNGs (out/<prompt#>_<image#>.png)
+with --image-out; that needs an export made with --image-detokenizer (and the SD / IP-Adapter
+directories it names). A directory that is not a VL-GPT export (a plain LLaMA) is continued as text with
 transformers' own generate.
 """
 
@@ -28,13 +30,17 @@ from megatron_vl.errors import run_cli  # noqa: E402
 
 
 def build_parser():
-    from megatron_vl.generation import positive_int, setting_type
+    from megatron_vl.generation import arg_type, positive_int, setting_type
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="export-hf output (or any LlamaForCausalLM directory)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts; <image> marks images "
                    "(text spelling [IMG], [/IMG] or </s> stays plain text)")
     p.add_argument("--image", action="append", default=[], help="image files, taken in order by the <image> tags")
-    p.add_argument("--max-new-tokens", type=setting_type("max_new_tokens"), default=32)
+    p.add_argument("--max-new-tokens", type=setting_type("max_new_tokens"), default=32,
+                   help="text tokens per prompt at most; an image ([IMG] counts as one) always gets its N "
+                        "embeddings and [/IMG] on top")
+    p.add_argument("--max-new-images", type=arg_type(int, lambda v: v >= 0, "0 or more"), default=None,
+                   help="images per prompt at most (then [IMG] is suppressed); default: no limit")
     p.add_argument("--temperature", type=setting_type("temperature"), default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=setting_type("top_k"), default=0, help="0: off")
     p.add_argument("--top-p", type=setting_type("top_p"), default=1.0, help="in (0, 1]; 1: off")
@@ -119,7 +125,8 @@ def plain_lm(args):
     from megatron_vl.errors import UsageError
     from megatron_vl.generation import GenerationError
     images = [f for f, on in (("--image", args.image), ("--text-to-image", args.text_to_image),
-                              ("--image-out", args.image_out)) if on]
+                              ("--image-out", args.image_out), ("--max-new-images", args.max_new_images is not None))
+              if on]
     if images:   # silently ignored before
         raise UsageError(f"--hf-dir {args.hf_dir} is a plain language model (no vlgpt_config.json): it takes no "
                          f"{', '.join(images)}")
@@ -171,7 +178,7 @@ def main(argv=None):
         raise UsageError(f"the prompts hold {tags} {IMAGE_TAG} tag(s), {len(args.image)} --image file(s) were given")
     sampling = Sampling(args.max_new_tokens, args.temperature or (1.0 if args.sample else 0.0), args.top_k,
                         args.top_p, tuple(s.encode().decode("unicode_escape") for s in args.stop), args.seed,
-                        args.text_to_image, args.text_only)
+                        args.text_to_image, args.text_only, args.max_new_images)
     try:
         gen = Generator(args.hf_dir, device, add_bos=args.add_bos)
         files = iter(args.image)
@@ -201,12 +208,15 @@ def main(argv=None):
                 paths.append(os.path.join(args.image_out, f"{i:03d}_{j}.png"))
                 save_png(picture, paths[-1], args)
         notes = []
-        if result.partial is not None:
-            notes.append(f"an image cut short after {len(result.partial)} of its "
-                         f"{gen.model.config['num_image_tokens']} embeddings (--max-new-tokens), not decoded")
-        if result.stopped_by == "position limit":
+        if result.image_not_opened:
+            notes.append(f"stopped before an image: its [IMG], {gen.model.config['num_image_tokens']} embeddings "
+                         f"and [/IMG] would not fit in the model's {gen.max_positions} positions "
+                         "(max_position_embeddings)")
+        elif result.stopped_by == "position limit":
             notes.append(f"stopped at the model's {gen.max_positions} positions (max_position_embeddings) before "
                          "--max-new-tokens")
+        if result.images and args.image_out is None:
+            notes.append(f"{len(result.images)} image(s) generated, not decoded (give --image-out DIR for PNGs)")
         if args.json:
             print(json.dumps({"prompt": text, "text": result.text, "images": paths, "num_images": len(result.images),
                               "stopped_by": result.stopped_by, "note": "; ".join(notes)}), flush=True)
