@@ -181,10 +181,12 @@ def test_bad_settings_are_refused_with_the_reason(vl_data, tmp_path, monkeypatch
     out = run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--vocab-size", 200)], expect=2)
     assert ("error: the datasets' tokenizer has 258 tokens (with [IMG]/[/IMG]) but --vocab-size is 200; set "
             "--vocab-size 258") in out
-    cases = [(["--visual-embed-dim", 48], "the datasets' image features have width 32 but --visual-embed-dim is 48"),
-             (["--load", tmp_path / "missing"], f"--load {tmp_path / 'missing'}: no such directory")]
+    cases = [(["--visual-embed-dim", 48], "the datasets' image features have width 32 but --visual-embed-dim is 48")]
     if not torch.cuda.is_available():
         cases.append((["--fp16"], "--fp16 needs a CUDA device"))
     for extra, message in cases:
         code, out = pretrain_in_process(tiny_args(vl_data, *extra), monkeypatch, capsys)
         assert code == 2 and f"error: {message}" in out, out[-2000:]
+    # A missing --load is a missing checkpoint: exit 1 (tests/test_console.py times it).
+    code, out = pretrain_in_process(tiny_args(vl_data, "--load", tmp_path / "missing"), monkeypatch, capsys)
+    assert code == 1 and f"error: --load {tmp_path / 'missing'}: no such directory" in out, out[-2000:]

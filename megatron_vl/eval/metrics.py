@@ -186,7 +186,11 @@ def clip_score(images, captions: Sequence[str], clip_dir: str) -> float:
     transformers 5 (it returns a model output there)."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
-    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    from ..model.directory import load_pretrained
+    # complete: a directory lacking a tower or a projection (a CLIPVisionModel's) is refused by
+    # name; transformers would score through random weights.
+    model = load_pretrained(CLIPModel, clip_dir, "CLIP model (--clip-score-model)", complete=True).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
     pictures = [im.permute(1, 2, 0).cpu().numpy() for im in images]
     with torch.no_grad():
         out = model(**processor(text=list(captions), images=pictures, return_tensors="pt", padding=True))

@@ -33,12 +33,13 @@ class ImageConditionEncoder(nn.Module):
 
     def __init__(self, encoder_dir: str):
         super().__init__()
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
+        from ..console import clip_image_processor_class
         if not os.path.isdir(encoder_dir):
             raise PartDirectoryError(f"IP-Adapter image encoder {encoder_dir}: no such directory")
         what = "IP-Adapter image encoder"
         self.encoder = _frozen(load_pretrained(CLIPVisionModelWithProjection, encoder_dir, what))
-        self.processor = load_pretrained(CLIPImageProcessor, encoder_dir, f"{what}'s image processor")
+        self.processor = load_pretrained(clip_image_processor_class(), encoder_dir, f"{what}'s image processor")
         c = self.encoder.config
         self.shape = ((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
 

@@ -103,16 +103,28 @@ def load_part_weights(model, path: str, external: Iterable[str] = ()) -> None:
                                  f"unexpected {unexpected[:5]})")
 
 
-def load_pretrained(cls, path: str, what: str, **kwargs):
+def load_pretrained(cls, path: str, what: str, complete: bool = False, hint: str = "", **kwargs):
     """A transformers/diffusers ``cls.from_pretrained(path)``, any failure to parse it turned
-    into one line naming the directory."""
+    into one line naming the directory. complete (transformers models): weights the directory
+    lacks are refused by name (transformers would initialise them at random and go on with a
+    note), `hint` appended to that refusal."""
     if not os.path.isdir(path):
         raise PartDirectoryError(f"{path}: no such {what} directory")
     try:
-        return cls.from_pretrained(path, **kwargs)
+        if not complete:
+            return cls.from_pretrained(path, **kwargs)
+        from ..console import quiet_load_report
+        with quiet_load_report():   # the missing weights are named below; unused ones are expected
+            model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as exc:   # noqa: BLE001 - JSON, safetensors, pickle, config errors: all name the directory
         msg = " ".join(str(exc).split())
         raise PartDirectoryError(f"{path}: cannot load the {what} ({type(exc).__name__}: {msg[:300]})") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise PartDirectoryError(f"{path}: the {what} lacks weights: {', '.join(missing[:5])}{more} (not in the "
+                                 f"directory's weight files; they would be random){hint}")
+    return model
 
 
 def open_image(path: str, flag: str = "--images"):

@@ -102,8 +102,8 @@ class ImageTokenizer(nn.Module):
 
 def load_image_processor(path: str):
     """The CLIP image processor saved beside the vision tower (path or path/clip)."""
-    from transformers import CLIPImageProcessor
+    from ..console import clip_image_processor_class
     for d in (os.path.join(path, "clip"), path):
         if os.path.isfile(os.path.join(d, "preprocessor_config.json")):
-            return load_pretrained(CLIPImageProcessor, d, "CLIP image processor")
+            return load_pretrained(clip_image_processor_class(), d, "CLIP image processor")
     raise PartDirectoryError(f"{path}: no preprocessor_config.json (save the CLIP image processor with the model)")

@@ -50,6 +50,14 @@ def _background(make: Callable[[], Iterator], depth: int) -> Iterator:
         yield item
 
 
+def check_shards(sources) -> None:
+    """A typo in --train-shards is not a damaged shard: one line naming the missing ones."""
+    missing = [s for shards in sources for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise InputError(f"--train-shards: {len(missing)} shard(s) do not exist: {', '.join(missing[:3])}"
+                         + (" ..." if len(missing) > 3 else ""))
+
+
 class PairBatches:
     """Micro-batches of `micro` pairs from position `skip` of this rank's stream."""
 
@@ -57,10 +65,7 @@ class PairBatches:
                  device: Optional[torch.device] = None, dtype=torch.float32, prefetch: int = 2):
         if (encoders is None) == (store is None):
             raise ValueError("targets come from the encoders or from a store: exactly one of them")
-        missing = [s for shards in stream.sources for s in shards if not os.path.isfile(s)]
-        if missing:   # before any model runs: a typo in --train-shards is not a damaged shard
-            raise InputError(f"--train-shards: {len(missing)} shard(s) do not exist: {', '.join(missing[:3])}"
-                             + (" ..." if len(missing) > 3 else ""))
+        check_shards(stream.sources)
         self.stream, self.micro, self.processor = stream, micro, clip_processor
         self.encoders, self.store = encoders, store
         self.device, self.dtype, self.prefetch = device or torch.device("cpu"), dtype, prefetch

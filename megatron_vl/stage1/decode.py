@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..console import quiet_ip_adapter_load
 from ..model.detokenizer_targets import ImageConditionEncoder
 from ..model.directory import PartDirectoryError, load_pretrained
 from ..model.image_detokenizer import ImageDetokenizer
@@ -45,8 +46,9 @@ class DiffusionDecoder:
                                     dtype=dtype)
         weight_file = os.path.join(ip_adapter_dir, ip_adapter_weight)
         try:
-            self.pipe.load_ip_adapter(ip_adapter_dir, subfolder="", weight_name=ip_adapter_weight,
-                                      image_encoder_folder=None)
+            with quiet_ip_adapter_load():   # diffusers' own cast and our image_encoder_folder=None: no news
+                self.pipe.load_ip_adapter(ip_adapter_dir, subfolder="", weight_name=ip_adapter_weight,
+                                          image_encoder_folder=None)
         except Exception as exc:   # noqa: BLE001 - damaged, or not IP-Adapter-Plus weights (safetensors, pickle...)
             msg = " ".join(str(exc).split())[:300]
             raise PartDirectoryError(f"{weight_file}: cannot load the IP-Adapter-Plus weights "

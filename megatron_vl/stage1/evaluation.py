@@ -18,10 +18,14 @@ class ClipImageScorer:
     """CLIP image embeddings (CLIPVisionModelWithProjection's image_embeds) from a local directory."""
 
     def __init__(self, clip_dir: str, device="cpu"):
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
+        from ..console import clip_image_processor_class
         what = "CLIP scoring model (--clip-score-model)"
-        self.model = load_pretrained(CLIPVisionModelWithProjection, clip_dir, what).to(device).eval()
-        self.processor = load_pretrained(CLIPImageProcessor, clip_dir, f"image processor of the {what}")
+        hint = (": a CLIPVisionModel directory has no visual projection; name a CLIP model saved with it "
+                "(CLIPModel or CLIPVisionModelWithProjection, e.g. openai/clip-vit-large-patch14)")
+        self.model = load_pretrained(CLIPVisionModelWithProjection, clip_dir, what, complete=True,
+                                     hint=hint).to(device).eval()
+        self.processor = load_pretrained(clip_image_processor_class(), clip_dir, f"image processor of the {what}")
         self.device = device
 
     @torch.no_grad()

@@ -117,18 +117,34 @@ def train_tokenizer(argv: Optional[Sequence[str]] = None, description: Optional[
     """Runs a whole stage-1 job; returns the trainer (exit_code, history)."""
     cfg, _ = load_config(argv, parser=parser(description) if description else parser(),
                          config_cls=TokenizerTrainConfig)
-    launch, device, owns_group = start_process(cfg, cfg.validate)
+    launch, device, owns_group = start_process(cfg, lambda world: (cfg.validate(world), check_inputs(cfg)))
     with guarded_save(cfg, STAGE, launch.rank):
         return _train_tokenizer(cfg, launch, device, owns_group)
 
 
+def check_inputs(cfg: TokenizerTrainConfig) -> None:
+    """What the run reads, before it builds anything (loading CLIP, SD and DeepSpeed takes a
+    while): a missing model directory or shard is one line naming it, exit 1."""
+    from ..errors import InputError
+    from .data import check_shards
+    m = cfg.model
+    missing = [f"{flag} {path}: no such directory" for flag, path in
+               (("--clip-model", m.clip_model), ("--sd-model", m.sd_model), ("--ip-adapter", m.ip_adapter))
+               if path and not os.path.isdir(path)]
+    if missing:
+        raise InputError("; ".join(missing))
+    check_shards(parse_sources(cfg.data.train_shards)[0])
+
+
 def _train_tokenizer(cfg: TokenizerTrainConfig, launch, device, owns_group: bool) -> TokenizerTrainer:
-    from transformers import CLIPImageProcessor
+    from ..console import clip_image_processor_class
+    from ..model.directory import load_pretrained
     world, rank, m, t = launch.world_size, launch.rank, cfg.model, cfg.training
     tracker = seed_everything(t.seed, device=device.type)
     try:
         framework = build_framework(m, t.seed)
-        processor = CLIPImageProcessor.from_pretrained(m.clip_model)
+        processor = load_pretrained(clip_image_processor_class(), m.clip_model,
+                                    "CLIP image processor (--clip-model)")
         sources, weights = parse_sources(cfg.data.train_shards)
         stream = PairStream(sources, weights, rank, world, t.seed, cfg.data.shuffle_buffer, Report())
         encoder_dir = ip_image_encoder_dir(m.ip_adapter)

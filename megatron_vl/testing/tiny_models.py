@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from ..console import clip_image_processor_class
+
 
 def save_tiny_clip(path: str, image_size: int = 32, width: int = 32, layers: int = 2, seed: int = 0) -> str:
     """A random transformers CLIPVisionModel plus its CLIPImageProcessor, saved to `path`."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                            num_attention_heads=2, image_size=image_size, patch_size=8)
     CLIPVisionModel(cfg).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    clip_image_processor_class()(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 
@@ -21,13 +23,13 @@ def save_tiny_ip_image_encoder(path: str, image_size: int = 32, width: int = 48,
     """A random CLIPVisionModelWithProjection + CLIPImageProcessor: IP-Adapter-Plus's image
     encoder in miniature (its condition is hidden_states[-2]: 17 x 48 here, 257 x 1280 real)."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                            num_attention_heads=2, image_size=image_size, patch_size=8, projection_dim=projection_dim)
     CLIPVisionModelWithProjection(cfg).save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size},
-                       crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    clip_image_processor_class()(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 

@@ -234,7 +234,7 @@ class Trainer:
         same_as_save = c.save and os.path.abspath(c.save) == os.path.abspath(c.load)
         if not os.path.isdir(c.load) and not same_as_save:
             # (--load DIR --save DIR on a first run is fine: nothing to resume yet.)
-            raise ConfigError(f"--load {c.load}: no such directory")
+            raise ckpt.CheckpointError(f"--load {c.load}: no such directory")
         client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log,
                                       fresh_start_ok=bool(same_as_save))
         if client is None:
@@ -347,6 +347,10 @@ def start_process(cfg, validate: Callable[[int], None]):
     launch = detect_launch()
     faults.check()
     validate(launch.world_size)
+    # A --load that names nothing: refused now, not after the model and DeepSpeed are set up
+    # (every rank reads the same files and stops with the same line).
+    c = cfg.checkpoint
+    save_rules.check_load_path(c.load, c.save, c.ckpt_step, bool(c.finetune))
     device = torch.device("cuda", launch.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and cfg.training.fp16:
         raise ConfigError("--fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no float16 "

@@ -16,8 +16,7 @@ point). What differs from pretraining is checked and decided here, before the ru
 from __future__ import annotations
 
 from ..config import Config, ConfigError
-from ..data.dataset import parse_blend
-from ..data.preprocess import read_meta
+from ..data.dataset import open_meta, parse_blend
 from . import checkpoint as ckpt
 from . import save_rules
 
@@ -29,11 +28,7 @@ DEFAULTS = ["--lora-rank", "16", "--lora-alpha", "32", "--lr", "5e-5", "--min-lr
 def prepare(cfg: Config, ns=None) -> None:
     errors = []
     for prefix in parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []:
-        try:
-            meta = read_meta(prefix)
-        except (FileNotFoundError, ValueError) as exc:
-            errors.append(str(exc))
-            continue
+        meta = open_meta(prefix)   # missing or unreadable: one line naming it, exit 1 (as in stage 2)
         if not meta.get("loss_mask"):
             errors.append(f"{prefix}: not instruction data (no loss mask; format {meta.get('format')!r}): "
                           "preprocess it with --input-format llava, coco-captions, instructpix2pix or magicbrush")

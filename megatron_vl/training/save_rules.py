@@ -127,6 +127,33 @@ def requeue_redirect(load_dir: Optional[str], save_dir: Optional[str], ckpt_step
     return note
 
 
+def check_load_path(load_dir: Optional[str], save_dir: Optional[str], ckpt_step: Optional[int],
+                    finetune: bool) -> None:
+    """A --load that names nothing to load, refused (exit 1) before the run builds anything (a
+    mistyped path used to fail only after the model and DeepSpeed were set up): a missing path,
+    a file, a directory without ``latest`` or without the checkpoint --ckpt-step / ``latest``
+    names. --load = --save is a first run's (nothing there yet: fine), and a requeued job that
+    resumes --save instead (requeue_redirect) does not read --load at all. Pure reads: every
+    rank may call it and reach the same verdict."""
+    if not load_dir or _same(load_dir, save_dir) or requeue_redirect(load_dir, save_dir, ckpt_step, finetune):
+        return
+    if not os.path.exists(load_dir):
+        raise CheckpointError(f"--load {load_dir}: no such directory")
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir}: a file, not a checkpoint directory")
+    if is_release(load_dir):
+        return
+    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
+    if tag is None:
+        raise CheckpointError(f"--load {load_dir}: no checkpoint there ('{LATEST}' missing, and it is not "
+                              "--save, where a first run starts fresh); check the path")
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        tags = list_tags(load_dir)
+        there = f"; there: {', '.join(tag_name(i) for i in tags[-3:])}" if tags else "; no iter_* there"
+        said = "--ckpt-step" if ckpt_step is not None else f"'{LATEST}'"
+        raise CheckpointError(f"{load_dir}: checkpoint {tag} does not exist ({said} names it{there})")
+
+
 def checkpoint_stage(load_dir: str, tag: str) -> str:
     """'tokenizer', 'pretrain' or 'instruct': stage.json, else (older checkpoints) stage 1 by its
     exported image tokenizer or its config, else pretraining."""
