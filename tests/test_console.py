@@ -111,6 +111,14 @@ def _timed(job):
 
 
 @pytest.mark.timeout(120)
+def readme_exit_code(row_start: str) -> int:
+    """The exit code the README's bad-input table gives for the row starting with `row_start`."""
+    import re
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as fh:
+        row = next(line for line in fh if line.startswith("| " + row_start))
+    return int(re.search(r"exit (\d)", row).group(1))
+
+
 def test_missing_inputs_are_named_before_anything_is_built(data, tmp_path, monkeypatch, capsys):
     """--load that is not there, a directory with no 'latest', --ckpt-step of an absent tag,
     a missing --data-path prefix, and stage 1's missing model directories and shards: one
@@ -134,6 +142,9 @@ def test_missing_inputs_are_named_before_anything_is_built(data, tmp_path, monke
             argv += [str(a) for a in extra]
         code, out, seconds = _timed(lambda: pretrain_in_process(argv, monkeypatch, capsys))
         assert code == 1 and message in out, out[-2000:]
+        # ... and the code is the one the README's table promises for it.
+        assert code == readme_exit_code("missing prefix or meta.json" if extra[0] == "--data-path"
+                                        else "`--load` that does not exist")
         assert seconds < 5, f"{extra}: {seconds:.1f} s to the error"
         assert "VL-GPT: world" not in out and "Traceback" not in out   # nothing was built
         assert not os.path.exists(tmp_path / "s" / "latest")
