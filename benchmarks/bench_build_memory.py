@@ -19,6 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 from megatron_vl.plan.measure import peak_bytes, rss_bytes  # noqa: E402
 from megatron_vl.testing.distributed import run_distributed  # noqa: E402
@@ -68,13 +69,8 @@ def main(argv=None):
     p.add_argument("--ffn", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32002)
     p.add_argument("--ranks", type=int, default=4)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
     model = ["--hidden-size", args.hidden, "--num-layers", args.layers, "--num-attention-heads", 8,

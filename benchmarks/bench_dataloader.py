@@ -13,6 +13,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -33,12 +34,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=600, help="images (= documents, one each) in the dataset")
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--workdir", default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: same code path at the smallest sizes ({SMOKE}; explicit flags still win)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_dl_")
     os.makedirs(work, exist_ok=True)
     prefix = os.path.join(work, "bench_text_document")

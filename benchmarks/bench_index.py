@@ -17,6 +17,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -48,13 +49,8 @@ def main(argv=None):
     p.add_argument("--reference-samples", type=int, default=200_000, help="prefix the reference builds")
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--num-image-tokens", type=int, default=32)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     cfg = PackingConfig(seq_length=args.seq_length, num_image_tokens=args.num_image_tokens, max_images=5, seed=1234)
     tokens, spans = mmc4_like(args.documents)
     print(f"corpus: {args.documents:,} documents, {int(tokens.sum()):,} tokens, {len(spans.pairs):,} images; "

@@ -15,6 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -36,18 +37,13 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
+    add_smoke_flag(p, SMOKE)
     return p
 
 
 def main(argv=None):
     p = build_parser()
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    args = parse_with_smoke(p, argv, SMOKE)
     if args.threads:
         torch.set_num_threads(args.threads)
 

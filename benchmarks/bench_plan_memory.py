@@ -21,6 +21,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))   # the tiny corpus the tests build
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 LAYOUTS = {"ZeRO-1": ["--zero-stage", 1], "ZeRO-2": ["--zero-stage", 2], "ZeRO-3": ["--zero-stage", 3],
            "TP=2 ZeRO-1": ["--tensor-model-parallel-size", 2], "PP=2 ZeRO-1": ["--pipeline-model-parallel-size", 2],
@@ -51,13 +52,8 @@ def main(argv=None):
     p.add_argument("--buffers", nargs="+", choices=list(BUFFERS), default=list(BUFFERS), metavar="BUFFERS",
                    help=f"DeepSpeed buffer settings to measure under (default all: {', '.join(BUFFERS)})")
     p.add_argument("--iters", type=int, default=3, help="training steps per run")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes ({SMOKE}; explicit flags still "
-                        f"win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     temporary = args.workdir is None
     if temporary:
         args.workdir = tempfile.mkdtemp(prefix="bench_plan_memory_")

@@ -14,6 +14,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 from megatron_vl.data.preprocess import preprocess_files  # noqa: E402
 
@@ -25,13 +26,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--documents", type=int, default=2000)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import make_sample_data
     work = tempfile.mkdtemp(prefix="bench_pre_")

@@ -19,6 +19,7 @@ import time
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -57,13 +58,8 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
 
     from megatron_vl.config import load_config
     from megatron_vl.parallel.random import seed_everything

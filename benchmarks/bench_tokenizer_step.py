@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
 
 
 SMOKE = {"image_size": 32, "clip_width": 32, "ip_width": 32, "ip_layers": 1, "text_width": 32, "pairs": 8,
@@ -101,13 +102,8 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--in-process", action="store_true",
                    help="run the two scripts in this process (no start-ups: then the precompute time excludes them)")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"smoke test: the same code path at the smallest sizes, in seconds ({SMOKE}; explicit "
-                        f"flags still win); the figures mean nothing")
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
+    add_smoke_flag(p, SMOKE)
+    args = parse_with_smoke(p, argv, SMOKE)
     with tempfile.TemporaryDirectory() as root:
         shards = make_inputs(root, args)
         t0 = time.perf_counter()
