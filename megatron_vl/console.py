@@ -58,10 +58,9 @@ def quiet_third_party() -> None:
 
 
 @contextlib.contextmanager
-def quiet_ip_adapter_load():
-    """diffusers' notes while it loads IP-Adapter weights (module docstring)."""
-    drop = DropMessages(*IP_ADAPTER_NOTES)
-    loggers = [logging.getLogger(n) for n in ("diffusers.models.modeling_utils", "diffusers.loaders.ip_adapter")]
+def _filtered(names, drop: logging.Filter):
+    """`drop` on the loggers `names` for the block."""
+    loggers = [logging.getLogger(n) for n in names]
     for logger in loggers:
         logger.addFilter(drop)
     try:
@@ -69,6 +68,11 @@ def quiet_ip_adapter_load():
     finally:
         for logger in loggers:
             logger.removeFilter(drop)
+
+
+def quiet_ip_adapter_load():
+    """diffusers' notes while it loads IP-Adapter weights (module docstring)."""
+    return _filtered(("diffusers.models.modeling_utils", "diffusers.loaders.ip_adapter"), DropMessages(*IP_ADAPTER_NOTES))
 
 
 class _RoutineLoadReport(logging.Filter):
@@ -83,21 +87,12 @@ class _RoutineLoadReport(logging.Filter):
         return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
 
 
-@contextlib.contextmanager
 def quiet_load_report():
     """transformers' LOAD REPORT (keys missing from or unused in a checkpoint) while a caller
     that examines the loading info itself loads a model (directory.load_pretrained's
     ``complete``: it refuses missing weights by name; unused ones, e.g. the text tower of a full
     CLIP directory read as its vision side, are expected)."""
-    drop = _RoutineLoadReport()
-    loggers = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
-    for logger in loggers:
-        logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(drop)
+    return _filtered(("transformers.modeling_utils", "transformers.utils.loading_report"), _RoutineLoadReport())
 
 
 def clip_image_processor_class():
