@@ -54,7 +54,11 @@ def remove_stale_temps(directory: str, prefix: str = "", log: Optional[Callable[
     return removed
 
 
-def _same(a: str, b: str) -> bool:
+def same_path(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two paths name one file or folder (through symlinks and relative spellings);
+    False when either is empty."""
+    if not a or not b:
+        return False
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -66,7 +70,7 @@ def guard_output(path: str, *, inputs: Iterable[str] = (), overwrite: bool = Fal
     """Refuses (OutputError) to write `path` when it is one of `inputs` (always: a tool never
     writes its output over its own input) or when it already exists and `overwrite` is False."""
     for src in inputs:
-        if src and _same(path, src):
+        if src and same_path(path, src):
             raise OutputError(f"{flag} {path} is also an input of this run ({src}); choose another name")
     if os.path.lexists(path) and not overwrite:
         raise OutputError(f"{flag} {path} already exists and this run did not make it; choose another name, "

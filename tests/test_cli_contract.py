@@ -383,3 +383,15 @@ def test_run_cli_lets_an_os_error_without_a_path_through(monkeypatch):
         raise ConnectionResetError(errno.ECONNRESET, "reset")   # no path of the user's: a bug or the network
     with pytest.raises(ConnectionResetError):
         run_cli(main)
+
+
+def test_same_path_sees_through_symlinks_and_spellings(tmp_path, monkeypatch):
+    """--load and --save through a symlink (a scratch link on a cluster) are one directory to the
+    checkpoint rules, as they are to the output guard."""
+    from megatron_vl.atomic import same_path
+    real = tmp_path / "ckpt"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    assert same_path(str(tmp_path / "link"), "ckpt") and same_path("./ckpt/", str(real))
+    assert not same_path(str(real), str(tmp_path)) and not same_path(None, str(real)) and not same_path("", "")

@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..atomic import same_path
 from ..config import ConfigError, effective_zero_stage
 from . import checkpoint as ckpt
 from . import faults
@@ -231,7 +232,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if not c.load:
             return
-        same_as_save = c.save and os.path.abspath(c.save) == os.path.abspath(c.load)
+        same_as_save = same_path(c.save, c.load)
         if not os.path.isdir(c.load) and not same_as_save:
             # (--load DIR --save DIR on a first run is fine: nothing to resume yet.)
             raise ckpt.CheckpointError(f"--load {c.load}: no such directory")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..ops._dispatch import check_required, implementations
+from ..atomic import same_path
 from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
 from .pipeline_stages import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
@@ -149,7 +149,7 @@ class VLGPTTrainer(Trainer):
         self.skipped_consecutive = client.get("skipped_consecutive", 0)
         self.restore_client_state(client)
         c = self.cfg.checkpoint
-        if c.save and os.path.abspath(c.save) == os.path.abspath(c.load):
+        if same_path(c.save, c.load):
             self.saved_iteration = self.iteration
         self.continue_schedule(client)
         now = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..atomic import remove_stale_temps
+from ..atomic import remove_stale_temps, same_path
 from ..convert.hf import CheckpointError
 from .checkpoint import (LATEST, MANIFEST, ORIGIN, STAGE_FILE, STAGE_NAMES, _unreadable, is_release, list_tags,
                          read_latest, tag_iteration, tag_name)
@@ -70,10 +70,6 @@ def read_origin(save_dir: str, tag: Optional[str]) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _same(a: Optional[str], b: Optional[str]) -> bool:
-    return bool(a) and bool(b) and os.path.abspath(a) == os.path.abspath(b)
-
-
 def _start_iteration(load_dir: str, ckpt_step: Optional[int], finetune: bool) -> Optional[int]:
     """The iteration a run with --load load_dir starts from (None: no checkpoint named there)."""
     if finetune or is_release(load_dir):
@@ -88,7 +84,7 @@ def run_origin(load_dir: Optional[str], save_dir: Optional[str], ckpt_step: Opti
     resumes (so a requeued job's checkpoints keep pointing at the directory it started from)."""
     if not load_dir:
         return {"load": None, "iteration": 0}
-    if _same(load_dir, save_dir):
+    if same_path(load_dir, save_dir):
         tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
         return read_origin(load_dir, tag) or {"load": None, "iteration": tag_iteration(tag) or 0}
     return {"load": os.path.abspath(load_dir), "iteration": _start_iteration(load_dir, ckpt_step, finetune)}
@@ -101,7 +97,7 @@ def requeue_redirect(load_dir: Optional[str], save_dir: Optional[str], ckpt_step
     B's checkpoints are this run's when A is a release / a --finetune start (iteration 0), or
     when B's newest records that its run started from A (origin.json) and is not older than
     where A starts now. --ckpt-step numbers A's checkpoints: refused with a redirect."""
-    if not load_dir or not save_dir or _same(load_dir, save_dir):
+    if not load_dir or not save_dir or same_path(load_dir, save_dir):
         return None
     latest = read_latest(save_dir)
     newest = tag_iteration(latest)
@@ -112,7 +108,7 @@ def requeue_redirect(load_dir: Optional[str], save_dir: Optional[str], ckpt_step
                 f"{load_dir}")
     else:
         origin = read_origin(save_dir, latest) or {}
-        if origin.get("load") != os.path.abspath(load_dir):
+        if not same_path(origin.get("load"), load_dir):
             return None
         start = _start_iteration(load_dir, ckpt_step, False)
         if start is not None and newest < start:
@@ -135,7 +131,7 @@ def check_load_path(load_dir: Optional[str], save_dir: Optional[str], ckpt_step:
     names. --load = --save is a first run's (nothing there yet: fine), and a requeued job that
     resumes --save instead (requeue_redirect) does not read --load at all. Pure reads: every
     rank may call it and reach the same verdict."""
-    if not load_dir or _same(load_dir, save_dir) or requeue_redirect(load_dir, save_dir, ckpt_step, finetune):
+    if not load_dir or same_path(load_dir, save_dir) or requeue_redirect(load_dir, save_dir, ckpt_step, finetune):
         return
     if not os.path.exists(load_dir):
         raise CheckpointError(f"--load {load_dir}: no such directory")
@@ -209,7 +205,7 @@ def save_dir_problems(save_dir: str, load_dir: Optional[str], ckpt_step: Optiona
                               "output); training writes its checkpoints into a directory of its own: choose a "
                               "new --save (and --load this one)")
     tags = list_tags(save_dir)
-    same = _same(load_dir, save_dir)
+    same = same_path(load_dir, save_dir)
     bad = latest_problem(save_dir, tags) if tags else None
     if bad and not (same and ckpt_step in tags):
         # Without a valid `latest` nothing tells committed tags from a killed save's: touch none.
