@@ -22,13 +22,10 @@ any flag).
 to another. Full recipe: examples/finetune_instruct.sh.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_vl.training.finetune import DEFAULTS, STAGE, prepare  # noqa: E402
-from megatron_vl.training.pretrain import parser, run  # noqa: E402
+from megatron_vl.training.finetune import DEFAULTS, STAGE, prepare
+from megatron_vl.training.pretrain import parser, run
 
 
 def build_parser():

@@ -28,12 +28,9 @@ At scale: examples/pretrain_vlgpt_7b.sh (deepspeed + hostfile), examples/slurm/,
 tools/convert_checkpoint.py export-hf for the Hugging Face export.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_vl.training.pretrain import parser, run  # noqa: E402
+from megatron_vl.training.pretrain import parser, run
 
 
 def build_parser():

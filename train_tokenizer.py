@@ -25,12 +25,9 @@ Export: tools/export_tokenizer.py --load ckpt/stage1 --save out -> out/image_tok
 tools/reconstruct_images.py and generation).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from megatron_vl.stage1.trainer import parser, run  # noqa: E402
+from megatron_vl.stage1.trainer import parser, run
 
 
 def build_parser():

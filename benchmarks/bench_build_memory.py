@@ -16,13 +16,11 @@ Adam moments once the first step runs.
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-from megatron_vl.plan.measure import peak_bytes, rss_bytes  # noqa: E402
-from megatron_vl.testing.distributed import run_distributed  # noqa: E402
+from megatron_vl.testing.plan_measure import peak_bytes, rss_bytes
+from megatron_vl.testing.distributed import run_distributed
 
 MB = 1024 * 1024
 SMOKE = {"hidden": 64, "layers": 1, "ffn": 176, "vocab": 256, "ranks": 1}

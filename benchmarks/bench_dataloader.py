@@ -8,20 +8,18 @@ features, seq 512, warm page cache (goal >= 1,000 samples/s; a 32xA100 run needs
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from megatron_vl.data.dataset import PackedDataset  # noqa: E402
-from megatron_vl.data.formats import Report  # noqa: E402
-from megatron_vl.data.indexed import FeatureStoreWriter  # noqa: E402
-from megatron_vl.data.packing import PackingConfig  # noqa: E402
-from megatron_vl.data.preprocess import DatasetWriter, table_fingerprint  # noqa: E402
+from megatron_vl.data.dataset import PackedDataset
+from megatron_vl.data.formats import Report
+from megatron_vl.data.indexed import FeatureStoreWriter
+from megatron_vl.data.packing import PackingConfig
+from megatron_vl.data.preprocess import DatasetWriter, table_fingerprint
 
 SMOKE = {"images": 20, "samples": 30}
 

@@ -12,17 +12,14 @@ a prefix in the same run, and the new builder's rows are checked equal to it the
 """
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from megatron_vl.data.packing import PackingConfig, build_sample_starts  # noqa: E402
-from megatron_vl.data.sample_index import SampleIndexBuilder, SpanTable, build_sample_starts_fast  # noqa: E402
+from megatron_vl.data.packing import PackingConfig, build_sample_starts
+from megatron_vl.data.sample_index import SampleIndexBuilder, SpanTable, build_sample_starts_fast
 
 
 SMOKE = {"documents": 2000, "samples": 20_000, "reference_samples": 500}

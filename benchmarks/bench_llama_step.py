@@ -9,15 +9,13 @@ load hits both. Prints both medians and the ratio ours/HF (goal: <= 0.85).
 """
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-import torch  # noqa: E402
+import torch
 
 
 SMOKE = {"hidden": 64, "ffn": 176, "layers": 1, "heads": 4, "kv_heads": 2, "vocab": 256, "seq": 32, "batch": 1,
@@ -48,7 +46,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     from transformers import LlamaConfig, LlamaForCausalLM
-    from megatron_vl.convert.hf import hf_to_shards, model_config_from_hf
+    from megatron_vl.checkpoint.release import hf_to_shards
+    from megatron_vl.convert.hf import model_config_from_hf
     from megatron_vl.convert.parity import load_llama
     from megatron_vl.parallel.state import ParallelState
 

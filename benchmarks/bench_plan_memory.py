@@ -6,7 +6,7 @@ ZeRO-1/2/3, TP=2, PP=2, LoRA on and off, recompute, on a model of ~13M parameter
     python benchmarks/bench_plan_memory.py --smoke     # same code path, tiny sizes (the test-suite's check)
 
 "Measured" is the worst rank's peak of bytes held in CPU tensors (torch's allocator, every
-thread; megatron_vl/plan/measure.py) from just before the model is built through 3 training
+thread; megatron_vl/testing/plan_measure.py) from just before the model is built through 3 training
 steps. "Predicted" is the planner's total for that layout on the CPU code paths
 (plan/model.py Runtime CPU_GLOO). tests/test_plan_memory.py asserts a subset within 10%.
 """
@@ -68,7 +68,7 @@ def run(args):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
     from pretrain_helpers import build_vl_data, tiny_args
-    from megatron_vl.plan.measure import measured_runs, predicted
+    from megatron_vl.testing.plan_measure import measured_runs, predicted
     from megatron_vl.plan.model import total_bytes
     from megatron_vl.testing.distributed import run_distributed
     prefix = os.path.join(args.workdir, "data", "mmc4_text_document")

@@ -13,10 +13,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-from megatron_vl.data.preprocess import preprocess_files  # noqa: E402
+from megatron_vl.data.preprocess import preprocess_files
 
 
 SMOKE = {"documents": 20}

@@ -12,16 +12,13 @@ and the overhead ratio engine/bare.
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
-import torch  # noqa: E402
+import torch
 
 
 SMOKE = {"hidden": 64, "layers": 1, "seq": 64, "batch": 1, "vocab": 256, "repeats": 1, "warmup": 0}

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Dict, List, Optional, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -465,8 +465,9 @@ def _path_errors(cfg) -> List[str]:
     return errors
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Refuses settings that cannot run, before any process-group work is done."""
+def validate(cfg: Config, world_size: int, extra_checks: Sequence[Callable[[Config], List[str]]] = ()) -> None:
+    """Refuses settings that cannot run, before any process-group work is done. `extra_checks`
+    are the rules of other parts (the evaluation tasks), reported in the same list."""
     # Out-of-range values first: the checks below divide by some of them.
     raise_errors(range_errors(cfg))
     m, p = cfg.model, cfg.parallel
@@ -514,8 +515,8 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"--rope-scaling-type {m.rope_scaling_type!r}: expected none or llama3")
     if not errors and tp * pp <= world_size:
         errors += training_errors(cfg, world_size)
-    from .eval.in_training import check_eval_tasks   # (late: evaluation imports the model side)
-    errors += check_eval_tasks(cfg)
+    for check in extra_checks:
+        errors += check(cfg)
     raise_errors(errors)
 
 

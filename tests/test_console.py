@@ -59,7 +59,7 @@ def data(tmp_path_factory):
 @pytest.mark.timeout(120)
 def test_a_short_run_prints_no_warning_of_ours(data, tmp_path, monkeypatch, capsys):
     from megatron_vl.model.image_tokenizer import load_image_processor
-    from megatron_vl.stage1.decode import DiffusionDecoder
+    from megatron_vl.inference.diffusion_decoder import DiffusionDecoder
     from megatron_vl.stage1.evaluation import ClipImageScorer
     from megatron_vl.model.detokenizer_targets import condition_shapes
     from megatron_vl.model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig

@@ -104,7 +104,8 @@ def test_convert_refuses_to_replace_anything_but_its_own_output(tmp_path):
 
 
 def test_convert_refusal_message_names_the_directory(tmp_path):
-    from megatron_vl.convert.hf import CheckpointError, check_output_dir
+    from megatron_vl.checkpoint.output_dir import check_output_dir
+    from megatron_vl.checkpoint.layout import CheckpointError
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(CheckpointError, match=rf"--save {tmp_path}: a non-empty directory that is not a previous "
                                               r"output; only a previous release output is replaced\. Nothing was "

@@ -261,7 +261,7 @@ def test_every_task_end_to_end_on_the_tiny_export(export, annotations, tmp_path)
 @pytest.mark.timeout(300)
 def test_text_to_image_task_scores_fid_and_clip_score(export, annotations, tmp_path):
     from megatron_vl.eval.runner import evaluate
-    from megatron_vl.generation import Generator
+    from megatron_vl.inference.generation import Generator
 
     class Pool(torch.nn.Module):
         def forward(self, x):

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from megatron_vl.convert.hf import CheckpointError
+from megatron_vl.checkpoint.layout import CheckpointError
 from megatron_vl.convert.vlgpt_export import export_vlgpt
 from megatron_vl.model.vlgpt import regression_targets
-from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
 from megatron_vl.testing.distributed import run_distributed
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, VOCAB, run_script, tiny_args
 

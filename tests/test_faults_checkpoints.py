@@ -17,7 +17,9 @@ from argparse import Namespace
 
 import pytest
 
-from megatron_vl.training import checkpoint as ckpt
+from megatron_vl.checkpoint.layout import CheckpointError, LOCK, MANIFEST, list_tags, tag_name
+from megatron_vl.training import checkpointing
+from megatron_vl.training.checkpointing import _agree_or_raise, _disk_full, save_checkpoint
 from megatron_vl.training import save_rules
 from pretrain_helpers import pretrain_in_process, tiny_args
 
@@ -59,7 +61,7 @@ def test_checkpoints_in_save_are_never_overwritten(vl_data, trained, tmp_path, m
     assert code == 1, out[-2000:]
     assert (f"error: --save {s} already holds checkpoints (`latest`: iter_0000004) and no --load was given: pass "
             f"--load {s} to resume from them, or choose a new --save") in out
-    assert _digest(s) == before and not os.path.exists(s / ckpt.LOCK)
+    assert _digest(s) == before and not os.path.exists(s / LOCK)
     # KS3: --load A (iteration 2) --save B holding iteration 4
     a = tmp_path / "a"
     shutil.copytree(trained, a)
@@ -76,15 +78,15 @@ def test_checkpoints_in_save_are_never_overwritten(vl_data, trained, tmp_path, m
     # K25: another live run holds the directory
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (s / ckpt.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+        (s / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                "started": "now", "command": "pretrain_vlgpt.py other"}))
         code, out = run(vl_data, monkeypatch, capsys, "--load", s, "--save", s, iters=6)
-        assert code == 1 and f"{s / ckpt.LOCK}: checkpoint directory {s} is in use by another run" in out
+        assert code == 1 and f"{s / LOCK}: checkpoint directory {s} is in use by another run" in out
         assert f"pid {holder.pid}" in out
     finally:
         holder.kill()
         holder.wait()
-    assert _digest(s) == dict(before, **{ckpt.LOCK: _digest(s)[ckpt.LOCK]})
+    assert _digest(s) == dict(before, **{LOCK: _digest(s)[LOCK]})
     # KR8: an uncommitted tag newer than `latest` (a killed save) and stale temps are removed, then resume
     # works; the dead holder's lock is taken over.
     (s / "iter_0000006").mkdir()
@@ -96,31 +98,31 @@ def test_checkpoints_in_save_are_never_overwritten(vl_data, trained, tmp_path, m
     assert f"note: removed {s}/latest.tmp999999" in out
     # a resumed run with nothing left to do does not rewrite its checkpoint in place
     assert "saved checkpoint" not in out
-    assert _digest(s) == before and not os.path.exists(s / ckpt.LOCK)
+    assert _digest(s) == before and not os.path.exists(s / LOCK)
 
 
 def test_save_dir_rules_for_stages_and_rewinds(tmp_path):
     def fake(d, stage, tags, latest):
         for t in tags:
-            (d / ckpt.tag_name(t)).mkdir(parents=True)
+            (d / tag_name(t)).mkdir(parents=True)
             if stage:
-                (d / ckpt.tag_name(t) / "stage.json").write_text(json.dumps({"stage": stage}))
-        (d / "latest").write_text(ckpt.tag_name(latest))
+                (d / tag_name(t) / "stage.json").write_text(json.dumps({"stage": stage}))
+        (d / "latest").write_text(tag_name(latest))
     s2 = tmp_path / "s2"
     fake(s2, None, [100], 100)   # an older stage-2 checkpoint: no stage.json
     # FI09b: stage 3 with --save = the stage-2 directory (also with --load of it)
     for load in (None, s2):
-        with pytest.raises(ckpt.CheckpointError, match=r"--save .*/s2 holds stage-2 \(pretraining, pretrain_vlgpt.py\) "
+        with pytest.raises(CheckpointError, match=r"--save .*/s2 holds stage-2 \(pretraining, pretrain_vlgpt.py\) "
                            r"checkpoints \(`latest`: iter_0000100\); this stage-3 .* run would write over them"):
             save_rules.save_dir_problems(str(s2), load and str(s2), None, True, "instruct")
     # stage 1 into a stage-2 directory
-    with pytest.raises(ckpt.CheckpointError, match="this stage-1"):
+    with pytest.raises(CheckpointError, match="this stage-1"):
         save_rules.save_dir_problems(str(s2), str(s2), None, False, "tokenizer")
     # a release directory as --save
     rel = tmp_path / "rel"
     rel.mkdir()
     (rel / "latest").write_text("release")
-    with pytest.raises(ckpt.CheckpointError, match="is a release checkpoint"):
+    with pytest.raises(CheckpointError, match="is a release checkpoint"):
         save_rules.save_dir_problems(str(rel), str(rel), None, False, "pretrain")
     # --ckpt-step rewind in place: allowed, said
     s3 = tmp_path / "s3"
@@ -134,10 +136,10 @@ def test_save_dir_rules_for_stages_and_rewinds(tmp_path):
     fake(s1, None, [2], 2)
     (s1 / "iter_0000002" / "image_tokenizer").mkdir()
     for stage in ("instruct", "pretrain"):
-        with pytest.raises(ckpt.CheckpointError, match=r"iter_0000002 is a stage-1 \(image tokenizer, "
+        with pytest.raises(CheckpointError, match=r"iter_0000002 is a stage-1 \(image tokenizer, "
                            r"train_tokenizer.py\) checkpoint, not a stage-2"):
             save_rules.check_load_stage(str(s1), None, stage)
-    with pytest.raises(ckpt.CheckpointError, match="is a stage-3 .* not a stage-1 one"):
+    with pytest.raises(CheckpointError, match="is a stage-3 .* not a stage-1 one"):
         save_rules.check_load_stage(str(s3), None, "tokenizer")
 
 
@@ -157,7 +159,7 @@ def test_mixed_checkpoint_is_refused_by_name(vl_data, trained, tmp_path, monkeyp
     # An older checkpoint (no manifest): the model states say 1 data-parallel rank, so rank 1's optimizer
     # file is another save's. Found without unpickling any optimizer file (rank 0 would read them all
     # while every other rank waits).
-    os.remove(tag / ckpt.MANIFEST)
+    os.remove(tag / MANIFEST)
     import torch
     real_load, opened = torch.load, []
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: opened.append(str(f)) or real_load(f, *a, **kw))
@@ -200,7 +202,7 @@ def test_longer_train_iters_continues_the_schedule_and_disk_full_keeps_latest(vl
         return real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", full_disk)
     # torch.save's failure carries no errno: a full disk when the file system has no space left
-    monkeypatch.setattr(ckpt, "_free_bytes", lambda d: 4096)
+    monkeypatch.setattr(checkpointing, "_free_bytes", lambda d: 4096)
     df = tmp_path / "df"
     code, out = run(vl_data, monkeypatch, capsys, "--save", df, "--save-interval", 2, iters=4)
     assert code == 1
@@ -210,7 +212,7 @@ def test_longer_train_iters_continues_the_schedule_and_disk_full_keeps_latest(vl
                    f"{df}/latest still names iter_0000002: free space, then resume with --load {df}"]
     assert "Traceback" not in out
     assert (df / "latest").read_text() == "iter_0000002" and not (df / "iter_0000004").exists()
-    assert not (df / ckpt.LOCK).exists()
+    assert not (df / LOCK).exists()
     # Item 6: an I/O error that is not a full disk (EIO, a stale NFS handle; or torch.save's failure with
     # space left) is not called one: one line naming the file, `latest` kept.
     import errno
@@ -227,12 +229,12 @@ def test_longer_train_iters_continues_the_schedule_and_disk_full_keeps_latest(vl
     assert err == [f"error: could not write {eio}/iter_0000004/mp_rank_00_model_states.pt (I/O error: Input/output "
                    f"error); {eio}/latest still names iter_0000002; removed the incomplete iter_0000004"]
     assert (eio / "latest").read_text() == "iter_0000002" and not (eio / "iter_0000004").exists()
-    monkeypatch.setattr(ckpt, "_free_bytes", lambda d: 10 * 2**30)
+    monkeypatch.setattr(checkpointing, "_free_bytes", lambda d: 10 * 2**30)
     for exc in (RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 832 vs 726"),
                 RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
                 OSError(errno.ESTALE, "Stale file handle")):
-        assert not ckpt._disk_full(exc, str(eio))
-    assert ckpt._disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), str(eio))
+        assert not _disk_full(exc, str(eio))
+    assert _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), str(eio))
 
 
 def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
@@ -335,7 +337,7 @@ def _preflight_rank(rank, world, save, save2):
     # Item 2: a failed write on rank 1 stops both ranks (rank 0 is not left in a barrier)
     start = time.monotonic()
     try:
-        ckpt.save_checkpoint(_FakeDeepSpeed(rank), cfg, save2, 2, {}, None, log=lambda m: None)
+        save_checkpoint(_FakeDeepSpeed(rank), cfg, save2, 2, {}, None, log=lambda m: None)
         seen.append("saved")
     except Exception as exc:   # noqa: BLE001
         seen.append(f"{type(exc).__name__}: {exc}")
@@ -351,7 +353,7 @@ def test_lock_refusal_reaches_every_rank(tmp_path):
     from megatron_vl.testing.distributed import run_distributed
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / ckpt.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+        (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                       "started": "now", "command": "other run"}))
         save2 = tmp_path / "save2"
         save2.mkdir()
@@ -435,7 +437,7 @@ def test_requeue_resumes_its_own_save_and_train_iters_0_writes_nothing(vl_data, 
     code, out = run(vl_data, monkeypatch, capsys, "--save", v, iters=0)
     assert code == 0, out[-3000:]
     assert f"no iteration trained (at 0 of --train-iters 0): no checkpoint written to {v}" in out
-    assert not ckpt.list_tags(str(v)) and not (v / "latest").exists()
+    assert not list_tags(str(v)) and not (v / "latest").exists()
 
 
 def test_save_holding_the_start_iteration_is_refused(tmp_path):
@@ -445,7 +447,7 @@ def test_save_holding_the_start_iteration_is_refused(tmp_path):
     for d in (a, b):
         (d / "iter_0000004").mkdir(parents=True)
         (d / "latest").write_text("iter_0000004")
-    with pytest.raises(ckpt.CheckpointError, match=rf"--save {b} holds iter_0000004, written by another run at the "
+    with pytest.raises(CheckpointError, match=rf"--save {b} holds iter_0000004, written by another run at the "
                        rf"iteration that --load {a} starts from \(iter_0000004\): this run would overwrite it"):
         save_rules.save_dir_problems(str(b), str(a), None, False, "pretrain")
     save_rules.save_dir_problems(str(b), str(b), None, False, "pretrain")
@@ -457,10 +459,10 @@ def test_a_failed_write_on_another_rank_stops_this_one(tmp_path, monkeypatch):
     (tmp_path / "iter_0000002").mkdir()
     (tmp_path / "iter_0000002" / "part.pt").write_text("x")
     (tmp_path / "latest").write_text("iter_0000001")
-    monkeypatch.setattr(ckpt, "_ranks_with", lambda failed: [1])
+    monkeypatch.setattr(checkpointing, "_ranks_with", lambda failed: [1])
     from megatron_vl.errors import OutputError
     with pytest.raises(OutputError) as info:
-        ckpt._agree_or_raise(lambda: None, str(tmp_path), "iter_0000002")
+        _agree_or_raise(lambda: None, str(tmp_path), "iter_0000002")
     assert str(info.value) == (f"rank 1 failed to write its part of iter_0000002 in {tmp_path}: see its error; "
                                f"removed the incomplete iter_0000002; {tmp_path}/latest still names iter_0000001")
     assert not (tmp_path / "iter_0000002").exists() and (tmp_path / "latest").read_text() == "iter_0000001"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_vl.errors import run_cli
-from megatron_vl.generation import GenerationError, Generator, Sampling
+from megatron_vl.inference.generation import GenerationError, Generator, Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOOLS = {}

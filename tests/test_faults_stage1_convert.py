@@ -173,7 +173,7 @@ def test_killed_replacement_leftovers_are_restored_or_removed(tmp_path, capsys):
     """XK: the temp dir carries pid and host; the next export into that parent removes a dead
     writer's half-written output and puts back a previous output it had moved aside."""
     from megatron_vl.atomic import temp_name
-    from megatron_vl.convert import hf
+    from megatron_vl.checkpoint import output_dir
     host = socket.gethostname()
     final = tmp_path / "export"
     half = tmp_path / f"export.tmp{DEAD_PID}-{host}"
@@ -184,7 +184,7 @@ def test_killed_replacement_leftovers_are_restored_or_removed(tmp_path, capsys):
     (moved / "stage1_export.json").write_text(json.dumps({"format": "megatron-vl-stage1"}))
     live = tmp_path / f"export.tmp{os.getppid()}-{host}"
     live.mkdir()
-    with hf.atomic_directory(str(final), "stage1-export") as tmp:
+    with output_dir.atomic_directory(str(final), "stage1-export") as tmp:
         assert tmp == temp_name(str(final))
         assert (final / "stage1_export.json").exists() and not moved.exists()   # restored first
         assert not half.exists() and live.exists()

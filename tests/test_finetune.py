@@ -59,8 +59,9 @@ def ft_args(vl_data, prefixes, *extra, iters=6):
 @pytest.mark.timeout(300)
 def test_stage2_lora_merges_like_the_hf_export(instruct, tmp_path):
     from megatron_vl.config import load_config
-    from megatron_vl.convert.hf import hf_to_shards, load_hf_state_dict
-    from megatron_vl.convert.merged_weights import merged_rank_weights
+    from megatron_vl.checkpoint.release import hf_to_shards
+    from megatron_vl.convert.hf import load_hf_state_dict
+    from megatron_vl.checkpoint.merged import merged_rank_weights
     _, stage2 = instruct
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", stage2, "--save", tmp_path / "hf",
                 "--merge-lora"])
@@ -129,7 +130,7 @@ def test_finetune_from_stage2_learns_resumes_exactly_and_the_export_answers(vl_d
     assert f"loaded checkpoint {ckpt}/iter_0000008 (iteration 8, 32 samples consumed)" in resumed
     assert logged_losses(resumed) == {i: lines[i] for i in range(9, 17)}
 
-    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
     from megatron_vl.data.conversation import ASSISTANT, USER, Conversation, Turn, encode_pieces, get_template
     from transformers import AutoTokenizer
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", tmp_path / "hf"])

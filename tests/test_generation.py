@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from megatron_vl.generation import Generator, Prompt, Sampling, build_prompt, generate
+from megatron_vl.inference.generation import Generator, Prompt, Sampling, build_prompt, generate
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script
 
 

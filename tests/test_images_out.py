@@ -1,7 +1,7 @@
 """Images out are never starved by the text budget (issue 21, items 1-3): --max-new-tokens and
 max_new_tokens count text tokens only, an opened image always gets its N embeddings and
 [/IMG], an image that would not fit the position table is never opened, so neither the
-library (megatron_vl.generation) nor VLGPTForCausalLM.generate ever returns a partial image;
+library (megatron_vl.inference.generation) nor VLGPTForCausalLM.generate ever returns a partial image;
 the README's text-to-image command with its default flags writes a PNG. On the session's tiny
 export (N = NUM_IMAGE_TOKENS)."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_vl.errors import run_cli
-from megatron_vl.generation import Generator, Prompt, Sampling, generate
+from megatron_vl.inference.generation import Generator, Prompt, Sampling, generate
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

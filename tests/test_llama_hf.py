@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import shifted_labels, tiny_hf_model
-from megatron_vl.convert.hf import hf_to_shards, local_to_global, model_config_from_hf, shards_to_hf
+from megatron_vl.checkpoint.names import local_to_global
+from megatron_vl.checkpoint.release import hf_to_shards, shards_to_hf
+from megatron_vl.convert.hf import model_config_from_hf
 from megatron_vl.convert.parity import load_llama
 from megatron_vl.parallel.state import ParallelState
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_vl.plan.measure import measured_runs, predicted
+from megatron_vl.testing.plan_measure import measured_runs, predicted
 from megatron_vl.plan.model import total_bytes
 from megatron_vl.testing.distributed import run_distributed
 from pretrain_helpers import tiny_args

@@ -11,7 +11,7 @@ import torch
 
 from megatron_vl.model.detokenizer_targets import ImageConditionEncoder, condition_shapes
 from megatron_vl.model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig
-from megatron_vl.stage1.decode import MODES, DiffusionDecoder
+from megatron_vl.inference.diffusion_decoder import DiffusionDecoder, MODES
 from megatron_vl.testing.tiny_models import save_tiny_ip_adapter, save_tiny_ip_image_encoder, save_tiny_sd
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script
 
@@ -87,7 +87,7 @@ def test_guidance_negatives_are_diffusers_own_and_modes_route_the_conditions(dec
 def test_generated_embeddings_of_an_export_decode_to_pngs(export, tmp_path):
     """gen.images of a VL-GPT export (regression-head embeddings) -> reconstruct_images.py;
     the export ships the detokenizer it decodes with (export-hf --image-detokenizer)."""
-    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
     # A detokenizer of another visual width is refused.
     other = ImageDetokenizer(ImageDetokenizerConfig(EMBED_DIM * 2, 17, 48, 77, 24, width=32, num_layers=1, num_heads=2))
     other.save_pretrained(str(tmp_path / "other"))

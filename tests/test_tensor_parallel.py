@@ -117,7 +117,9 @@ def _check_cross_entropy(state):
 
 def _check_llama_against_hf(state):
     from helpers import shifted_labels, tiny_hf_model
-    from megatron_vl.convert.hf import hf_to_shards, local_to_global, model_config_from_hf, shards_to_hf
+    from megatron_vl.checkpoint.names import local_to_global
+    from megatron_vl.checkpoint.release import hf_to_shards, shards_to_hf
+    from megatron_vl.convert.hf import model_config_from_hf
     from megatron_vl.convert.parity import load_llama
     hf = tiny_hf_model(seed=11)
     cfg = model_config_from_hf(hf.config.to_dict())

@@ -184,7 +184,7 @@ def test_fused_kernels_require_is_refused_on_cpu(vl_data, monkeypatch, capsys):
 @pytest.mark.timeout(300)
 def test_generate_runs_on_cuda(vl_data, tmp_path):
     """Item 16: every tensor generate() makes lives on the model's device."""
-    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
     ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
     run_script([PY, "pretrain_vlgpt.py", *tiny_args(vl_data, "--save", ckpt, iters=2)])
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", export])

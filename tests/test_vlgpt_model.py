@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from helpers import tiny_hf_model
 from megatron_vl.config import Config, LoraConfig, OptimizerConfig
-from megatron_vl.convert.hf import hf_to_shards, model_config_from_hf
+from megatron_vl.checkpoint.release import hf_to_shards
+from megatron_vl.convert.hf import model_config_from_hf
 from megatron_vl.model.lora import HF_PROJ, apply_lora
 from megatron_vl.model.vlgpt import VLGPTModel, regression_targets, visual_inputs
 from megatron_vl.parallel.state import ParallelState
-from megatron_vl.training.build import _load_canonical, canonical_name
+from megatron_vl.checkpoint.names import canonical_name
+from megatron_vl.training.build import _load_canonical
 from megatron_vl.training.optim import build_optimizer, lr_at, parameter_groups
 
 D, S, IMG, IMG_END = 12, 24, 1001, 1002
@@ -173,7 +175,7 @@ def test_release_checkpoint_grows_vocabulary_at_the_mean_in_any_layout(tmp_path,
     """An HF LLaMA imported without [IMG]/[/IMG]: a TP=2 run reads its own shards (checkpoint
     at TP=2) or re-shards (checkpoint at PP=2); either way each rank holds its slice of the
     HF weights with two new rows at the mean of the old ones."""
-    from megatron_vl.convert.hf import save_release_checkpoint
+    from megatron_vl.checkpoint.release import save_release_checkpoint
     from megatron_vl.training.build import release_weights
     hf = tiny_hf_model(seed=4)
     ck_cfg = model_config_from_hf(hf.config.to_dict())

@@ -9,16 +9,13 @@ Run after every conversion; exits non-zero when the max abs difference exceeds -
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from megatron_vl.convert.parity import max_logit_difference  # noqa: E402
-from megatron_vl.errors import run_cli  # noqa: E402
-from megatron_vl.parallel.state import ParallelState, init_distributed  # noqa: E402
+from megatron_vl.convert.parity import max_logit_difference
+from megatron_vl.errors import run_cli
+from megatron_vl.parallel.state import ParallelState, init_distributed
 
 
 def build_parser():

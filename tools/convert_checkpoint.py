@@ -12,7 +12,7 @@ r"""Convert between Hugging Face directories and megatron-vl checkpoints.
 
 A VL-GPT export loads as LlamaForCausalLM (language model; tokenizer with [IMG]/[/IMG]),
 PeftModel.from_pretrained(model, OUT/adapter) (the LoRA adapter, unless --merge-lora), and
-megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT) (everything, visual
+megatron_vl.inference.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT) (everything, visual
 projection and regression head included). Output is written to a temporary directory and
 renamed when complete. --save must be new, empty, or a previous output of the same kind (a
 re-export replaces it); a project folder, a checkpoint or a directory holding the input is
@@ -23,14 +23,15 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from megatron_vl.convert import hf  # noqa: E402
-from megatron_vl.convert.vlgpt_export import export_vlgpt  # noqa: E402
-from megatron_vl.errors import UserError, run_cli  # noqa: E402
-from megatron_vl.training.checkpoint import is_release, read_latest  # noqa: E402
+from megatron_vl.checkpoint.layout import CheckpointError, META_FILE, is_release, read_latest
+from megatron_vl.checkpoint.names import check_layout
+from megatron_vl.checkpoint.output_dir import check_output_dir
+from megatron_vl.checkpoint.release import hf_to_shards, load_release_shards, save_release_checkpoint, shards_to_hf
+from megatron_vl.convert.hf import hf_config_from_model, load_hf_state_dict, model_config_from_hf, save_hf_directory
+from megatron_vl.convert.vlgpt_export import export_vlgpt
+from megatron_vl.errors import UserError, run_cli
 
 
 def read_hf_config(hf_dir):
@@ -39,31 +40,31 @@ def read_hf_config(hf_dir):
     import json
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
-        raise hf.CheckpointError(f"--hf-dir {hf_dir}: no such directory")
+        raise CheckpointError(f"--hf-dir {hf_dir}: no such directory")
     try:
         with open(path) as fh:
             raw = json.load(fh)
     except FileNotFoundError:
-        raise hf.CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
+        raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise hf.CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise hf.CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object")
     raw.setdefault("_name_or_path", path)
     try:
-        return hf.model_config_from_hf(raw)
+        return model_config_from_hf(raw)
     except KeyError as exc:
-        raise hf.CheckpointError(f"{path}: lacks {exc} (not a LLaMA config)") from None
+        raise CheckpointError(f"{path}: lacks {exc} (not a LLaMA config)") from None
 
 
 def import_hf(args):
     cfg = read_hf_config(args.hf_dir)
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    hf.check_layout(cfg, tp, pp, f"--hf-dir {args.hf_dir}")   # before reading any weight
-    hf.check_output_dir(args.save, "release", (args.hf_dir,))
-    state_dict = hf.load_hf_state_dict(args.hf_dir)
-    shards = hf.hf_to_shards(state_dict, cfg, tp, pp)
-    hf.save_release_checkpoint(args.save, shards, cfg, tp, pp, tokenizer_dir=args.hf_dir, sources=(args.hf_dir,))
+    check_layout(cfg, tp, pp, f"--hf-dir {args.hf_dir}")   # before reading any weight
+    check_output_dir(args.save, "release", (args.hf_dir,))
+    state_dict = load_hf_state_dict(args.hf_dir)
+    shards = hf_to_shards(state_dict, cfg, tp, pp)
+    save_release_checkpoint(args.save, shards, cfg, tp, pp, tokenizer_dir=args.hf_dir, sources=(args.hf_dir,))
     print(f"imported {args.hf_dir} -> {args.save} (TP={tp}, PP={pp}, {len(state_dict)} tensors, "
           f"vocabulary {cfg.vocab_size} padded to {cfg.padded_vocab_size(tp)})")
 
@@ -72,8 +73,8 @@ DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": t
 
 
 def export_hf(args):
-    if read_latest(args.load) is None and not os.path.isfile(os.path.join(args.load, hf.META_FILE)):
-        raise hf.CheckpointError(f"{args.load}: not a megatron-vl checkpoint (no 'latest' file: neither a release "
+    if read_latest(args.load) is None and not os.path.isfile(os.path.join(args.load, META_FILE)):
+        raise CheckpointError(f"{args.load}: not a megatron-vl checkpoint (no 'latest' file: neither a release "
                                  "checkpoint from import-hf nor a pretrain_vlgpt.py --save directory)")
     if not is_release(args.load):
         summary = export_vlgpt(args.load, args.save, merge_lora=args.merge_lora, image_tokenizer=args.image_tokenizer,
@@ -85,14 +86,14 @@ def export_hf(args):
               + (", image detokenizer" if args.image_detokenizer else ""))
         return
     if args.merge_lora or args.image_tokenizer or args.image_detokenizer:
-        raise hf.CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora, "
+        raise CheckpointError(f"{args.load} is a release (language-model) checkpoint: --merge-lora, "
                                  "--image-tokenizer and --image-detokenizer apply to VL-GPT training checkpoints")
-    hf.check_output_dir(args.save, "hf-llama", (args.load,))
-    shards, cfg, tp, pp = hf.load_release_shards(args.load)
-    state_dict = hf.shards_to_hf(shards, cfg, tp, pp)
+    check_output_dir(args.save, "hf-llama", (args.load,))
+    shards, cfg, tp, pp = load_release_shards(args.load)
+    state_dict = shards_to_hf(shards, cfg, tp, pp)
     dtype = next(iter(state_dict.values())).dtype
     tokenizer = os.path.join(args.load, "tokenizer")
-    hf.save_hf_directory(args.save, state_dict, hf.hf_config_from_model(cfg, dtype),
+    save_hf_directory(args.save, state_dict, hf_config_from_model(cfg, dtype),
                          tokenizer_dir=tokenizer if os.path.isdir(tokenizer) else None, sources=(args.load,))
     print(f"exported {args.load} (TP={tp}, PP={pp}) -> {args.save} ({len(state_dict)} tensors)")
 

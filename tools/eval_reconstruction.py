@@ -17,9 +17,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 
 def build_parser():
@@ -64,7 +62,7 @@ def main(argv=None):
     from megatron_vl.errors import InputError, UserError
     from megatron_vl.model.image_detokenizer import ImageDetokenizer
     from megatron_vl.model.image_tokenizer import ImageTokenizer, load_image_processor
-    from megatron_vl.stage1.decode import DiffusionDecoder
+    from megatron_vl.inference.diffusion_decoder import DiffusionDecoder
     from megatron_vl.stage1.evaluation import ClipImageScorer, evaluate_reconstruction
     p = build_parser()
     args = p.parse_args(argv)

@@ -27,10 +27,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.errors import UsageError, UserError, run_cli  # noqa: E402
-from megatron_vl.eval.tasks import TASKS, missing_files  # noqa: E402
+from megatron_vl.errors import UsageError, UserError, run_cli
+from megatron_vl.eval.tasks import TASKS, missing_files
 
 FILE_FLAGS = ("questions", "annotations", "train_questions", "train_annotations", "image_root", "image_pattern")
 
@@ -177,7 +175,7 @@ def run_model(args) -> int:
     import torch.distributed as dist
     from tqdm import tqdm
     from megatron_vl.eval.runner import evaluate, table
-    from megatron_vl.generation import Generator
+    from megatron_vl.inference.generation import Generator
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = args.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")

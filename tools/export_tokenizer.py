@@ -15,12 +15,10 @@ import os
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.convert.hf import CheckpointError, atomic_directory  # noqa: E402
-from megatron_vl.errors import run_cli  # noqa: E402
-from megatron_vl.stage1.trainer import DETOKENIZER_DIR, TOKENIZER_DIR  # noqa: E402
-from megatron_vl.training.checkpoint import read_latest, tag_name  # noqa: E402
+from megatron_vl.checkpoint.layout import (IMAGE_DETOKENIZER_DIR, IMAGE_TOKENIZER_DIR, STAGE1_PARTS,
+                                         CheckpointError, read_latest, tag_name)
+from megatron_vl.checkpoint.output_dir import atomic_directory
+from megatron_vl.errors import run_cli
 
 
 def build_parser():
@@ -41,11 +39,11 @@ def export(load: str, save: str, ckpt_step=None) -> str:
         raise CheckpointError(f"--load {load}: no checkpoint {tag}"
                               + (f" (--ckpt-step {ckpt_step})" if ckpt_step is not None else " ('latest' names it)")
                               + f"; present: {', '.join(present) if present else 'none'}")
-    for part in (TOKENIZER_DIR, DETOKENIZER_DIR):
+    for part in STAGE1_PARTS:
         if not os.path.isdir(os.path.join(src, part)):
             raise CheckpointError(f"{src}: no {part}/ (not a train_tokenizer.py checkpoint?)")
     with atomic_directory(save, "stage1-export", sources=(load,)) as tmp:
-        for part in (TOKENIZER_DIR, DETOKENIZER_DIR):
+        for part in STAGE1_PARTS:
             shutil.copytree(os.path.join(src, part), os.path.join(tmp, part))
         with open(os.path.join(tmp, "stage1_export.json"), "w") as fh:
             json.dump({"format": "megatron-vl-stage1", "checkpoint": os.path.abspath(src)}, fh, indent=2)
@@ -55,7 +53,7 @@ def export(load: str, save: str, ckpt_step=None) -> str:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     src = export(args.load, args.save, args.ckpt_step)   # CheckpointError: one line from run_cli
-    print(f"exported {src} -> {args.save}/{TOKENIZER_DIR}, {args.save}/{DETOKENIZER_DIR}")
+    print(f"exported {src} -> {args.save}/{IMAGE_TOKENIZER_DIR}, {args.save}/{IMAGE_DETOKENIZER_DIR}")
     return 0
 
 

@@ -13,12 +13,9 @@ on: the store records it and training drops that image's block from its document
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 
 def build_parser():

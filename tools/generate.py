@@ -24,13 +24,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.errors import run_cli  # noqa: E402
+from megatron_vl.errors import run_cli
 
 
 def build_parser():
-    from megatron_vl.generation import arg_type, positive_int, setting_type
+    from megatron_vl.inference.generation import arg_type, positive_int, setting_type
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="export-hf output (or any LlamaForCausalLM directory)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts; <image> marks images "
@@ -73,7 +71,7 @@ def build_parser():
 def check_args(args):
     """Everything about the flags that can be refused before a model loads."""
     from megatron_vl.errors import UsageError
-    from megatron_vl.generation import check_text
+    from megatron_vl.inference.generation import check_text
     for i, text in enumerate(args.prompt):
         check_text(text, f"--prompt {i + 1}")
         if not text and not args.add_bos:
@@ -121,9 +119,9 @@ def save_png(picture, path, args):
 
 def plain_lm(args):
     import torch
-    from megatron_vl.modeling_vlgpt import load_language_model, load_tokenizer
+    from megatron_vl.inference.modeling_vlgpt import load_language_model, load_tokenizer
     from megatron_vl.errors import UsageError
-    from megatron_vl.generation import GenerationError
+    from megatron_vl.inference.generation import GenerationError
     images = [f for f, on in (("--image", args.image), ("--text-to-image", args.text_to_image),
                               ("--image-out", args.image_out), ("--max-new-images", args.max_new_images is not None))
               if on]
@@ -162,15 +160,15 @@ def plain_lm(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from megatron_vl.convert.vlgpt_export import VLGPT_CONFIG
+    from megatron_vl.inference.export_layout import VLGPT_CONFIG
     from megatron_vl.errors import UsageError, UserError
-    from megatron_vl.modeling_vlgpt import check_model_dir
+    from megatron_vl.inference.modeling_vlgpt import check_model_dir
     check_args(args)
     check_model_dir(args.hf_dir)
     if not os.path.isfile(os.path.join(args.hf_dir, VLGPT_CONFIG)):
         return plain_lm(args)
     import torch
-    from megatron_vl.generation import IMAGE_TAG, GenerationError, Generator, Sampling
+    from megatron_vl.inference.generation import GenerationError, Generator, IMAGE_TAG, Sampling
     from megatron_vl.model.directory import open_image
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tags = sum(p.count(IMAGE_TAG) for p in args.prompt)

@@ -18,10 +18,8 @@ import random
 import sys
 import zipfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.atomic import guard_output_files  # noqa: E402
-from megatron_vl.errors import OutputError, UsageError, run_cli  # noqa: E402
+from megatron_vl.atomic import guard_output_files
+from megatron_vl.errors import OutputError, UsageError, run_cli
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "purple": (140, 60, 170), "orange": (240, 140, 30)}

@@ -5,14 +5,11 @@ run feature extraction without downloading CLIP-L/14.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.atomic import guard_output_files  # noqa: E402
-from megatron_vl.errors import run_cli  # noqa: E402
-from megatron_vl.testing.tiny_models import save_tiny_clip  # noqa: E402
+from megatron_vl.atomic import guard_output_files
+from megatron_vl.errors import run_cli
+from megatron_vl.testing.tiny_models import save_tiny_clip
 
 
 def build_parser():

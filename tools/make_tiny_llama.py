@@ -9,16 +9,14 @@ training flags (defaults: the embedded tiny model).
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import argparse
 
-import argparse  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from megatron_vl.atomic import guard_output_files  # noqa: E402
-from megatron_vl.config import build_parser as config_parser, load_config  # noqa: E402
-from megatron_vl.convert.hf import hf_config_from_model  # noqa: E402
-from megatron_vl.errors import OutputError, UsageError, run_cli  # noqa: E402
+from megatron_vl.atomic import guard_output_files
+from megatron_vl.config import build_parser as config_parser, load_config
+from megatron_vl.convert.hf import hf_config_from_model
+from megatron_vl.errors import OutputError, UsageError, run_cli
 
 # What save_pretrained writes (weights in one file at this size; the sharded names for larger
 # models), checked before writing so a folder's own config.json is never replaced silently.

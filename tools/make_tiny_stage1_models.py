@@ -14,13 +14,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.testing.tiny_models import (save_tiny_clip, save_tiny_ip_adapter,  # noqa: E402
+from megatron_vl.testing.tiny_models import (save_tiny_clip, save_tiny_ip_adapter,
                                              save_tiny_ip_image_encoder, save_tiny_sd)
 
-from megatron_vl.atomic import guard_output_files  # noqa: E402
-from megatron_vl.errors import run_cli  # noqa: E402
+from megatron_vl.atomic import guard_output_files
+from megatron_vl.errors import run_cli
 
 IP_WEIGHT = "ip-adapter-plus_sd15.safetensors"
 

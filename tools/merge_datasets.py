@@ -10,13 +10,10 @@ only with --overwrite.
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.data.preprocess import merge_datasets  # noqa: E402
-from megatron_vl.errors import run_cli  # noqa: E402
+from megatron_vl.data.preprocess import merge_datasets
+from megatron_vl.errors import run_cli
 
 
 def build_parser():

@@ -24,18 +24,15 @@ cannot work on the cluster and model is refused with the reason (exit 2).
 """
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.config import ConfigError, build_parser, load_config, user_deepspeed_json  # noqa: E402
-from megatron_vl.errors import UsageError, run_cli  # noqa: E402
-from megatron_vl.plan.checks import (cluster_errors, describe, given_layout, layout_errors, model_errors,  # noqa: E402
+from megatron_vl.config import ConfigError, build_parser, load_config, user_deepspeed_json
+from megatron_vl.errors import UsageError, run_cli
+from megatron_vl.plan.checks import (cluster_errors, describe, given_layout, layout_errors, model_errors,
                                      no_layout_message, raise_usage)
-from megatron_vl.plan.model import PRESETS, Cluster  # noqa: E402
-from megatron_vl.plan.planner import plan, table  # noqa: E402
+from megatron_vl.plan.model import PRESETS, Cluster
+from megatron_vl.plan.planner import plan, table
 
 
 def cluster_parser() -> argparse.ArgumentParser:

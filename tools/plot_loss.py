@@ -10,10 +10,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.atomic import guard_output, temp_name  # noqa: E402
-from megatron_vl.errors import InputError, OutputError, run_cli  # noqa: E402
+from megatron_vl.atomic import guard_output, temp_name
+from megatron_vl.errors import InputError, OutputError, run_cli
 
 TRAIN = re.compile(r"^iteration\s+(\d+)/\d+ \|.*?\| lm loss: (\S+) \| visual loss: (\S+)", re.M)
 VALID = re.compile(r"^validation at iteration (\d+) \| lm loss: (\S+) \|.*?\| visual loss: (\S+)", re.M)

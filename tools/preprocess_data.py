@@ -25,15 +25,13 @@ import errno
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_vl.data.formats import Report, expand_inputs  # noqa: E402
-from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, read_meta,  # noqa: E402
+from megatron_vl.data.formats import Report, expand_inputs
+from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, read_meta,
                                          refuse_writing_over, remove_dataset, sidecar)
-from megatron_vl.data.indexed import FeatureStore  # noqa: E402
-from megatron_vl.data.conversation import TEMPLATES  # noqa: E402
-from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS  # noqa: E402
-from megatron_vl.errors import InputError, UsageError, UserError, run_cli  # noqa: E402
+from megatron_vl.data.indexed import FeatureStore
+from megatron_vl.data.conversation import TEMPLATES
+from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS
+from megatron_vl.errors import InputError, UsageError, UserError, run_cli
 
 
 def build_parser():

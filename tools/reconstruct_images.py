@@ -17,9 +17,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
+import torch
 
 
 def build_parser():
@@ -117,7 +115,7 @@ def main(argv=None):
     from megatron_vl.model.directory import open_image
     from megatron_vl.model.image_detokenizer import ImageDetokenizer
     from megatron_vl.model.image_tokenizer import ImageTokenizer, load_image_processor
-    from megatron_vl.stage1.decode import MODES, DiffusionDecoder
+    from megatron_vl.inference.diffusion_decoder import DiffusionDecoder, MODES
     args = build_parser().parse_args(argv)
     tok_dir = args.image_tokenizer or (args.export and os.path.join(args.export, "image_tokenizer"))
     detok_dir = args.image_detokenizer or (args.export and os.path.join(args.export, "image_detokenizer"))

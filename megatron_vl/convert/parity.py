@@ -8,7 +8,9 @@ import torch
 
 from ..model.llama import LlamaModel
 from ..parallel.state import ParallelState
-from .hf import global_to_local, hf_to_shards, load_hf_state_dict, load_shard_for, model_config_from_hf, read_checkpoint_meta
+from ..checkpoint.names import global_to_local
+from ..checkpoint.release import hf_to_shards, load_shard_for, read_checkpoint_meta
+from .hf import load_hf_state_dict, model_config_from_hf
 
 
 def load_llama(cfg, state: ParallelState, shard) -> LlamaModel:

@@ -13,7 +13,7 @@ Layout written (atomically: a temporary sibling renamed when complete)::
     OUT/image_tokenizer/                    the image tokenizer (when given)
     OUT/image_detokenizer/                  the image detokenizer (when given: images out)
 
-``megatron_vl.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT)`` puts it back together.
+``megatron_vl.inference.modeling_vlgpt.VLGPTForCausalLM.from_pretrained(OUT)`` puts it back together.
 """
 
 from __future__ import annotations
@@ -30,18 +30,15 @@ from safetensors.torch import save_file
 
 from ..data.tokenizer import IMG, IMG_END, add_image_tokens
 from ..model.lora import HF_PROJ
-from .hf import CheckpointError, atomic_directory, check_output_dir, hf_config_from_model, shards_to_hf, write_hf_files
-from .merged_weights import _MODULE_OF, _ROW_PARTS
-from .training_checkpoint import TrainedWeights, read_training_checkpoint
-
-VLGPT_CONFIG = "vlgpt_config.json"
-VLGPT_HEADS = "vlgpt_heads.safetensors"
-ADAPTER_DIR = "adapter"
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
-IMAGE_DETOKENIZER_DIR = "image_detokenizer"
-FORMAT_VERSION = 1
-HEADS = {"embedding.visual_proj.weight": "visual_proj.weight", "embedding.visual_proj.bias": "visual_proj.bias",
-         "head.regression.weight": "regression.weight", "head.regression.bias": "regression.bias"}
+from ..inference.export_layout import (ADAPTER_DIR, FORMAT_VERSION, HEADS, IMAGE_DETOKENIZER_DIR, IMAGE_TOKENIZER_DIR,
+                                       VLGPT_CONFIG, VLGPT_HEADS)
+from ..checkpoint.output_dir import check_output_dir
+from ..checkpoint.release import shards_to_hf
+from ..checkpoint.layout import CheckpointError
+from ..checkpoint.output_dir import atomic_directory
+from .hf import hf_config_from_model, write_hf_files
+from ..checkpoint.merged import _MODULE_OF, _ROW_PARTS
+from ..checkpoint.training_reader import TrainedWeights, read_training_checkpoint
 
 
 @dataclass

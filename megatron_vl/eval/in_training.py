@@ -18,7 +18,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from ..generation import Prompt, build_prompt
+from ..inference.generation import Prompt, build_prompt
 from .runner import ANSWER_TOKENS, DEFAULT_ANSWER_TOKENS, _image
 from .tasks import TASKS, load_items, prompt, score, support
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..generation import GenerationError, Generator, Sampling
+from ..inference.generation import GenerationError, Generator, Sampling
 from .tasks import EvalFileError, Item, load_items, prompt, score, support
 
 ANSWER_TOKENS = {"coco_caption": 30}

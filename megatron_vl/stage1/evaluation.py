@@ -11,7 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..model.directory import load_pretrained
-from .decode import DiffusionDecoder, reconstruct
+from ..inference.diffusion_decoder import DiffusionDecoder, reconstruct
 
 
 class ClipImageScorer:

@@ -16,12 +16,13 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.layout import IMAGE_DETOKENIZER_DIR, IMAGE_TOKENIZER_DIR
 from ..config import ConfigError, build_parser, effective_zero_stage, load_config
 from ..data.formats import Report
 from ..data.pair_stream import PairStream, parse_sources
 from ..parallel.random import seed_everything
 from ..training.build import make_engine
-from ..training import checkpoint as ckpt
+from ..checkpoint.layout import write_stage
 from ..training.engine import Trainer, exit_code, run_training, start_process
 from ..training.metrics import memory_gb
 from ..training.preflight import guarded_save
@@ -30,7 +31,6 @@ from .data import PairBatches
 from .framework import TokenizerFramework, build_framework, ip_image_encoder_dir
 from .targets import TargetEncoders, TargetStore
 
-TOKENIZER_DIR, DETOKENIZER_DIR = "image_tokenizer", "image_detokenizer"
 STAGE = "tokenizer"   # stage.json of its checkpoints
 
 
@@ -77,9 +77,9 @@ class TokenizerTrainer(Trainer):
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             if self.rank == 0:
-                ckpt.write_stage(tag_dir, STAGE)
-                module.tokenizer.save_pretrained(os.path.join(tag_dir, TOKENIZER_DIR), self.clip_processor)
-                module.detokenizer.save_pretrained(os.path.join(tag_dir, DETOKENIZER_DIR))
+                write_stage(tag_dir, STAGE)
+                module.tokenizer.save_pretrained(os.path.join(tag_dir, IMAGE_TOKENIZER_DIR), self.clip_processor)
+                module.detokenizer.save_pretrained(os.path.join(tag_dir, IMAGE_DETOKENIZER_DIR))
 
     # --- logging ------------------------------------------------------------------------
     def log_window(self, losses, lr, grad_norm, seconds_per_step, loss_scale) -> None:

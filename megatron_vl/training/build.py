@@ -5,7 +5,6 @@ weights of a release checkpoint, LoRA, and the DeepSpeed engine around it all.""
 from __future__ import annotations
 
 import os
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -14,16 +13,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..checkpoint.layout import CheckpointError, is_release
+from ..checkpoint.names import VOCAB_TENSORS, canonical_name, tp_split
+from ..checkpoint.release import hf_to_shards, load_release_shards, read_checkpoint_meta, shard_dir, shards_to_hf
 from ..config import Config, deepspeed_config, effective_zero_stage
-
-from ..convert.hf import (CheckpointError, hf_to_shards, layer_map, load_release_shards, read_checkpoint_meta,
-                          shard_dir, shards_to_hf)
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
 from ..parallel.layers import shard_parts
-from .pipeline_stages import build_pipeline_module
 from ..parallel.state import ParallelState, release_shm_name
-from .checkpoint import is_release
+from .pipeline_stages import build_pipeline_module
 from .optim import build_optimizer, build_scheduler
 from .partitioned import assign, construction, full_shape
 
@@ -42,40 +40,8 @@ class BuiltModel:
     layout_then: Optional[dict] = None
 
 
-def canonical_name(name: str, pipeline: bool, layer_offset: int, num_layers: int) -> str:
-    """A parameter/module name of this stage -> its layout-independent name: the release
-    checkpoint's names (embedding.*, layers.<global i>.*, head.*), wrapper levels removed."""
-    if pipeline:
-        idx, rest = name.split(".", 1)
-        i = int(idx)
-        if i == 0:
-            name = f"embedding.{rest}"
-        elif i <= num_layers:
-            name = f"layers.{i - 1}.{rest}"
-        else:
-            name = f"head.{rest}"
-    else:
-        m = re.match(r"layers\.(\d+)\.(.*)", name)
-        if m:
-            name = f"layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
-    for wrapper in ("text.", "lm.", "base."):
-        name = name.replace(wrapper, "")
-    return name
-
-
 def _names(module: nn.Module, pipeline: bool, offset: int, num_layers: int) -> Dict[str, str]:
     return {n: canonical_name(n, pipeline, offset, num_layers) for n, _ in module.named_parameters()}
-
-
-def _split(name: str, cfg: Config):
-    """(fused part sizes, split dim) of a canonical parameter name; None for replicated."""
-    if name in ("embedding.word_embeddings.weight", "head.output.weight"):
-        return "vocab", 0
-    m = re.match(r"layers\.\d+\.(.*)", name)
-    if m and m.group(1) in layer_map(cfg.model):
-        _, parts, dim = layer_map(cfg.model)[m.group(1)]
-        return (parts, dim) if dim is not None else None
-    return None
 
 
 def iter_initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state: ParallelState,
@@ -89,7 +55,7 @@ def iter_initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, 
         name = names[local]
         if only is not None and name not in only:
             continue
-        split = _split(name, cfg)
+        split = tp_split(name, cfg)
         local_shape = full_shape(p)
         if split is None:
             shape = tuple(local_shape)
@@ -130,7 +96,6 @@ def _grow(t: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([t, mean.expand(vocab - t.shape[0], -1)])
 
 
-VOCAB_TENSORS = ("embedding.word_embeddings.weight", "head.output.weight")
 
 
 class LazyShard(dict):
@@ -243,7 +208,7 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
             log(f"loaded pretrained weights from {cfg.checkpoint.load}; newly initialised: {', '.join(missing)}")
         loaded_from = cfg.checkpoint.load
     elif cfg.checkpoint.load and cfg.checkpoint.finetune:
-        from ..convert.merged_weights import MergedCheckpoint
+        from ..checkpoint.merged import MergedCheckpoint
         from .reshard import resharded_lazily
         merged = MergedCheckpoint(cfg.checkpoint.load, cfg, cfg.checkpoint.ckpt_step)
         if merged.tp == state.tp:
@@ -268,7 +233,7 @@ def build_model(cfg: Config, state: ParallelState, rng_tracker, new_token_ids: S
         counts = parameter_counts(module.parameters())
     resharded = None
     if layout_then is not None:   # every weight, LoRA's included, from the checkpoint, cut for this rank
-        from ..convert.training_checkpoint import read_training_state
+        from ..checkpoint.training_reader import read_training_state
         from .reshard import resharded_weights
         resharded = read_training_state(cfg.checkpoint.load, cfg.checkpoint.ckpt_step)
         names = _names(module, pipeline, offset, m.num_layers)

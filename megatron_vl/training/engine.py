@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ..atomic import same_path
 from ..config import ConfigError, effective_zero_stage
-from . import checkpoint as ckpt
+from ..checkpoint.layout import CheckpointError
+from .checkpointing import load_checkpoint, save_checkpoint
 from . import faults
 from . import save_rules
 from .metrics import Sinks
@@ -222,7 +223,7 @@ class Trainer:
     def save(self) -> None:
         self._settle()   # the skip counters go into the checkpoint
         c = self.cfg.checkpoint
-        tag = ckpt.save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
+        tag = save_checkpoint(self.engine, self.cfg, c.save, self.iteration, self.client_state(),
                                    self.tracker, c.keep_last, self.log, before_commit=self.write_export,
                                    origin=self.origin)
         self.saved_iteration = self.iteration
@@ -235,8 +236,8 @@ class Trainer:
         same_as_save = same_path(c.save, c.load)
         if not os.path.isdir(c.load) and not same_as_save:
             # (--load DIR --save DIR on a first run is fine: nothing to resume yet.)
-            raise ckpt.CheckpointError(f"--load {c.load}: no such directory")
-        client = ckpt.load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log,
+            raise CheckpointError(f"--load {c.load}: no such directory")
+        client = load_checkpoint(self.engine, c.load, c.ckpt_step, self.tracker, self.log,
                                       fresh_start_ok=bool(same_as_save))
         if client is None:
             return

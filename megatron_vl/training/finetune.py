@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..config import Config, ConfigError
 from ..data.dataset import open_meta, parse_blend
-from . import checkpoint as ckpt
+from ..checkpoint.layout import is_release, read_latest, read_stage
 from . import save_rules
 
 STAGE = "instruct"
@@ -41,5 +41,5 @@ def prepare(cfg: Config, ns=None) -> None:
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     save_rules.check_load_stage(c.load, c.ckpt_step, STAGE)
-    if c.load and not ckpt.is_release(c.load) and ckpt.read_latest(c.load) is not None:
-        c.finetune = ckpt.read_stage(c.load, c.ckpt_step) != STAGE
+    if c.load and not is_release(c.load) and read_latest(c.load) is not None:
+        c.finetune = read_stage(c.load, c.ckpt_step) != STAGE

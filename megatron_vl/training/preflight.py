@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 import torch.distributed as dist
 
 from ..errors import UserError
-from . import checkpoint as ckpt
+from ..checkpoint.layout import CheckpointError, LOCK, read_latest, tag_name
 from . import save_rules
 
 
@@ -148,22 +148,22 @@ def preflight(cfg, stage: str, log: Callable[[str], None] = print):
                         os.makedirs(c.save, exist_ok=True)
                     except OSError as exc:
                         raise OutputError(f"--save {c.save}: cannot create it: {exc.strerror}") from None
-                    stack.enter_context(exclusive_lock(os.path.join(c.save, ckpt.LOCK),
+                    stack.enter_context(exclusive_lock(os.path.join(c.save, LOCK),
                                                        f"checkpoint directory {c.save}"))
                     save_rules.save_dir_problems(c.save, c.load, c.ckpt_step, bool(c.finetune), stage, log)
-                tag = ckpt.tag_name(c.ckpt_step) if c.ckpt_step is not None else (
-                    ckpt.read_latest(c.load) if c.load and os.path.isdir(c.load) else None)
+                tag = tag_name(c.ckpt_step) if c.ckpt_step is not None else (
+                    read_latest(c.load) if c.load and os.path.isdir(c.load) else None)
                 if tag not in (None, "release") and os.path.isdir(os.path.join(c.load, tag)):
                     mixed = save_rules.mixed_files_problem(c.load, tag)
                     if mixed:
-                        raise ckpt.CheckpointError(mixed)
+                        raise CheckpointError(mixed)
             except Exception as exc:   # noqa: BLE001 - every rank must hear of it, then rank 0 re-raises
                 problem = exc
         if dist.is_initialized() and dist.get_world_size() > 1:
             said = [str(problem) if problem is not None else None]
             dist.broadcast_object_list(said, src=0)
             if rank != 0 and said[0] is not None:
-                raise ckpt.CheckpointError(said[0])
+                raise CheckpointError(said[0])
         if problem is not None:
             raise problem
         yield

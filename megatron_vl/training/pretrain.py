@@ -10,11 +10,12 @@ import torch.distributed as dist
 
 from ..ops._dispatch import check_required, implementations
 from ..atomic import same_path
+from ..eval.in_training import check_eval_tasks
 from ..config import Config, ConfigError, build_parser, effective_zero_stage, load_config, validate
 from .pipeline_stages import pipe_head, pipeline_inputs
 from ..parallel.random import seed_everything
 from ..parallel.state import ParallelState
-from . import checkpoint as ckpt
+from ..checkpoint.layout import write_stage
 from .build import build_model, initialize_engine
 from .engine import Trainer, exit_code, run_training, start_process
 from .data import build_data, loader, model_batch
@@ -161,7 +162,7 @@ class VLGPTTrainer(Trainer):
 
     def write_export(self, tag_dir: str) -> None:
         if self.rank == 0:   # which stage wrote it: finetune_instruct.py resumes its own, starts from others
-            ckpt.write_stage(tag_dir, self.stage)
+            write_stage(tag_dir, self.stage)
 
     def log_window(self, losses, lr, grad_norm, seconds_per_step, loss_scale) -> None:
         stats = StepStats(self.iteration, self.cfg.training.train_iters, self.consumed, losses["lm"],
@@ -198,7 +199,7 @@ def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = 
     cfg, ns = load_config(argv, parser=parser(description, stage) if description else parser(stage=stage))
     if prepare is not None:
         prepare(cfg, ns)
-    launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world))
+    launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world, extra_checks=[check_eval_tasks]))
     with guarded_save(cfg, stage, launch.rank):
         return _pretrain(cfg, launch, device, owns_group, stage)
 

@@ -1,6 +1,6 @@
 """Resuming a training checkpoint under another TP / PP / DP / ZeRO layout.
 
-The checkpoint is read offline, as export-hf reads it (convert/training_checkpoint.py): the
+The checkpoint is read offline, as export-hf reads it (checkpoint/training_reader.py): the
 fp32 weights, Adam's two moments, the step, the schedule, the data position. Each tensor is
 put back together from the old TP slices and cut for this rank (the same split rules the
 layers use); the weights go into the model before DeepSpeed wraps it (so its fp32 copies
@@ -19,10 +19,10 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..convert.hf import CheckpointError
-from ..convert.training_checkpoint import LazyTensors
+from ..checkpoint.layout import CheckpointError
+from ..checkpoint.training_reader import LazyTensors
 from ..parallel.layers import shard_parts, unshard_parts
-from . import checkpoint as ckpt
+from ..checkpoint.layout import read_latest, tag_name
 
 
 def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
@@ -31,7 +31,7 @@ def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
     import glob
     import yaml
     from ..config import Config, effective_zero_stage
-    tag = ckpt.tag_name(ckpt_step) if ckpt_step is not None else ckpt.read_latest(load_dir)
+    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None or tag == "release":
         return None
     tag_dir = os.path.join(load_dir, tag)
@@ -64,12 +64,12 @@ def same_layout(then: dict, now: dict) -> bool:
 
 def _split_rule(name: str, param: nn.Parameter, cfg):
     """How a parameter is cut over TP: None (whole on every rank), "vocab", or (parts, dim)."""
-    from .build import VOCAB_TENSORS, _split
+    from ..checkpoint.names import VOCAB_TENSORS, tp_split
     if not getattr(param, "tensor_model_parallel", False):
         return None
     if name in VOCAB_TENSORS:
         return "vocab"
-    fused = _split(name, cfg)
+    fused = tp_split(name, cfg)
     if fused is not None and fused[0] != "vocab":
         return fused
     dim = param.partition_dim

@@ -34,9 +34,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..atomic import remove_stale_temps, same_path
-from ..convert.hf import CheckpointError
-from .checkpoint import (LATEST, MANIFEST, ORIGIN, STAGE_FILE, STAGE_NAMES, _unreadable, is_release, list_tags,
-                         read_latest, tag_iteration, tag_name)
+from ..checkpoint.layout import (IMAGE_TOKENIZER_DIR, LATEST, MANIFEST, ORIGIN, STAGE_FILE, STAGE_NAMES, CheckpointError,
+                                 is_release, list_tags, read_latest, tag_iteration, tag_name)
+from .checkpointing import _unreadable
 
 def latest_problem(save_dir: str, tags) -> Optional[str]:
     """Why ``latest`` does not name one of `tags` (the tag directories there), or None."""
@@ -162,7 +162,7 @@ def checkpoint_stage(load_dir: str, tag: str) -> str:
             return stage
     except (OSError, ValueError, AttributeError):
         pass
-    if os.path.isdir(os.path.join(path, "image_tokenizer")):
+    if os.path.isdir(os.path.join(path, IMAGE_TOKENIZER_DIR)):
         return "tokenizer"
     try:
         with open(os.path.join(path, "config.yaml")) as fh:

@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .data.instruct_formats import IMAGE_TAG
-from .errors import UsageError
+from ..data.instruct_formats import IMAGE_TAG
+from ..errors import UsageError
 
 
 class GenerationError(UsageError, ValueError):
@@ -373,7 +373,7 @@ class Generator:
         self.add_bos = add_bos
         self.processor = None
         if self.model.image_tokenizer is not None:
-            from .model.image_tokenizer import load_image_processor
+            from ..model.image_tokenizer import load_image_processor
             self.processor = load_image_processor(os.path.join(export_dir, self.model.config["image_tokenizer"]))
         self.detokenizer_dir = os.path.join(export_dir, self.model.config["image_detokenizer"]) \
             if self.model.config.get("image_detokenizer") else None
@@ -425,8 +425,8 @@ class Generator:
             if self.detokenizer_dir is None:
                 raise GenerationError(f"{self.dir} ships no image detokenizer (export-hf --image-detokenizer): "
                                       "generated images cannot be turned into pixels")
-            from .model.image_detokenizer import ImageDetokenizer
-            from .stage1.decode import DiffusionDecoder
+            from ..model.image_detokenizer import ImageDetokenizer
+            from .diffusion_decoder import DiffusionDecoder
             self._decoder = DiffusionDecoder(ImageDetokenizer.from_pretrained(self.detokenizer_dir),
                                              device=self.device, **kw)
         return self._decoder

@@ -1,7 +1,7 @@
 """VL-GPT for inference on transformers: an exported directory (tools/convert_checkpoint.py
 export-hf) loaded back with its visual ends.
 
-    from megatron_vl.modeling_vlgpt import VLGPTForCausalLM
+    from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
     model = VLGPTForCausalLM.from_pretrained("vlgpt-hf")          # LoRA adapter applied by peft
     out = model(input_ids, visual_embeds=feats, visual_mask=mask)  # out.logits, out.visual_predictions
     gen = model.generate(input_ids, max_new_tokens=64)            # interleaved: gen.tokens, gen.images ([N, d] each)
@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .convert.vlgpt_export import ADAPTER_DIR, VLGPT_CONFIG, VLGPT_HEADS
-from .errors import InputError
+from .export_layout import ADAPTER_DIR, VLGPT_CONFIG, VLGPT_HEADS
+from ..errors import InputError
 
 
 class ExportDirError(InputError, FileNotFoundError):
@@ -161,7 +161,7 @@ class VLGPTForCausalLM(nn.Module):
         lm = load_language_model(path, adapter, dtype, merge_lora)
         image_tokenizer = None
         if load_image_tokenizer and config.get("image_tokenizer"):
-            from .model.image_tokenizer import ImageTokenizer
+            from ..model.image_tokenizer import ImageTokenizer
             image_tokenizer = ImageTokenizer.from_pretrained(os.path.join(path, config["image_tokenizer"]))
         model = cls(lm, config, image_tokenizer)
         heads_path = os.path.join(path, VLGPT_HEADS)
@@ -206,7 +206,7 @@ class VLGPTForCausalLM(nn.Module):
         until [IMG]; then N visual embeddings, each the regression head's prediction fed back
         through the visual projection; then [/IMG] and text again. A prompt may end inside an
         image ([IMG] + fewer than N visual positions): the image is completed first.
-        KV-cached (transformers' DynamicCache). The same rule as megatron_vl.generation:
+        KV-cached (transformers' DynamicCache). The same rule as megatron_vl.inference.generation:
         max_new_tokens counts text tokens ([IMG] included) only; an opened image always gets
         its N embeddings and [/IMG], outside that budget; max_new_images (default: no limit)
         suppresses [IMG] once reached; an image that would not fit the position table

@@ -23,7 +23,6 @@ import contextlib
 import glob
 import os
 import random
-import re
 import shutil
 import zipfile
 from typing import Any, Callable, Dict, List, Optional
@@ -34,39 +33,10 @@ import torch.distributed as dist
 
 from ..atomic import atomic_open, temp_name
 from ..config import save_yaml
-from ..convert.hf import CheckpointError
+from ..checkpoint.layout import LATEST, ORIGIN, CheckpointError, list_tags, read_latest, tag_name, write_manifest
 from ..errors import OutputError
 from ..parallel.random import RNGStatesTracker
 from . import faults
-
-LATEST = "latest"
-_TAG = re.compile(r"iter_(\d{7,})$")
-
-
-LOCK = "training.lock"
-MANIFEST = "manifest.json"
-ORIGIN = "origin.json"   # where the run that wrote a checkpoint started (save_rules.run_origin)
-STAGE_NAMES = {"tokenizer": "stage-1 (image tokenizer, train_tokenizer.py)",
-               "pretrain": "stage-2 (pretraining, pretrain_vlgpt.py)",
-               "instruct": "stage-3 (instruction tuning, finetune_instruct.py)"}
-
-
-def tag_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def tag_iteration(tag: Optional[str]) -> Optional[int]:
-    m = _TAG.match(tag or "")
-    return int(m.group(1)) if m else None
-
-
-def list_tags(save_dir: str):
-    """Iterations of the tag directories in save_dir, ascending."""
-    try:
-        names = os.listdir(save_dir)
-    except OSError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := _TAG.match(n)) and os.path.isdir(os.path.join(save_dir, n)))
 
 
 def _rank() -> int:
@@ -94,46 +64,6 @@ def set_rng_state(state: Dict[str, Any], tracker: Optional[RNGStatesTracker]) ->
         torch.cuda.set_rng_state(state["cuda"])
     if tracker is not None and state.get("tracker") is not None:
         tracker.load_state_dict(state["tracker"])
-
-
-def read_latest(load_dir: str) -> Optional[str]:
-    try:
-        with open(os.path.join(load_dir, LATEST), errors="replace") as fh:
-            return fh.read(4096).strip() or None
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-
-
-
-
-def is_release(load_dir: str) -> bool:
-    """A release checkpoint (tools/convert_checkpoint.py import-hf): weights only."""
-    return read_latest(load_dir) == "release"
-
-
-STAGE_FILE = "stage.json"
-
-
-def write_stage(tag_dir: str, stage: str) -> None:
-    import json
-    with atomic_open(os.path.join(tag_dir, STAGE_FILE)) as fh:
-        json.dump({"stage": stage}, fh)
-
-
-def read_stage(load_dir: str, ckpt_step: Optional[int] = None) -> Optional[str]:
-    """The stage that wrote the checkpoint --load names ('pretrain', 'instruct'), None when
-    unrecorded (written before stages were recorded: pretraining) or absent."""
-    import json
-    tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
-    if tag is None or tag == "release":
-        return None
-    try:
-        with open(os.path.join(load_dir, tag, STAGE_FILE)) as fh:
-            return json.load(fh).get("stage")
-    except (OSError, ValueError):
-        return None
-
-
 
 
 _TORCH_WRITE_ERRORS = ("No space left", "basic_ios::clear", "file write failed", "unexpected pos",
@@ -172,22 +102,6 @@ def _detail(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-
-
-def write_manifest(tag_dir: str) -> None:
-    """Every file of the finished checkpoint with its size (rank 0, after every rank wrote)."""
-    import json
-    files = {}
-    for root, _, names in os.walk(tag_dir):
-        for n in names:
-            f = os.path.join(root, n)
-            rel = os.path.relpath(f, tag_dir)
-            if rel != MANIFEST:
-                files[rel] = os.path.getsize(f)
-    with atomic_open(os.path.join(tag_dir, MANIFEST)) as fh:
-        json.dump({"files": files}, fh, indent=0, sort_keys=True)
-
-
 
 
 def _ranks_with(flag: bool) -> List[int]:
@@ -339,9 +253,7 @@ def _agree_or_raise(write: Callable[[], None], save_dir: str, tag: str) -> None:
 def prune(save_dir: str, keep_last: int, log: Callable[[str], None] = print) -> None:
     """Removes all but the newest keep_last checkpoints (never the one `latest` names)."""
     latest = read_latest(save_dir)
-    tags = sorted((int(m.group(1)), name) for name in os.listdir(save_dir)
-                  if (m := _TAG.match(name)) and os.path.isdir(os.path.join(save_dir, name)))
-    for _, name in tags[:-keep_last]:
+    for name in [tag_name(i) for i in list_tags(save_dir)][:-keep_last]:
         if name != latest:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
             log(f"removed old checkpoint {os.path.join(save_dir, name)} (--keep-last {keep_last})")

@@ -30,9 +30,8 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError, effective_zero_stage
-from ..training.build import canonical_name
-from ..training.checkpoint import read_latest, tag_name
-from .hf import CheckpointError
+from .layout import STAGE1_PARTS, CheckpointError, read_latest, tag_name
+from .names import canonical_name
 
 Tensors = Dict[str, torch.Tensor]
 
@@ -120,9 +119,6 @@ def _zero3_rank(tag_dir: str, tp_rank: int) -> tuple:
             offset += per_rank
     out = LazyTensors(loaders)
     return out, states[0]
-
-
-STAGE1_PARTS = ("image_tokenizer", "image_detokenizer")
 
 
 def is_stage1_checkpoint(tag_dir: str, raw=None) -> bool:

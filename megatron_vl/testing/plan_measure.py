@@ -100,8 +100,8 @@ def predicted(argv: Sequence[str], world: int) -> dict:
     """The planner's bytes by part for the busiest rank of this run's layout, on the CPU (gloo)
     code paths the measured run takes."""
     from ..config import deepspeed_config, effective_zero_stage, load_config
-    from .model import CPU_GLOO, Layout
-    from .planner import rank_memory
+    from ..plan.model import CPU_GLOO, Layout
+    from ..plan.planner import rank_memory
     cfg, _ = load_config(list(argv))
     p, t = cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from ..model.lora import PARTS
-from .hf import CheckpointError, layer_map
-from .training_checkpoint import LazyTensors, Tensors, read_training_checkpoint
+from .layout import CheckpointError
+from .names import layer_map
+from .training_reader import LazyTensors, Tensors, read_training_checkpoint
 
 # Row-parallel parts split A over TP (B replicated); the others split B (A replicated).
 _ROW_PARTS = ("o", "down")
