@@ -12,7 +12,7 @@ only with --overwrite.
 import argparse
 import sys
 
-from megatron_vl.data.preprocess import merge_datasets
+from megatron_vl.data.merge import merge_datasets
 from megatron_vl.errors import run_cli
 
 

@@ -18,33 +18,58 @@ image formats the _images / _image_table sidecars and a .meta.json with the repo
 instruction formats add the _loss_mask sidecar (answers only). Templates and their exact
 strings: megatron_vl/data/conversation.py.
 --partitions K processes the inputs in K groups and merges them (tools/merge_datasets.py).
+The input formats (megatron_vl/data/format_registry.py) and the flags each reads are listed
+at the end.
 """
 
 import argparse
 import errno
 import os
 import sys
+import textwrap
 
-from megatron_vl.data.formats import Report, expand_inputs
-from megatron_vl.data.preprocess import (merge_datasets, prefix_lock, preprocess_files, read_meta,
-                                         refuse_writing_over, remove_dataset, sidecar)
-from megatron_vl.data.indexed import FeatureStore
 from megatron_vl.data.conversation import TEMPLATES
-from megatron_vl.data.instruct_formats import INSTRUCT_FORMATS
+from megatron_vl.data.format_registry import format_names, input_format
+from megatron_vl.data.indexed import FeatureStore
+from megatron_vl.data.layout import prefix_lock, read_meta, refuse_writing_over, remove_dataset, sidecar
+from megatron_vl.data.merge import merge_datasets
+from megatron_vl.data.preprocess import preprocess_files
+from megatron_vl.data.records import Report, expand_inputs
 from megatron_vl.errors import InputError, UsageError, UserError, run_cli
 
 
+def _formats_using(flag: str) -> str:
+    """The formats that read `flag`, for its help."""
+    return ", ".join(n for n in format_names() if flag in input_format(n).flags())
+
+
+def formats_help() -> str:
+    """The --help section listing the input formats (format_registry.py), each with the
+    flags it reads."""
+    lines = ["input formats (--input-format):"]
+    for name in format_names():
+        fmt = input_format(name)
+        flags = fmt.flags()
+        lines.append(textwrap.fill(fmt.description + (f" [{', '.join(flags)}]" if flags else ""), width=100,
+                                   initial_indent=f"  {name}: ", subsequent_indent="      ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=formats_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
-    p.add_argument("--input-format", required=True,
-                   choices=["mmc4", "obelics", "wds-pairs", "jsonl-text", *INSTRUCT_FORMATS])
+    p.add_argument("--input-format", required=True, choices=format_names(),
+                   help="what the input files are (the list below)")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-type", default="sentencepiece", choices=["sentencepiece", "hf"])
     p.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file or HF tokenizer directory")
-    p.add_argument("--image-root", help="directory holding the image files (mmc4; obelics URLs)")
-    p.add_argument("--min-sim", type=float, default=0.0, help="mmc4: drop images whose matched_sim is lower")
-    p.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl-text: keys to tokenize")
+    p.add_argument("--image-root",
+                   help=f"directory holding the image files ({_formats_using('--image-root')})")
+    p.add_argument("--min-sim", type=float, default=0.0,
+                   help=f"{_formats_using('--min-sim')}: drop images whose matched_sim is lower")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help=f"{_formats_using('--json-keys')}: keys to tokenize, one dataset each")
     p.add_argument("--append-eod", action="store_true", help="append the tokenizer's eos id to each document")
     p.add_argument("--prepend-bos", action="store_true",
                    help="start each document with the tokenizer's bos id, as LLaMA was trained (use it for LLaMA "
@@ -54,10 +79,12 @@ def build_parser():
                    help="process the inputs in this many groups (at most one per file), then merge")
     p.add_argument("--strict", action="store_true", help="any skipped record is an error")
     p.add_argument("--conversation-template", default="vicuna_v1", choices=sorted(TEMPLATES),
-                   help="instruction formats: how a conversation is laid out (megatron_vl/data/conversation.py)")
+                   help=f"{_formats_using('--conversation-template')}: how a conversation is laid out "
+                        "(megatron_vl/data/conversation.py)")
     p.add_argument("--coco-splits", nargs="+", default=["train", "restval"],
-                   help="coco-captions: the Karpathy splits to take")
-    p.add_argument("--seed", type=int, default=0, help="coco-captions: seed of the per-image phrasing and caption")
+                   help=f"{_formats_using('--coco-splits')}: the Karpathy splits to take")
+    p.add_argument("--seed", type=int, default=0,
+                   help=f"{_formats_using('--seed')}: seed of the per-image phrasing and caption")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -68,7 +95,7 @@ def main(argv=None):
         if value < 0:
             raise UsageError(f"{flag} {value}: cannot be negative")
     files = expand_inputs(args.input)
-    keys = args.json_keys if args.input_format == "jsonl-text" else ["text"]
+    keys = args.json_keys if "json_key" in input_format(args.input_format).options else ["text"]
     parts = max(1, min(args.partitions, len(files)))
     for key in keys:
         prefix = f"{args.output_prefix}_{key}_document"

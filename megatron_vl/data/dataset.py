@@ -1,9 +1,11 @@
-"""Packed multimodal datasets, their cached sample order, blends and the resumable sampler.
+"""Packed multimodal datasets: one preprocessed prefix read as fixed-length samples, its
+files checked first, and the train/valid/test datasets of a blend.
 
 Sample order is built once per (data, split, seq length, N, max images, seed, sample count)
-and cached as ``.npy`` beside the data (or under ``--data-cache-path``): document order
-(a fresh shuffle per epoch), sample starts, sample shuffle. With torch.distributed up, rank
-0 builds while the others wait. ``dataset[i]`` depends only on i: any rank, any time.
+and cached as ``.npy`` beside the data (or under ``--data-cache-path``; order_cache.py):
+document order (a fresh shuffle per epoch), sample starts, sample shuffle. With
+torch.distributed up, rank 0 builds while the others wait. ``dataset[i]`` depends only on
+i: any rank, any time.
 
 The files of a prefix must agree before anything is read from them: document counts and
 per-document sizes between the ``.idx`` files and meta.json (every rank, O(documents)); the
@@ -13,8 +15,7 @@ records (their token ids checked in the same pass), and every image span inside 
 document. Nothing reads a whole corpus-sized file at start-up: the token ids of every
 document are also checked as it is read (the only check of a large file from before the
 recorded range). An error found on rank 0 is raised on every rank, never left to a peer
-waiting in a collective. The order caches carry a CRC-32 record (``*_order.json``, written
-last): a damaged, zeroed or out-of-range cache is rebuilt with a note naming it, never read.
+waiting in a collective (rank0.py). Blends: blend.py; the sampler: sampler.py.
 """
 
 from __future__ import annotations
@@ -22,22 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import zlib
 from dataclasses import replace
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..atomic import atomic_open
 from ..config import ConfigError, split_weights
-from ..errors import InputError, OutputError, UserError
+from ..errors import InputError, OutputError
+from .blend import BlendedDataset, parse_blend, split_ranges
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
+from .layout import open_meta, sidecar
+from .order_cache import INDEX_VERSION, OrderCache, build_order, checksum
 from .packing import PackingConfig, materialize
+from .rank0 import on_rank0
 from .sample_index import SampleIndexBuilder, SpanTable
-from .preprocess import read_meta, sidecar
+from .sampler import PretrainingSampler, collate
 from .tokenizer import IMG, IMG_END
 
-INDEX_VERSION = 3   # 2: keyed by content fingerprints; 3: + document lengths, checksummed caches
 VERIFY_FINGERPRINT_BYTES = 1 << 30
 """Files up to this size are hashed at start-up against the fingerprint their metadata records
 (~1 s a GiB, once: the verdict is cached by real path, size and mtime); larger ones are checked
@@ -47,78 +50,9 @@ __all__ = ["split_weights", "split_ranges", "open_meta", "PackedDataset", "parse
            "BlendedDataset", "PretrainingSampler", "collate"]
 
 
-def open_meta(prefix: str) -> Dict:
-    """The dataset metadata of `prefix`; a missing or unreadable one is an InputError naming it."""
-    try:
-        return read_meta(prefix)
-    except FileNotFoundError as exc:
-        if not any(os.path.exists(prefix + ext) for ext in (".idx", ".bin")):
-            raise InputError(f"{prefix}: no dataset there ({prefix}.idx, .bin and .meta.json not found; "
-                             "--data-path takes the prefix tools/preprocess_data.py wrote)") from None
-        raise InputError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(str(exc)) from None
-
-
-def split_ranges(split: str, num_documents: int) -> List[Tuple[int, int]]:
-    """Megatron's --split "98,2,0": contiguous document ranges for train/valid/test."""
-    weights = split_weights(split)
-    total = sum(weights)
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + int(round(w / total * num_documents)))
-    bounds[-1] = num_documents
-    return [(bounds[i], bounds[i + 1]) for i in range(3)]
-
-
-def _distributed():
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist
-    except ImportError:
-        pass
-    return None
-
-
-def _on_rank0(work, what: str) -> None:
-    """Runs work() on rank 0 while the other ranks wait (over the default group). An error
-    there is sent to every rank and raised on each: a peer left waiting in a collective would
-    hang for the collective's timeout under srun or mpirun (only torchrun kills it)."""
-    dist = _distributed()
-    if dist is None:
-        work()
-        return
-    rank0, failure = dist.get_rank() == 0, None
-    if rank0:
-        try:
-            work()
-        except Exception as exc:   # sent on, then raised here as it is (with its traceback)
-            failure = exc
-    sent = [None if failure is None else (type(failure), str(failure))]
-    dist.broadcast_object_list(sent, src=0)
-    if failure is not None:
-        raise failure
-    if sent[0] is not None:
-        cls, message = sent[0]
-        if issubclass(cls, UserError):
-            try:
-                error = cls(message)
-            except TypeError:
-                error = InputError(message)
-            raise error from None
-        raise RuntimeError(f"rank 0 failed while {what}: {cls.__name__}: {message} (its traceback is in its output)")
-
-
 def _save_npy(path: str, arr: np.ndarray) -> None:
     with atomic_open(path, "wb") as fh:
         np.save(fh, arr, allow_pickle=False)
-
-
-def _crc(arr: np.ndarray) -> str:
-    """CRC-32 of an array's bytes: ~4 GB/s (the 2 GB of order caches of an 82M-sample run in
-    about half a second), where BLAKE2b takes ~5x longer; it guards against damage, not forgery."""
-    return format(zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")), "08x")
 
 
 def _file_stats(paths: Sequence[str]) -> Dict[str, List[int]]:
@@ -356,8 +290,8 @@ class PackedDataset:
         prefix is never read."""
         desc = {"version": INDEX_VERSION, "fingerprint": self.fingerprint,
                 "dropped_images": hashlib.md5(np.asarray(self.dropped_images, np.int64).tobytes()).hexdigest(),
-                "doc_tokens": _crc(self.doc_tokens),
-                "doc_images": _crc(self.spans.lengths) if self.spans is not None else None,
+                "doc_tokens": checksum(self.doc_tokens),
+                "doc_images": checksum(self.spans.lengths) if self.spans is not None else None,
                 "docs": [int(self.documents[0]), int(self.documents[-1]) + 1], "seq_length": self.cfg.seq_length,
                 "num_image_tokens": self.cfg.num_image_tokens, "max_images": self.cfg.max_images,
                 "seed": self.cfg.seed, "num_samples": num_samples}
@@ -368,92 +302,38 @@ class PackedDataset:
         return hashlib.md5(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def _build(self, num_samples) -> Tuple[np.ndarray, np.ndarray]:
-        """(document order, sample starts): a fresh shuffle of the documents per epoch, each
-        epoch extending the starts of the ones before (sample_index.py, compiled)."""
-        rng = np.random.RandomState(self.cfg.seed % 2**32)
+        """(document order, sample starts), from this dataset's spans without the dropped images."""
         spans = SpanTable.empty(self.text.num_documents) if self.spans is None else \
             SpanTable.from_indexed(self.spans, self.dropped_images, self.doc_tokens, self.num_images,
                                    f"{self.prefix}.bin")
         builder = SampleIndexBuilder(self.doc_tokens, spans, self.cfg)
-        parts: List[np.ndarray] = []
-        while True:
-            parts.append(rng.permutation(self.documents))
-            if num_samples is None:
-                # One epoch: the last, partial sample is dropped (its end is not a real start).
-                builder.extend(parts[-1])
-                return parts[-1], builder.starts.copy()
-            builder.extend(parts[-1], num_samples + 1)
-            if builder.finished:
-                return np.concatenate(parts), builder.starts.copy()
-            if len(parts) > 10_000:
-                raise InputError(f"{self.prefix}: cannot make {num_samples} samples from documents "
-                                 f"{self.documents[0]}:{self.documents[-1] + 1} (all empty?)")
-
-    def _cache_problem(self, paths: List[str], record: str) -> Optional[str]:
-        """Why the order caches cannot be used as they are ('missing' when never built), or None."""
-        present = [p for p in paths + [record] if os.path.isfile(p)]
-        if not present:
-            return "missing"
-        if len(present) < len(paths) + 1:
-            return f"is incomplete ({', '.join(os.path.basename(p) for p in paths + [record] if p not in present)} " \
-                   "missing)"
-        try:
-            with open(record) as fh:
-                sums = json.load(fh)["arrays"]
-            arrays = [np.load(p, mmap_mode="r") for p in paths]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return f"is unreadable ({exc})"
-        for p, arr, want in zip(paths, arrays, sums if isinstance(sums, list) else []):
-            if want != {"crc32": _crc(arr), "shape": list(arr.shape), "dtype": arr.dtype.str}:
-                return f"does not match the checksums {os.path.basename(record)} recorded ({os.path.basename(p)} " \
-                       "changed after it was written)"
-        order, starts, shuffle = arrays
-        lo, hi = int(self.documents[0]), int(self.documents[-1]) + 1
-        if not isinstance(sums, list) or len(sums) != 3 or starts.ndim != 2 or starts.shape[1] != 2 or \
-                len(shuffle) != len(starts) - 1 or not len(order) or int(order.min()) < lo or \
-                int(order.max()) >= hi or int(starts[-1, 0]) > len(order) or \
-                (len(shuffle) and (int(shuffle.min()) < 0 or int(shuffle.max()) >= len(shuffle))):
-            return f"does not fit documents {lo}:{hi} of {self.prefix}"
-        return None
+        return build_order(builder, self.documents, self.cfg.seed, num_samples, self.prefix)
 
     def _load_or_build_index(self, num_samples, cache_dir):
         directory = cache_dir or os.path.dirname(os.path.abspath(self.prefix))
-        base = os.path.join(directory, f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}")
-        paths = [f"{base}_doc.npy", f"{base}_sample.npy", f"{base}_shuffle.npy"]
-        record = f"{base}_order.json"
-        _on_rank0(lambda: self._check_and_build(directory, base, paths, record, num_samples),
-                  f"checking {self.prefix} and building its sample order")
-        try:
-            order, starts, shuffle = (np.load(p, mmap_mode="r") for p in paths)
-        except (OSError, ValueError) as exc:
-            raise IndexedDataError(f"sample-order cache {base}_*.npy unreadable ({exc}); delete those files to "
-                                   "rebuild them") from None
-        if starts.ndim != 2 or starts.shape[1] != 2 or len(shuffle) != len(starts) - 1:
-            raise IndexedDataError(f"sample-order cache {', '.join(paths)} does not fit {self.prefix} "
-                                   f"({len(starts)} sample starts, {len(shuffle)} shuffled); delete those files to "
-                                   "rebuild them")
-        return order, starts, shuffle
+        cache = OrderCache(os.path.join(directory, f"{os.path.basename(self.prefix)}_{self._index_key(num_samples)}"))
+        on_rank0(lambda: self._check_and_build(directory, cache, num_samples),
+                 f"checking {self.prefix} and building its sample order")
+        return cache.load(self.prefix)
 
-    def _check_and_build(self, directory, base, paths, record, num_samples) -> None:
+    def _check_and_build(self, directory: str, cache: OrderCache, num_samples) -> None:
         """Rank 0: the content checks, then the order caches (re)built where they cannot be used."""
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
             raise self._unwritable(directory, exc) from None
         self._check_content(directory)
-        problem = self._cache_problem(paths, record)
+        problem = cache.problem(self.documents, self.prefix)
         if problem is not None:
             if problem != "missing":
-                print(f"note: sample-order cache {base}_*.npy {problem}: rebuilding it", flush=True)
+                print(f"note: sample-order cache {cache.base}_*.npy {problem}: rebuilding it", flush=True)
             order, starts = self._build(num_samples)
             shuffle = np.random.RandomState((self.cfg.seed + 1) % 2**32).permutation(len(starts) - 1)
             arrays = (order, starts, shuffle.astype(np.int64))
             try:
-                for p, arr in zip(paths, arrays):
+                for p, arr in zip(cache.paths, arrays):
                     _save_npy(p, arr)
-                with atomic_open(record) as fh:   # last: its presence means the arrays are complete
-                    json.dump({"version": INDEX_VERSION, "arrays": [
-                        {"crc32": _crc(a), "shape": list(a.shape), "dtype": a.dtype.str} for a in arrays]}, fh)
+                cache.write_record(arrays)
             except OSError as exc:   # e.g. a read-only data directory
                 raise self._unwritable(directory, exc) from None
 
@@ -491,27 +371,6 @@ class PackedDataset:
                            self.cfg, self.img_id, self.img_end_id, self.eod_id)
 
 
-def parse_blend(data_path: Sequence[str], flag: str = "--data-path", item: str = "prefix"
-                ) -> Tuple[List[str], List[float]]:
-    """Megatron's blend syntax, 'A' or '0.5 A 0.3 B 0.2 C': (names, normalised weights)."""
-    items = list(data_path)
-    form = f"expected one {item}, or weight/{item} pairs such as '0.7 A 0.3 B'"
-    if not items:
-        raise ConfigError(f"{flag} is empty: {form}")
-    if len(items) == 1:
-        return items, [1.0]
-    if len(items) % 2:
-        raise ConfigError(f"{flag} {' '.join(items)}: {form}")
-    try:
-        weights = [float(w) for w in items[0::2]]
-    except ValueError:
-        raise ConfigError(f"{flag} {' '.join(items)}: {form}") from None
-    if any(not 0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"{flag}: weights must be non-negative with a positive sum, got {weights}")
-    total = sum(weights)
-    return items[1::2], [w / total for w in weights]
-
-
 def build_train_valid_test(data_path: Sequence[str], split: str, cfg: PackingConfig,
                            num_samples: Tuple[int, int, int], cache_dir: Optional[str] = None):
     """Megatron's recipe: each prefix split into train/valid/test document ranges by --split,
@@ -536,60 +395,4 @@ def build_train_valid_test(data_path: Sequence[str], split: str, cfg: PackingCon
             share = int(np.ceil(weight * size * 1.005)) + 1
             datasets.append(PackedDataset(prefix, cfg, share, (lo, hi), cache_dir))
         out.append(BlendedDataset(datasets, weights, size))
-    return out
-
-
-class BlendedDataset:
-    """Interleaves datasets so that every prefix of the order matches the weights as closely
-    as possible (sample m of dataset j sits at key (m + 0.5) / w_j)."""
-
-    def __init__(self, datasets: Sequence, weights: Sequence[float], size: int):
-        keys, owner, local = [], [], []
-        for j, (ds, w) in enumerate(zip(datasets, weights)):
-            if w <= 0:
-                continue
-            m = np.arange(int(np.ceil(w * size)) + 1)
-            keys.append((m + 0.5) / w)
-            owner.append(np.full(len(m), j))
-            local.append(m)
-        keys, owner, local = np.concatenate(keys), np.concatenate(owner), np.concatenate(local)
-        order = np.argsort(keys, kind="stable")[:size]
-        self.dataset_index, self.sample_index = owner[order], local[order]
-        self.datasets = list(datasets)
-
-    def __len__(self):
-        return len(self.dataset_index)
-
-    def __getitem__(self, i):
-        return self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
-
-
-class PretrainingSampler:
-    """Micro-batches of dataset indices for one data-parallel rank, starting after
-    `consumed_samples`: global batch g covers indices [g*B, (g+1)*B) with B = micro x dp,
-    and rank r takes its slice. The global order is the same for any dp size, so a resumed
-    run (any dp) continues with exactly the next samples."""
-
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"data-parallel rank {dp_rank} outside [0, {dp_size})")
-        self.total, self.consumed = total_samples, consumed_samples
-        self.micro, self.rank, self.dp = micro_batch_size, dp_rank, dp_size
-
-    def __len__(self):
-        return (self.total - self.consumed) // (self.micro * self.dp)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        step = self.micro * self.dp
-        for g in range(self.consumed, self.total - step + 1, step):
-            yield list(range(g + self.rank * self.micro, g + (self.rank + 1) * self.micro))
-
-
-def collate(samples: List[Dict[str, np.ndarray]]):
-    """Stacks numpy samples into torch tensors."""
-    import torch
-    out = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = torch.as_tensor(np.stack(values)) if isinstance(values[0], np.ndarray) else torch.tensor(values)
     return out

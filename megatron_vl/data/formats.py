@@ -1,239 +1,42 @@
-"""Readers of the raw corpora, turning each record into a ``RawDocument``: the text as a list
-of sentences and each image attached to the sentence it belongs to. ``read_records`` yields
-raw lines for the jsonl formats (``record_document`` parses them, in the preprocessing
-workers) and whole documents for the formats read through a library. Anything malformed is
-counted in the ``Report`` under a reason, with the first place it happened (file:line,
-file:row N, tar:key); nothing is dropped silently.
+"""Readers of the raw pretraining corpora, turning each record into a ``RawDocument``: the text
+as a list of sentences and each image attached to the sentence it belongs to. Anything
+malformed is counted in the ``Report`` under a reason, with the first place it happened
+(file:line, file:row N, tar:key); nothing is dropped silently. format_registry.py names each
+format and says which reader reads it.
 
-Formats:
 - ``mmc4``: MMC4 jsonl, or its distributed ``*.jsonl.zip`` shards. Images are files under
   the image root named by ``image_name``; each is attached to ``matched_text_index``;
-  ``min_sim`` drops images whose ``matched_sim`` is below it.
+  ``min_sim`` drops images whose ``matched_sim`` is below it. The lines are parsed in the
+  tokenizing workers (``mmc4_document``).
 - ``obelics``: OBELICS parquet (``texts`` / ``images`` aligned lists, one of the two None at
   each position). An image is either bytes in the row (a bytes list or a struct with a
   ``bytes`` field, as HF datasets stores images) or a URL whose file lies under the image
   root named ``sha1(url).hexdigest()`` (any extension). It is attached to the next text
   in the row (the previous one when it is last).
 - ``wds-pairs``: img2dataset webdataset tars (``NNNNN.jpg`` + ``.txt`` + ``.json``).
-- ``jsonl-text``: Megatron-style jsonl, text only, under ``json_key``.
+- ``jsonl-text``: Megatron-style jsonl, text only, under ``json_key`` (``jsonl_text_document``,
+  in the workers).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import math
 import os
-import tarfile
-import zipfile
-import zlib
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Iterator, Optional
 
-from ..errors import InputError, UsageError, debug_enabled
+from .jsonl import STREAM_ERRORS, parse_json_object
+# Report, guarded, expand_inputs and the errors are imported from here by stage1/, tools/ and
+# tests: records.py is their home.
+from .records import (DataInputError, DataUsageError, ImageRef, InputFileMissing, LineRecord,  # noqa: F401
+                      RawDocument, Report, StrictSkip, expand_inputs, guarded)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# What reading a damaged compressed or archived stream raises: zlib.error and the archive
-# modules' own errors are not OSErrors, so each is listed.
-STREAM_ERRORS = (OSError, EOFError, ValueError, zlib.error, zipfile.BadZipFile, zipfile.LargeZipFile,
-                 tarfile.TarError, NotImplementedError)
-T = TypeVar("T")
-
-
-class DataInputError(InputError, ValueError):
-    """An input file that cannot be read as its format (exit 1; a ValueError for older callers)."""
-
-
-class StrictSkip(DataInputError):
-    """A record that would be skipped, under --strict."""
-
-
-class DataUsageError(UsageError, ValueError):
-    """Flags that do not fit the data (exit 2)."""
-
-
-@dataclass
-class ImageRef:
-    name: str                      # where it came from, for reports
-    path: Optional[str] = None
-    data: Optional[bytes] = None
-
-
-@dataclass
-class RawDocument:
-    source: str                    # file:line / file:row / tar:key
-    sentences: List[str]
-    images: List[Tuple[int, ImageRef]] = field(default_factory=list)  # (sentence index, image)
-
-
-@dataclass
-class Report:
-    documents_read: int = 0
-    documents_written: int = 0
-    images_placed: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    first_seen: Dict[str, str] = field(default_factory=dict)
-
-    def skip(self, reason: str, where: str, strict: bool = False) -> None:
-        if strict:
-            raise StrictSkip(f"{where}: {reason} (--strict turns skips into errors)")
-        self.skipped[reason] += 1
-        self.first_seen.setdefault(reason, where)
-
-    def merge(self, other: "Report") -> None:
-        self.documents_read += other.documents_read
-        self.documents_written += other.documents_written
-        self.images_placed += other.images_placed
-        self.skipped.update(other.skipped)
-        for k, v in other.first_seen.items():
-            self.first_seen.setdefault(k, v)
-
-    def to_dict(self) -> Dict:
-        return {"documents_read": self.documents_read, "documents_written": self.documents_written,
-                "images_placed": self.images_placed, "skipped": dict(self.skipped),
-                "first_seen": self.first_seen}
-
-    def format(self) -> str:
-        lines = [f"documents read: {self.documents_read}", f"documents written: {self.documents_written}",
-                 f"images placed: {self.images_placed}"]
-        for reason in sorted(self.skipped):
-            lines.append(f"skipped ({reason}): {self.skipped[reason]}  first at {self.first_seen[reason]}")
-        return "\n".join(lines)
-
-
-class InputFileMissing(InputError, FileNotFoundError):
-    pass
-
-
-def guarded(report: Report, where: str, strict: bool, build: Callable[[], T]) -> Optional[T]:
-    """build() for one record; a record that breaks it in a way no check foresaw (a field of an
-    unexpected type deep inside) is counted as `malformed record (<exception>)` with its place
-    instead of ending the run. --strict makes it an error (the original exception chained);
-    MEGATRON_VL_DEBUG=1 lets the exception itself through, for a developer looking for a bug."""
-    try:
-        return build()
-    except (InputError, MemoryError):
-        raise
-    except Exception as exc:   # noqa: BLE001 - counted, or re-raised below
-        if debug_enabled():
-            raise
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        try:
-            report.skip(f"malformed record ({type(exc).__name__}: {first})" if first else
-                        f"malformed record ({type(exc).__name__})", where, strict)
-        except StrictSkip as err:
-            raise err from exc
-        return None
-
-
-def expand_inputs(patterns: List[str]) -> List[str]:
-    files: List[str] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) or ([pattern] if os.path.exists(pattern) else [])
-        if not matched:
-            raise InputFileMissing(f"--input {pattern}: no such file")
-        files.extend(matched)
-    return files
-
-
-def _decoded_lines(where_prefix: str, lines: Iterator[bytes], report: Report, strict: bool,
-                   start: int = 1) -> Iterator[Tuple[str, str]]:
-    for i, raw in enumerate(lines, start):
-        try:
-            yield f"{where_prefix}:{i}", raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            report.skip("invalid UTF-8", f"{where_prefix}:{i} (byte {exc.start})", strict)
-
-
-def _salvage_zip(path: str, report: Report, strict: bool, why: str) -> Iterator[Tuple[str, str]]:
-    """The lines of a zip whose directory (at its end) is lost, e.g. a download cut short:
-    the first member is streamed from its local header until the data runs out."""
-    import struct
-    import zlib
-    report.skip("damaged file, read up to the damage", f"{path} ({why})", strict)
-    with open(path, "rb") as fh:
-        head = fh.read(30)
-        if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            return
-        method, _, _, _, size, _, name_len, extra_len = struct.unpack("<HHHIIIHH", head[8:30])
-        member = fh.read(name_len).decode("utf-8", "replace")
-        fh.read(extra_len)
-        if method not in (0, 8):
-            return
-        inflate = zlib.decompressobj(-15) if method == 8 else None
-        pending, line_no, left = b"", 1, size if method == 0 else None
-        while True:
-            chunk = fh.read(1 << 20)
-            if not chunk:
-                break
-            try:
-                data = inflate.decompress(chunk) if inflate else chunk[:left]
-            except zlib.error:
-                break
-            if left is not None:
-                left -= len(data)
-            lines = (pending + data).split(b"\n")
-            pending = lines.pop()
-            yield from _decoded_lines(f"{path}!{member}", iter(lines), report, strict, line_no)
-            line_no += len(lines)
-            if (inflate is not None and inflate.eof) or left == 0:
-                if pending:
-                    yield from _decoded_lines(f"{path}!{member}", iter([pending]), report, strict, line_no)
-                return
-        # The stream ended early: the unterminated last line is incomplete, so it is not read.
-
-
-def _jsonl_lines(path: str, report: Report, strict: bool) -> Iterator[Tuple[str, str]]:
-    """(where, line) pairs from a .jsonl or a .jsonl.zip (every member of the zip). A line
-    that is not UTF-8 is a counted skip; a file cut short yields what precedes the damage and
-    the damage is counted with the file's name."""
-    if not path.endswith(".zip"):
-        with open(path, "rb") as fh:
-            yield from _decoded_lines(path, fh, report, strict)
-        return
-    try:
-        zf = zipfile.ZipFile(path)
-    except STREAM_ERRORS as exc:
-        yield from _salvage_zip(path, report, strict, f"{type(exc).__name__}: {exc}")
-        return
-    with zf:
-        for member in zf.namelist():
-            try:
-                with zf.open(member) as fh:
-                    yield from _decoded_lines(f"{path}!{member}", fh, report, strict)
-            except StrictSkip:
-                raise
-            except STREAM_ERRORS as exc:   # a bad deflate stream raises zlib.error, not an OSError
-                report.skip("damaged file, read up to the damage",
-                            f"{path}!{member} ({type(exc).__name__}: {exc})", strict)
-
-
-def _parse_json(where: str, raw: str, report: Report, strict: bool) -> Optional[dict]:
-    if not raw.strip():
-        return None
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        report.skip("malformed JSON line", f"{where} ({exc.msg})", strict)
-        return None
-    if not isinstance(obj, dict):
-        report.skip("malformed JSON line", f"{where} (not an object)", strict)
-        return None
-    return obj
-
-
-@dataclass
-class LineRecord:
-    """One raw jsonl line, parsed where it is encoded (in a worker), not in the reader."""
-    where: str
-    raw: str
 
 
 def mmc4_document(rec: LineRecord, image_root: str, min_sim: float, report: Report,
                   strict: bool) -> Optional[RawDocument]:
-    doc = _parse_json(rec.where, rec.raw, report, strict)
+    doc = parse_json_object(rec.where, rec.raw, report, strict)
     if doc is None:
         return None
     where, texts = rec.where, doc.get("text_list")
@@ -376,32 +179,10 @@ def read_wds_pairs(path: str, report: Report, strict: bool) -> Iterator[RawDocum
 
 
 def jsonl_text_document(rec: LineRecord, key: str, report: Report, strict: bool) -> Optional[RawDocument]:
-    doc = _parse_json(rec.where, rec.raw, report, strict)
+    doc = parse_json_object(rec.where, rec.raw, report, strict)
     if doc is None:
         return None
     if not isinstance(doc.get(key), str):
         report.skip(f"record without a string '{key}'", rec.where, strict)
         return None
     return RawDocument(rec.where, [doc[key]])
-
-
-def read_records(fmt: str, path: str, report: Report, *, image_root: Optional[str] = None,
-                 json_key: str = "text", strict: bool = False) -> Iterator:
-    """What the reader hands to the encoders: raw lines for the jsonl formats (so parsing
-    runs in the workers), whole documents for the formats read through a library."""
-    if fmt in ("mmc4", "jsonl-text"):
-        return (LineRecord(where, raw) for where, raw in _jsonl_lines(path, report, strict))
-    if fmt == "obelics":
-        return read_obelics(path, image_root, report, strict)
-    if fmt == "wds-pairs":
-        return read_wds_pairs(path, report, strict)
-    raise DataUsageError(f"unknown --input-format {fmt!r}")
-
-
-def record_document(fmt: str, record, report: Report, *, image_root: Optional[str] = None, min_sim: float = 0.0,
-                    json_key: str = "text", strict: bool = False) -> Optional[RawDocument]:
-    if not isinstance(record, LineRecord):
-        return record
-    if fmt == "mmc4":
-        return mmc4_document(record, image_root or "", min_sim, report, strict)
-    return jsonl_text_document(record, json_key, report, strict)

@@ -1,4 +1,5 @@
-"""Readers of instruction-tuning data (stage 3), each record becoming a ``Conversation``.
+"""Readers of instruction-tuning data (stage 3), each record becoming a ``Conversation``
+(format_registry.py names each format and says which reader reads it).
 
 - ``llava``: the LLaVA json list (also SVIT's LLaVA-format release): ``id``, optional
   ``image`` (a path under ``--image-root``) and ``conversations`` of ``{"from": "human" |
@@ -30,9 +31,8 @@ import re
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from .conversation import ASSISTANT, USER, Conversation, Turn
-from .formats import DataInputError, DataUsageError, ImageRef, Report, guarded
+from .records import DataInputError, DataUsageError, ImageRef, Report, guarded
 
-INSTRUCT_FORMATS = ("llava", "coco-captions", "instructpix2pix", "magicbrush")
 IMAGE_TAG = "<image>"      # where an image sits in a text (LLaVA data, generation prompts)
 _TAG_WITH_NEWLINE = re.compile(r"\n?<image>\n?")
 CAPTION_PROMPTS = (
@@ -267,17 +267,3 @@ def _magicbrush_conversation(path: str, where: str, img_id, rows: List, report: 
             return None
         turns += [Turn(USER, instruction.strip(), [source] if source else []), Turn(ASSISTANT, "", [target])]
     return Conversation(where, turns) if turns else None
-
-
-def read_conversations(fmt: str, path: str, report: Report, *, image_root: Optional[str] = None,
-                       strict: bool = False, coco_splits: Sequence[str] = ("train", "restval"),
-                       seed: int = 0) -> Iterator[Conversation]:
-    if fmt == "llava":
-        return read_llava(path, image_root, report, strict)
-    if fmt == "coco-captions":
-        return read_coco_captions(path, image_root, report, strict, coco_splits, seed)
-    if fmt == "instructpix2pix":
-        return read_instructpix2pix(path, report, strict)
-    if fmt == "magicbrush":
-        return read_magicbrush(path, report, strict)
-    raise DataUsageError(f"unknown instruction format {fmt!r}")

@@ -199,85 +199,93 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
                 features, cfg: PackingConfig, img_id: int, img_end_id: int, eod_id: Optional[int] = None) -> dict:
     """One sample: the laid-out elements from `start` up to `end` (exclusive), and the
     element at `end` as the last position's target. get_doc(d) -> (tokens, spans) or
-    (tokens, spans, loss mask)."""
-    S, N = cfg.seq_length, cfg.num_image_tokens
+    (tokens, spans, loss mask). `start` and `end` are (position in doc_order, element offset
+    in that laid-out document) rows of the sample starts."""
+    seq_length, image_tokens = cfg.seq_length, cfg.num_image_tokens
 
-    def layout(k):
-        tokens, spans, *mask = get_doc(int(doc_order[k]))
-        return laid_out_document(tokens, spans, cfg, k, img_id, img_end_id, mask[0] if mask else None)
-    tokens = np.zeros(S, np.int64)
-    answer = np.zeros(S, bool)
-    elem_img = np.full(S, -1, np.int64)
-    elem_vis = np.full(S, -1, np.int64)
-    segment = np.zeros(S, np.int64)
-    position = np.zeros(S, np.int64)
-    fill, seg_no, blocks = 0, 0, 0
-    k, off = int(start[0]), int(start[1])
-    end_k, end_off = int(end[0]), int(end[1])
-    doc = None
-    while k <= end_k and k < len(doc_order):
-        doc = layout(k)
-        stop = end_off if k == end_k else len(doc[0])
-        n = stop - off
-        if cfg.whole_documents and n > 0:
-            n = whole_document_cut(doc[2][off:stop], S - fill, cfg.max_images - blocks, N + 2)
-            blocks += int(np.count_nonzero(doc[2][off:off + n] == 0))
-            stop = off + n
-        if n > 0:
-            sl = slice(fill, fill + n)
-            tokens[sl], elem_img[sl], elem_vis[sl] = doc[0][off:stop], doc[1][off:stop], doc[2][off:stop]
-            answer[sl] = doc[3][off:stop]
-            segment[sl] = seg_no
-            position[sl] = np.arange(n) if cfg.reset_position_ids else np.arange(fill, fill + n)
-            fill, seg_no = fill + n, seg_no + 1
-        if k == end_k:
+    def lay_out(order_position):
+        """(element tokens, image id per element, visual index per element, answer flag per element)."""
+        tokens, spans, *mask = get_doc(int(doc_order[order_position]))
+        return laid_out_document(tokens, spans, cfg, order_position, img_id, img_end_id, mask[0] if mask else None)
+    tokens = np.zeros(seq_length, np.int64)
+    answer = np.zeros(seq_length, bool)
+    element_image = np.full(seq_length, -1, np.int64)     # the image an element belongs to, -1 for text
+    element_visual = np.full(seq_length, -1, np.int64)    # its visual token index in that image's block
+    segment = np.zeros(seq_length, np.int64)
+    position = np.zeros(seq_length, np.int64)
+    filled, segment_number, blocks_placed = 0, 0, 0
+    doc_position, offset = int(start[0]), int(start[1])
+    end_position, end_offset = int(end[0]), int(end[1])
+    laid_out = None
+    while doc_position <= end_position and doc_position < len(doc_order):
+        laid_out = lay_out(doc_position)
+        doc_tokens, doc_images, doc_visual, doc_answer = laid_out
+        stop = end_offset if doc_position == end_position else len(doc_tokens)
+        count = stop - offset
+        if cfg.whole_documents and count > 0:
+            count = whole_document_cut(doc_visual[offset:stop], seq_length - filled, cfg.max_images - blocks_placed,
+                                       image_tokens + 2)
+            blocks_placed += int(np.count_nonzero(doc_visual[offset:offset + count] == 0))
+            stop = offset + count
+        if count > 0:
+            window = slice(filled, filled + count)
+            tokens[window], element_image[window] = doc_tokens[offset:stop], doc_images[offset:stop]
+            element_visual[window] = doc_visual[offset:stop]
+            answer[window] = doc_answer[offset:stop]
+            segment[window] = segment_number
+            position[window] = np.arange(count) if cfg.reset_position_ids else np.arange(filled, filled + count)
+            filled, segment_number = filled + count, segment_number + 1
+        if doc_position == end_position:
             break
-        k, off = k + 1, 0
+        doc_position, offset = doc_position + 1, 0
     # The element at `end`; when `end` is the very end of its document, the next one's first.
-    next_token, next_answer, nk, noff = IGNORE, False, end_k, end_off
-    while nk < len(doc_order):
-        laid = doc if (doc is not None and nk == k) else layout(nk)
-        if noff < len(laid[0]):
-            next_token, next_answer = int(laid[0][noff]), bool(laid[3][noff])
+    next_token, next_answer = IGNORE, False
+    next_position, next_offset = end_position, end_offset
+    while next_position < len(doc_order):
+        next_laid_out = laid_out if (laid_out is not None and next_position == doc_position) else \
+            lay_out(next_position)
+        if next_offset < len(next_laid_out[0]):
+            next_token, next_answer = int(next_laid_out[0][next_offset]), bool(next_laid_out[3][next_offset])
             break
-        nk, noff = nk + 1, 0
+        next_position, next_offset = next_position + 1, 0
     # The last position's target lies in another document when `end` starts one.
-    last_crosses = nk != end_k or end_off == 0
-    if fill < S:   # padding: a segment of its own, no targets
-        segment[fill:] = seg_no
-        position[fill:] = np.arange(S - fill) if cfg.reset_position_ids else np.arange(fill, S)
-    visual = elem_img >= 0
-    labels = np.full(S, IGNORE, np.int64)
-    if fill >= 2:
-        labels[:fill - 1] = np.where(visual[1:fill], IGNORE, tokens[1:fill])
-    if fill >= 1:
-        labels[fill - 1] = next_token if next_answer else IGNORE
+    last_crosses = next_position != end_position or end_offset == 0
+    if filled < seq_length:   # padding: a segment of its own, no targets
+        segment[filled:] = segment_number
+        position[filled:] = np.arange(seq_length - filled) if cfg.reset_position_ids else \
+            np.arange(filled, seq_length)
+    visual = element_image >= 0
+    labels = np.full(seq_length, IGNORE, np.int64)
+    if filled >= 2:
+        labels[:filled - 1] = np.where(visual[1:filled], IGNORE, tokens[1:filled])
+    if filled >= 1:
+        labels[filled - 1] = next_token if next_answer else IGNORE
     # Only answer elements are targets (everything, outside instruction data).
-    if fill >= 2:
-        labels[:fill - 1][~answer[1:fill]] = IGNORE
-    regression = np.zeros(S, bool)
-    regression[:S - 1] = visual[1:] & answer[1:]
-    if cfg.reset_attention_mask and fill >= 1:
-        crosses = np.zeros(S, bool)
-        crosses[:fill - 1] = segment[:fill - 1] != segment[1:fill]
-        crosses[fill - 1] = last_crosses
+    if filled >= 2:
+        labels[:filled - 1][~answer[1:filled]] = IGNORE
+    regression = np.zeros(seq_length, bool)
+    regression[:seq_length - 1] = visual[1:] & answer[1:]
+    if cfg.reset_attention_mask and filled >= 1:
+        crosses = np.zeros(seq_length, bool)   # the target lies in another document than the position
+        crosses[:filled - 1] = segment[:filled - 1] != segment[1:filled]
+        crosses[filled - 1] = last_crosses
         labels[crosses] = IGNORE
         regression &= ~crosses
     if cfg.eod_mask_loss and eod_id is not None:
         labels[(tokens == eod_id) & ~visual] = IGNORE
     # Features in order of appearance; each visual position names its slot in that list.
-    first = visual & (elem_vis == 0)
-    image_ids = elem_img[first]
-    feats = np.empty((cfg.max_images, N, features.shape[-1]), np.float16)
-    for j, image in enumerate(image_ids.tolist()):
-        feats[j] = features[image]
-    feats[len(image_ids):] = 0
-    slot = np.cumsum(first) - 1
+    block_start = visual & (element_visual == 0)
+    image_ids = element_image[block_start]
+    sample_features = np.empty((cfg.max_images, image_tokens, features.shape[-1]), np.float16)
+    for slot, image in enumerate(image_ids.tolist()):
+        sample_features[slot] = features[image]
+    sample_features[len(image_ids):] = 0
+    feature_slot = np.cumsum(block_start) - 1
     return {"tokens": np.where(visual, 0, tokens), "labels": labels, "visual_mask": visual,
-            "regression_mask": regression, "visual_slot": np.where(visual, slot, -1),
-            "visual_index": elem_vis, "features": feats, "num_images": len(image_ids),
+            "regression_mask": regression, "visual_slot": np.where(visual, feature_slot, -1),
+            "visual_index": element_visual, "features": sample_features, "num_images": len(image_ids),
             "image_ids": np.concatenate([image_ids, np.full(cfg.max_images - len(image_ids), -1)]),
-            "segment_ids": segment, "position_ids": position, "num_positions": fill}
+            "segment_ids": segment, "position_ids": position, "num_positions": filled}
 
 
 def whole_document_cut(visual_index: np.ndarray, room: int, image_room: int, block: int) -> int:

@@ -1,72 +1,32 @@
-"""Raw documents -> tokenized indexed binaries (Megatron's layout) plus the multimodal sidecars.
+"""Raw documents and conversations -> a tokenized dataset prefix (its files: layout.py).
 
-For a dataset prefix ``P`` (``{output_prefix}_{key}_document``, Megatron's naming):
-
-- ``P.bin/.idx``              text tokens, one sequence per document (MMIDIDX; uint16 when the
-                              vocabulary fits, int32 otherwise) — what Megatron's tools read
-- ``P_images.bin/.idx``       int64 MMIDIDX, one sequence per document: (start, end, image)
-                              triples — the token span of the sentence an image belongs to
-                              and its row in the image table
-- ``P_image_table.bin/.idx``  uint8 MMIDIDX, one sequence per image: its encoded bytes
-- ``P_loss_mask.bin/.idx``    uint8 MMIDIDX, instruction data only, one sequence per document:
-                              1 per answer token, 0 per context token, then one flag per
-                              image in span order (1: an image the assistant produces)
-- ``P.meta.json``             tokenizer (with the ``[IMG]``/``[/IMG]`` ids), format, report,
-                              the conversation template, the content fingerprint of each
-                              of the files, and the smallest and largest token id written
-                              (``token_ids``: training compares them with the vocabulary
-                              in O(1) instead of reading the whole ``.bin``)
-- ``P_image_features.*``      written later by tools/extract_image_features.py, tied to the
-                              image table's fingerprint
-- ``P.lock``                  present while a run writes the prefix (a second run is refused)
-
-Every image is fully decoded here (``Image.verify()`` alone does not read JPEG data): an
-image that does not decode is counted under "image unreadable" with its place and dropped
-from its document (the document's text is kept).
+Each input file is read by its format's reader (format_registry.py); the records are encoded
+(tokenized, images checked) in this process or in worker processes (workers.py) and written
+in order (writer.py). Every image is fully decoded here (``Image.verify()`` alone does not
+read JPEG data): an image that does not decode is counted under "image unreadable" with its
+place and dropped from its document (the document's text is kept).
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
-import numpy as np
-
-from ..atomic import atomic_open, exclusive_lock, guard_output, remove_stale_temps, temp_name
-from ..errors import InputError, OutputError
+from ..atomic import remove_stale_temps
 from .conversation import Conversation, encode_pieces, get_template
-from .formats import (DataInputError, DataUsageError, RawDocument, Report, guarded, read_records,
-                      record_document)
-from .instruct_formats import INSTRUCT_FORMATS, read_conversations
-from .indexed import IndexedDataset, IndexedDatasetWriter, optimal_token_dtype
+from .format_registry import ReadOptions, input_format
+# Importers of preprocess (tests, benchmarks, training/data.py) find the prefix layout, the
+# writer and the merge here too; their homes are layout.py, writer.py and merge.py.
+from .layout import prefix_lock, read_meta, sidecar, table_fingerprint  # noqa: F401
+from .merge import merge_datasets  # noqa: F401
+from .records import DataUsageError, RawDocument, Report, guarded
 from .tokenizer import Tokenizer
 from .workers import EncodePool
+from .writer import DatasetWriter
 
-META_VERSION = 2   # 2: content fingerprints
 _worker_tokenizer: Optional[Tokenizer] = None
-
-
-def sidecar(prefix: str, kind: str) -> str:
-    return {"images": f"{prefix}_images", "table": f"{prefix}_image_table", "loss_mask": f"{prefix}_loss_mask",
-            "features": f"{prefix}_image_features", "meta": f"{prefix}.meta.json", "lock": f"{prefix}.lock"}[kind]
-
-
-def prefix_lock(prefix: str):
-    """Held while a run writes `prefix` or its derived files: a concurrent second run on the
-    same prefix is refused, naming the first."""
-    return exclusive_lock(sidecar(prefix, "lock"), f"dataset prefix {prefix}")
-
-
-def table_fingerprint(prefix: str, meta: Optional[Dict] = None) -> str:
-    """The image table's content fingerprint, which a feature store must carry."""
-    return (meta or read_meta(prefix))["fingerprint"]["table"]
-
-
-class MetaMissing(InputError, FileNotFoundError):
-    """A dataset prefix without its .meta.json."""
 
 
 def _init_worker(kind: str, model: str) -> None:
@@ -146,15 +106,17 @@ def encode_conversation(conv: Conversation, template: str, tokenizer: Optional[T
     return tokens, images, mask + flags, []
 
 
-def _encode_task(args, tokenizer: Optional[Tokenizer] = None):
+def _encode_task(task, tokenizer: Optional[Tokenizer] = None):
     """Record -> (is a document, tokens, images, loss mask or None, this record's report).
-    Runs in a worker: JSON parsing, tokenization and the image checks all happen here."""
-    fmt, record, opts, flags = args
+    Runs in a worker: parsing, tokenization and the image checks all happen here. `task`:
+    (the format's parse or None, the record, ReadOptions, (append_eod, prepend_bos, template))."""
+    parse, record, options, flags = task
     report = Report()
-    where = _task_place(args)
+    where = _task_place(task)
     # A record that breaks the encoder in a way no check foresaw is counted with its place
     # (an error under --strict), not the end of the run.
-    out = guarded(report, where, opts["strict"], lambda: _encode_record(fmt, record, opts, flags, report, tokenizer))
+    out = guarded(report, where, options.strict,
+                  lambda: _encode_record(parse, record, options, flags, report, tokenizer))
     if out is None:
         return False, None, [], None, report
     tokens, images, mask = out
@@ -167,78 +129,19 @@ def _task_place(task) -> str:
     return getattr(record, "where", None) or getattr(record, "source", None) or "?"
 
 
-def _encode_record(fmt, record, opts, flags, report: Report, tokenizer: Optional[Tokenizer]):
-    append_eod, prepend_bos = flags
+def _encode_record(parse, record, options: ReadOptions, flags, report: Report, tokenizer: Optional[Tokenizer]):
+    append_eod, prepend_bos, template = flags
     if isinstance(record, Conversation):
-        tokens, images, mask, skips = encode_conversation(record, opts["template"], tokenizer, prepend_bos)
+        tokens, images, mask, skips = encode_conversation(record, template, tokenizer, prepend_bos)
     else:
-        doc = record_document(fmt, record, report, **{k: v for k, v in opts.items() if k != "template"})
+        doc = parse(record, report, options) if parse is not None else record
         if doc is None:
             return None
         tokens, images, skips = encode_document(doc, append_eod, tokenizer, prepend_bos)
         mask = None
     for reason, where in skips:
-        report.skip(reason, where, opts["strict"])
+        report.skip(reason, where, options.strict)
     return tokens, images, mask
-
-
-class DatasetWriter:
-    """The four files of one dataset prefix, written together and renamed into place."""
-
-    def __init__(self, prefix: str, tokenizer_meta: Dict, multimodal: bool, loss_mask: bool = False):
-        self.prefix, self.meta, self.multimodal = prefix, tokenizer_meta, multimodal
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.tokens = IndexedDatasetWriter(prefix, optimal_token_dtype(tokenizer_meta["vocab_size"]), track_range=True)
-        self.images = IndexedDatasetWriter(sidecar(prefix, "images"), np.int64) if multimodal else None
-        self.table = IndexedDatasetWriter(sidecar(prefix, "table"), np.uint8) if multimodal else None
-        self.loss_mask = IndexedDatasetWriter(sidecar(prefix, "loss_mask"), np.uint8) if loss_mask else None
-        self.num_images = 0
-
-    def add(self, tokens, images, mask=None) -> None:
-        self.tokens.add_item(tokens)
-        self.tokens.end_document()
-        if self.loss_mask is not None:
-            self.loss_mask.add_item(mask)
-            self.loss_mask.end_document()
-        if self.multimodal:
-            triples = []
-            for start, end, data in images:
-                self.table.add_item(np.frombuffer(data, dtype=np.uint8))
-                self.table.end_document()
-                triples.extend((start, end, self.num_images))
-                self.num_images += 1
-            self.images.add_item(triples)
-            self.images.end_document()
-
-    def writers(self):
-        return [w for w in (self.tokens, self.images, self.table, self.loss_mask) if w is not None]
-
-    def finalize(self, report: Report, extra: Dict) -> None:
-        for w in self.writers():
-            w.finalize()
-        names = {"tokens": self.tokens, "images": self.images, "table": self.table, "loss_mask": self.loss_mask}
-        meta = {"version": META_VERSION, "multimodal": self.multimodal, "tokenizer": self.meta,
-                "num_documents": len(self.tokens.document_indices) - 1, "num_images": self.num_images,
-                "loss_mask": self.loss_mask is not None,
-                "fingerprint": {k: w.fingerprint for k, w in names.items() if w is not None},
-                "token_ids": {"min": self.tokens.smallest, "max": self.tokens.largest},
-                "report": report.to_dict(), **extra}
-        with atomic_open(sidecar(self.prefix, "meta")) as fh:
-            json.dump(meta, fh, indent=2)
-
-    def abort(self) -> None:
-        """Removes every temporary file; never raises, so the error that led here is the one
-        reported (on a full disk, closing a writer flushes its buffer and fails again)."""
-        for w in self.writers():
-            try:
-                w.abort()
-            except OSError:
-                pass
-            for path in (temp_name(w.prefix + ".bin"), temp_name(w.prefix + ".idx")):
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
 
 
 def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: str, tokenizer_model: str, *,
@@ -250,6 +153,7 @@ def preprocess_files(files: List[str], prefix: str, fmt: str, tokenizer_type: st
     `template`) of `files` into the dataset `prefix`. Returns the report."""
     if workers < 0:
         raise DataUsageError(f"--workers {workers}: the number of tokenizing processes cannot be negative")
+    input_format(fmt)   # an unknown name fails here, before anything is written
     with prefix_lock(prefix):
         # What a run killed mid-way (kill -9, a full disk) left under this prefix.
         remove_stale_temps(os.path.dirname(os.path.abspath(prefix)), prefix=os.path.basename(prefix))
@@ -263,24 +167,21 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
     tokenizer = Tokenizer(tokenizer_type, tokenizer_model)
     if prepend_bos and (tokenizer.bos_id is None or tokenizer.bos_id < 0):
         raise DataUsageError(f"--prepend-bos: tokenizer {tokenizer_model} has no BOS token")
-    multimodal = fmt != "jsonl-text"
-    conversational = fmt in INSTRUCT_FORMATS
-    if conversational:
+    reader = input_format(fmt)
+    if reader.instruct:
         get_template(template)   # an unknown name fails here, before any reading
     report = Report()
-    writer = DatasetWriter(prefix, tokenizer.meta(), multimodal, loss_mask=conversational)
+    writer = DatasetWriter(prefix, tokenizer.meta(), reader.images, loss_mask=reader.instruct)
     pool = None
-    opts = {"image_root": image_root, "min_sim": min_sim, "json_key": json_key, "strict": strict,
-            "template": template}
+    options = ReadOptions(image_root=image_root, min_sim=min_sim, json_key=json_key, strict=strict,
+                          coco_splits=tuple(coco_splits), seed=seed)
+    flags = (append_eod, prepend_bos, template)
     bar = tqdm(desc=f"preprocess {os.path.basename(prefix)}", unit="doc", disable=not progress, smoothing=0.1)
     try:
         if workers > 1:
             pool = EncodePool(workers, _encode_batch, _init_worker, (tokenizer_type, tokenizer_model))
         for path in files:
-            records = read_conversations(fmt, path, report, image_root=image_root, strict=strict,
-                                         coco_splits=coco_splits, seed=seed) if conversational else \
-                read_records(fmt, path, report, image_root=image_root, json_key=json_key, strict=strict)
-            tasks = ((fmt, record, opts, (append_eod, prepend_bos)) for record in records)
+            tasks = ((reader.parse, record, options, flags) for record in reader.read(path, report, options))
             results = pool.imap(tasks, path, prefix, where=_task_place) if pool else \
                 map(functools.partial(_encode_task, tokenizer=tokenizer), tasks)
             for is_document, tokens, images, mask, record_report in results:
@@ -296,7 +197,7 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
                 report.documents_written += 1
                 report.images_placed += len(images)
         extra = {"format": fmt, "inputs": files, "append_eod": append_eod, "prepend_bos": prepend_bos}
-        if conversational:
+        if reader.instruct:
             extra["conversation_template"] = template
         writer.finalize(report, extra)
     except BaseException:
@@ -307,127 +208,3 @@ def _preprocess_files(files, prefix, fmt, tokenizer_type, tokenizer_model, image
         if pool is not None:
             pool.close()
     return report
-
-
-def read_meta(prefix: str) -> Dict:
-    path = sidecar(prefix, "meta")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        raise MetaMissing(f"{path}: dataset metadata missing (was {prefix} written by "
-                          f"tools/preprocess_data.py?)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataInputError(f"{path}: unreadable dataset metadata ({exc})") from None
-    version = meta.get("version") if isinstance(meta, dict) else None
-    if version != META_VERSION or "fingerprint" not in meta:
-        raise DataInputError(f"{path}: metadata version {version} has no content fingerprints (this code "
-                             f"reads version {META_VERSION}); re-run tools/preprocess_data.py for {prefix}")
-    return meta
-
-
-def dataset_files(prefix: str) -> List[str]:
-    """The files of a dataset prefix, feature store included."""
-    bases = [prefix] + [sidecar(prefix, k) for k in ("images", "table", "loss_mask", "features")]
-    return [b + ext for b in bases for ext in (".bin", ".idx")] + [sidecar(prefix, "meta")]
-
-
-def refuse_writing_over(prefix: str, inputs: List[str]) -> None:
-    """OutputError when a file of dataset `prefix` would be one of `inputs` (a merge into one
-    of its own inputs replaced that input)."""
-    if os.path.abspath(prefix) in inputs:
-        raise OutputError(f"--output-prefix {prefix} is also an input of this run; choose another name")
-    for f in dataset_files(prefix):
-        guard_output(f, inputs=[i for i in inputs if os.path.lexists(i)] if os.path.lexists(f) else (),
-                     overwrite=True, flag="--output-prefix")
-
-
-def merge_datasets(inputs: List[str], output: str, *, overwrite: bool = True, features: bool = True) -> Dict:
-    """Concatenates datasets (e.g. partitions) in order; image ids are renumbered. The output
-    is never one of the inputs; an existing output is refused unless `overwrite`. With
-    `features`, the feature stores are concatenated too, and an input with images but without
-    a feature store (while another has one) is refused; features=False merges the tokens,
-    spans and image tables only."""
-    refuse_writing_over(output, [f for p in inputs for f in dataset_files(p)] + [os.path.abspath(p) for p in inputs])
-    if not overwrite:
-        present = [f for f in dataset_files(output) if os.path.lexists(f)]
-        if present:
-            raise OutputError(f"--output-prefix {output}: {present[0]} already exists and this run did not make "
-                              "it; choose another prefix, or pass --overwrite to replace that dataset")
-    with prefix_lock(output):
-        remove_stale_temps(os.path.dirname(os.path.abspath(output)), prefix=os.path.basename(output))
-        return _merge_datasets(inputs, output, features)
-
-
-def _merge_datasets(inputs: List[str], output: str, features: bool) -> Dict:
-    metas = [read_meta(p) for p in inputs]
-    for p, m in zip(inputs[1:], metas[1:]):
-        if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"] or \
-                bool(m.get("loss_mask")) != bool(metas[0].get("loss_mask")):
-            raise DataInputError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
-    stores = _feature_inputs(inputs, metas) if features else []
-    writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"], bool(metas[0].get("loss_mask")))
-    report = Report()
-    try:
-        for p, m in zip(inputs, metas):
-            writer.tokens.append_dataset(p)
-            if writer.loss_mask is not None:
-                writer.loss_mask.append_dataset(sidecar(p, "loss_mask"))
-            if writer.multimodal:
-                spans = IndexedDataset(sidecar(p, "images"))
-                for d in range(spans.num_documents):
-                    seq = np.array(spans[d], dtype=np.int64)
-                    seq[2::3] += writer.num_images
-                    writer.images.add_item(seq)
-                    writer.images.end_document()
-                writer.table.append_dataset(sidecar(p, "table"))
-                writer.num_images += m["num_images"]
-            r = Report(m["report"]["documents_read"], m["report"]["documents_written"], m["report"]["images_placed"])
-            r.skipped.update(m["report"]["skipped"])
-            r.first_seen.update(m["report"]["first_seen"])
-            report.merge(r)
-        writer.finalize(report, {"format": metas[0].get("format"), "inputs": [i for m in metas for i in m.get("inputs", [])],
-                                 "append_eod": metas[0].get("append_eod"), "prepend_bos": metas[0].get("prepend_bos"),
-                                 "merged_from": inputs,
-                                 **({"conversation_template": metas[0]["conversation_template"]}
-                                    if "conversation_template" in metas[0] else {})})
-    except BaseException:
-        writer.abort()
-        raise
-    if stores:
-        from .indexed import write_concatenated
-        write_concatenated(sidecar(output, "features"), stores, table_fingerprint(output))
-    return read_meta(output)
-
-
-def _feature_inputs(inputs: List[str], metas: List[Dict]) -> List:
-    """The feature stores to concatenate, checked before anything is written: none when no
-    input has one; all of the inputs with images when any has one (a merge would otherwise
-    drop them silently)."""
-    from .indexed import FeatureStore
-    with_images = [(p, m) for p, m in zip(inputs, metas) if m.get("num_images")]
-    have = [p for p, _ in with_images if os.path.lexists(sidecar(p, "features") + ".idx")]
-    if not have:
-        return []
-    lacking = [p for p, _ in with_images if p not in have]
-    if lacking:
-        raise DataUsageError(f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no image feature store "
-                             f"({sidecar(lacking[0], 'features')}.idx) while {have[0]} has one: run "
-                             "tools/extract_image_features.py on it, or pass --no-features to merge the tokens and "
-                             "images only (then extract features for the output)")
-    stores = [FeatureStore(sidecar(p, "features"), expected_count=m["num_images"], source=table_fingerprint(p, m),
-                           table=sidecar(p, "table") + ".bin") for p, m in with_images]
-    if len({s.shape for s in stores}) != 1:
-        raise DataInputError(f"feature stores of {[p for p, _ in with_images]} differ in shape "
-                             f"({sorted({s.shape for s in stores})}); cannot merge")
-    return stores
-
-
-def remove_dataset(prefix: str) -> None:
-    for base in (prefix, sidecar(prefix, "images"), sidecar(prefix, "table"), sidecar(prefix, "loss_mask")):
-        for ext in (".bin", ".idx"):
-            if os.path.exists(base + ext):
-                os.remove(base + ext)
-    if os.path.exists(sidecar(prefix, "meta")):
-        os.remove(sidecar(prefix, "meta"))
-
