@@ -1,8 +1,8 @@
 """ParallelState: the tensor/pipeline/data-parallel layout of one rank, built once and passed
 down explicitly.
 
-Rank layout is DeepSpeed's ``PipeModelDataParallelTopology(num_pp, num_mp, num_dp)``: axes
-(pipe, data, model) with model (tensor parallel) varying fastest, so
+The rank arithmetic is RankLayout's (layout.py): axes (pp, dp, tp), tensor parallel varying
+fastest, DeepSpeed's ``PipeModelDataParallelTopology`` order, so
 ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``. A DeepSpeed ``PipelineModule`` built on
 that topology and the groups made here therefore agree on which ranks share a layer shard.
 """
@@ -11,43 +11,40 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .launcher import LaunchInfo, detect_launch
+from .layout import AXES, RankLayout
 
 
 def rank_coordinates(rank: int, tp: int, pp: int, dp: int) -> Tuple[int, int, int]:
     """(pp_rank, dp_rank, tp_rank) of a global rank."""
-    return rank // (dp * tp), (rank // tp) % dp, rank % tp
-
-
-def coordinates_rank(pp_rank: int, dp_rank: int, tp_rank: int, tp: int, dp: int) -> int:
-    return (pp_rank * dp + dp_rank) * tp + tp_rank
+    c = RankLayout.of(tp=tp, pp=pp, dp=dp).coordinates(rank)
+    return c["pp"], c["dp"], c["tp"]
 
 
 def group_ranks(tp: int, pp: int, dp: int) -> Dict[str, List[List[int]]]:
-    """Every tensor/pipeline/data-parallel group as a list of global ranks, in a fixed order
+    """Every group of ParallelState.GROUP_AXES as lists of global ranks, in a fixed order
     (all ranks must create groups in the same order)."""
-    tp_groups = [[coordinates_rank(p, d, t, tp, dp) for t in range(tp)]
-                 for p in range(pp) for d in range(dp)]
-    dp_groups = [[coordinates_rank(p, d, t, tp, dp) for d in range(dp)]
-                 for p in range(pp) for t in range(tp)]
-    pp_groups = [[coordinates_rank(p, d, t, tp, dp) for p in range(pp)]
-                 for d in range(dp) for t in range(tp)]
-    # Ranks that hold one full model replica (all its TP and PP shards): DeepSpeed's
-    # "model parallel" group in a pipeline, used to reduce norms across a replica.
-    mp_groups = [[coordinates_rank(p, d, t, tp, dp) for p in range(pp) for t in range(tp)]
-                 for d in range(dp)]
-    return {"tp": tp_groups, "dp": dp_groups, "pp": pp_groups, "mp": mp_groups}
+    return ParallelState.group_lists(RankLayout.of(tp=tp, pp=pp, dp=dp))
 
 
 @dataclass
 class ParallelState:
     """Sizes, this rank's coordinates and its process groups. A group of size 1 is None,
     which every collective in ``megatron_vl.parallel`` treats as a no-op."""
+
+    GROUP_AXES: ClassVar[Dict[str, Tuple[str, ...]]] = {
+        "tp": ("tp",), "dp": ("dp",), "pp": ("pp",),
+        # Ranks that hold one full model replica (all its TP and PP shards): DeepSpeed's
+        # "model parallel" group in a pipeline, used to reduce norms across a replica.
+        "mp": ("pp", "tp"),
+    }
+    """Group kind -> the axes its ranks differ along; the kind's process group is the field
+    `<kind>_group`. Groups are created in this order."""
 
     tp: int = 1
     pp: int = 1
@@ -63,24 +60,38 @@ class ParallelState:
     groups: Dict[str, List[List[int]]] = field(default_factory=dict, repr=False)
 
     @property
+    def rank_layout(self) -> RankLayout:
+        return RankLayout(tuple((name, getattr(self, name)) for name in AXES))
+
+    @classmethod
+    def group_lists(cls, layout: RankLayout) -> Dict[str, List[List[int]]]:
+        return {kind: layout.groups(*axes) for kind, axes in cls.GROUP_AXES.items()}
+
+    @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.rank_layout.world_size
 
     @property
     def coordinates(self) -> Tuple[int, int, int]:
-        return rank_coordinates(self.rank, self.tp, self.pp, self.dp)
+        """(pp_rank, dp_rank, tp_rank)."""
+        c = self.rank_layout.coordinates(self.rank)
+        return c["pp"], c["dp"], c["tp"]
+
+    def axis_rank(self, name: str) -> int:
+        """This rank's index along axis `name`."""
+        return self.rank_layout.coordinates(self.rank)[name]
 
     @property
     def pp_rank(self) -> int:
-        return self.coordinates[0]
+        return self.axis_rank("pp")
 
     @property
     def dp_rank(self) -> int:
-        return self.coordinates[1]
+        return self.axis_rank("dp")
 
     @property
     def tp_rank(self) -> int:
-        return self.coordinates[2]
+        return self.axis_rank("tp")
 
     @property
     def is_first_stage(self) -> bool:
@@ -96,15 +107,20 @@ class ParallelState:
         return cls()
 
     @classmethod
+    def of_layout(cls, layout: RankLayout, rank: int) -> "ParallelState":
+        """Rank `rank` of `layout`, its group lists filled in, no process groups yet."""
+        return cls(rank=rank, groups=cls.group_lists(layout), **layout.sizes)
+
+    @classmethod
     def layout(cls, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0) -> "ParallelState":
         """A rank of a layout without processes (groups are LayoutGroups: sizes and ranks
         only): builds that rank's layers, e.g. on the meta device, and cannot communicate."""
         from .mappings import LayoutGroup
-        state = cls(tp=tp, pp=pp, dp=dp, rank=rank, groups=group_ranks(tp, pp, dp))
-        pp_rank, dp_rank, tp_rank = state.coordinates
-        for attr, size, axis_rank in (("tp_group", tp, tp_rank), ("pp_group", pp, pp_rank), ("dp_group", dp, dp_rank)):
+        state = cls.of_layout(RankLayout.of(tp=tp, pp=pp, dp=dp), rank)
+        for name in AXES:   # the one-axis groups (what layers read), not the replica group
+            size = getattr(state, name)
             if size > 1:
-                setattr(state, attr, LayoutGroup(size, axis_rank))
+                setattr(state, f"{name}_group", LayoutGroup(size, state.axis_rank(name)))
         return state
 
     @classmethod
@@ -116,20 +132,17 @@ class ParallelState:
             world_size = dist.get_world_size() if dist.is_initialized() else 1
         if rank is None:
             rank = dist.get_rank() if dist.is_initialized() else 0
-        if world_size % (tp * pp):
-            raise ValueError(f"world size {world_size} is not divisible by tp ({tp}) x pp ({pp})")
-        dp = world_size // (tp * pp)
-        state = cls(tp=tp, pp=pp, dp=dp, rank=rank, groups=group_ranks(tp, pp, dp))
+        state = cls.of_layout(RankLayout.for_world(world_size, tp=tp, pp=pp), rank)
         if world_size == 1:
             if dist.is_initialized():   # DeepSpeed still wants real groups from the mpu
                 state.self_group = dist.new_group([0])
             return state
-        for kind, attr in (("tp", "tp_group"), ("dp", "dp_group"), ("pp", "pp_group"), ("mp", "mp_group")):
-            for ranks in state.groups[kind]:
+        for kind, lists in state.groups.items():
+            for ranks in lists:
                 # new_group is collective over the whole world: every rank makes every group.
                 group = dist.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:
-                    setattr(state, attr, group)
+                    setattr(state, f"{kind}_group", group)
         for r in range(world_size):
             group = dist.new_group([r])
             if r == rank:

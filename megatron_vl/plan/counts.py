@@ -50,8 +50,9 @@ def _stage(model_key, cfg_holder, tp: int, pp: int, pp_rank: int) -> StageParame
     from ..model.lora import apply_lora
     from ..model.vlgpt import VLGPTModel
     from ..parallel.layers import deferred_initialization
-    from ..parallel.state import ParallelState, coordinates_rank
-    state = ParallelState.layout(tp, pp, 1, rank=coordinates_rank(pp_rank, 0, 0, tp, 1))
+    from ..parallel.layout import RankLayout
+    from ..parallel.state import ParallelState
+    state = ParallelState.layout(tp, pp, 1, rank=RankLayout.of(tp=tp, pp=pp).rank(pp=pp_rank))
     with torch.device("meta"), deferred_initialization():
         module = VLGPTModel(cfg.model, state)
         if cfg.lora.lora_rank > 0:

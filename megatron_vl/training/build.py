@@ -251,8 +251,14 @@ def _layout_change(cfg: Config, state: ParallelState) -> Optional[dict]:
         return None
     from .reshard import same_layout, saved_layout
     then = saved_layout(c.load, c.ckpt_step)
-    now = {"tp": state.tp, "pp": state.pp, "dp": state.dp, "zero": effective_zero_stage(cfg)}
+    now = run_layout(cfg, state)
     return then if then is not None and not same_layout(then, now) else None
+
+
+def run_layout(cfg: Config, state: ParallelState) -> dict:
+    """This run's layout as training/reshard.py compares and describes layouts: axis sizes and
+    the ZeRO stage (which decides how the optimizer state is cut)."""
+    return dict(state.rank_layout.sizes, zero=effective_zero_stage(cfg))
 
 
 def make_engine(cfg, module: nn.Module, world_size: int, mpu=None):

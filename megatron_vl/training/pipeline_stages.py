@@ -76,7 +76,6 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, rng_tracker, r
 
     # PipelineModule builds its grid through deepspeed.comm, which must wrap our process group.
     deepspeed.init_distributed(dist_init_required=False)
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     if not cfg.untie_embeddings_and_output_weights:
         raise ValueError("tied embeddings with pipeline parallelism are not supported: the embedding and "
@@ -85,8 +84,8 @@ def build_pipeline_module(cfg: ModelConfig, state: ParallelState, rng_tracker, r
     specs += [LayerSpec(DecoderLayerPipe, cfg, state, rng_tracker, recompute, document_isolation)
               for _ in range(cfg.num_layers)]
     specs.append(LayerSpec(HeadPipe, cfg, state, visual_loss_weight))
-    topology = PipeModelDataParallelTopology(num_pp=state.pp, num_mp=state.tp, num_dp=state.dp)
-    module = PipelineModule(specs, topology=topology, partition_method="type:DecoderLayerPipe")
+    module = PipelineModule(specs, topology=state.rank_layout.deepspeed_topology(),
+                            partition_method="type:DecoderLayerPipe")
     decoder = [i - 1 for i in range(module._local_start, module._local_stop) if 1 <= i <= cfg.num_layers]
     expected = list(state.stage_layers(cfg.num_layers))
     if decoder != expected:

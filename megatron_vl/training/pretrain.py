@@ -139,7 +139,7 @@ class VLGPTTrainer(Trainer):
     def _resume_under_new_layout(self) -> None:
         """The checkpoint was written under another layout: the weights are in (build_model);
         the optimizer, schedule and counters follow here (training/reshard.py)."""
-        from .build import _names
+        from .build import _names, run_layout
         from .reshard import describe, restore_optimizer
         saved = self.built.resharded
         names = _names(self.built.module, self.pipeline, 0, self.cfg.model.num_layers)
@@ -153,8 +153,7 @@ class VLGPTTrainer(Trainer):
         if same_path(c.save, c.load):
             self.saved_iteration = self.iteration
         self.continue_schedule(client)
-        now = {"tp": self.state.tp, "pp": self.state.pp, "dp": self.state.dp,
-               "zero": effective_zero_stage(self.cfg)}
+        now = run_layout(self.cfg, self.state)
         self.log(f"loaded checkpoint {saved.weights.path} (iteration {self.iteration}, {self.consumed} samples "
                  f"consumed) written at {describe(self.built.layout_then)}; this run: {describe(now)}: weights, "
                  "LoRA, visual heads, Adam moments and step, learning-rate schedule and data position carried "
