@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from megatron_vl.checkpoint.layout import CheckpointError, META_FILE, is_release, read_latest
+from megatron_vl.checkpoint.layout import META_FILE, CheckpointError, is_release, read_latest
 from megatron_vl.checkpoint.names import check_layout
 from megatron_vl.checkpoint.output_dir import check_output_dir
 from megatron_vl.checkpoint.release import hf_to_shards, load_release_shards, save_release_checkpoint, shards_to_hf

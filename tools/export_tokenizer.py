@@ -15,8 +15,8 @@ import os
 import shutil
 import sys
 
-from megatron_vl.checkpoint.layout import (IMAGE_DETOKENIZER_DIR, IMAGE_TOKENIZER_DIR, STAGE1_PARTS,
-                                         CheckpointError, read_latest, tag_name)
+from megatron_vl.checkpoint.layout import (IMAGE_DETOKENIZER_DIR, IMAGE_TOKENIZER_DIR, STAGE1_PARTS, CheckpointError,
+                                           read_latest, tag_name)
 from megatron_vl.checkpoint.output_dir import atomic_directory
 from megatron_vl.errors import run_cli
 

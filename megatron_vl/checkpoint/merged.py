@@ -21,6 +21,7 @@ from .layout import CheckpointError
 from .names import layer_map
 from .training_reader import LazyTensors, Tensors, read_training_checkpoint
 
+
 # Row-parallel parts split A over TP (B replicated); the others split B (A replicated).
 _ROW_PARTS = ("o", "down")
 # LoRA part -> our fused projection's path inside a layer (q -> attention.qkv, ...)

@@ -15,6 +15,7 @@ import torch
 from ..config import ModelConfig
 from .layout import CheckpointError
 
+
 # The tensors with a (padded) vocabulary dimension: split over TP by rows, grown for new tokens.
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "head.output.weight")
 

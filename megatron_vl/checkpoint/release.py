@@ -27,6 +27,7 @@ from .layout import IMAGE_TOKENIZER_DIR, LATEST, META_FILE, RELEASE, CheckpointE
 from .names import check_layout, layer_map, stage_layers
 from .output_dir import atomic_directory
 
+
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")

@@ -22,8 +22,8 @@ import glob
 import math
 import os
 import re
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -32,6 +32,7 @@ import yaml
 from ..config import Config, ConfigError, effective_zero_stage
 from .layout import STAGE1_PARTS, CheckpointError, read_latest, tag_name
 from .names import canonical_name
+
 
 Tensors = Dict[str, torch.Tensor]
 

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_open, temp_name
-from ..config import save_yaml
 from ..checkpoint.layout import LATEST, ORIGIN, CheckpointError, list_tags, read_latest, tag_name, write_manifest
+from ..config import save_yaml
 from ..errors import OutputError
 from ..parallel.random import RNGStatesTracker
 from . import faults

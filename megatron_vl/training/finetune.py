@@ -15,10 +15,11 @@ point). What differs from pretraining is checked and decided here, before the ru
 
 from __future__ import annotations
 
+from ..checkpoint.layout import is_release, read_latest, read_stage
 from ..config import Config, ConfigError
 from ..data.dataset import open_meta, parse_blend
-from ..checkpoint.layout import is_release, read_latest, read_stage
 from . import save_rules
+
 
 STAGE = "instruct"
 # The paper's stage-3 recipe, before the user's flags (which override them).

@@ -19,8 +19,8 @@ from typing import Callable, List, Optional
 
 import torch.distributed as dist
 
+from ..checkpoint.layout import LOCK, CheckpointError, read_latest, tag_name
 from ..errors import UserError
-from ..checkpoint.layout import CheckpointError, LOCK, read_latest, tag_name
 from . import save_rules
 
 

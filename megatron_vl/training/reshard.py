@@ -19,17 +19,18 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint.layout import CheckpointError
+from ..checkpoint.layout import CheckpointError, read_latest, tag_name
 from ..checkpoint.training_reader import LazyTensors
 from ..parallel.layers import shard_parts, unshard_parts
-from ..checkpoint.layout import read_latest, tag_name
 
 
 def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
     """tp, pp, dp, zero of the run that wrote the checkpoint --load names (None: not a
     training checkpoint, or nothing there yet)."""
     import glob
+
     import yaml
+
     from ..config import Config, effective_zero_stage
     tag = tag_name(ckpt_step) if ckpt_step is not None else read_latest(load_dir)
     if tag is None or tag == "release":

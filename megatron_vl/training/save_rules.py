@@ -34,9 +34,10 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..atomic import remove_stale_temps, same_path
-from ..checkpoint.layout import (IMAGE_TOKENIZER_DIR, LATEST, MANIFEST, ORIGIN, STAGE_FILE, STAGE_NAMES, CheckpointError,
-                                 is_release, list_tags, read_latest, tag_iteration, tag_name)
+from ..checkpoint.layout import (IMAGE_TOKENIZER_DIR, LATEST, MANIFEST, ORIGIN, STAGE_FILE, STAGE_NAMES,
+                                 CheckpointError, is_release, list_tags, read_latest, tag_iteration, tag_name)
 from .checkpointing import _unreadable
+
 
 def latest_problem(save_dir: str, tags) -> Optional[str]:
     """Why ``latest`` does not name one of `tags` (the tag directories there), or None."""
