@@ -12,7 +12,7 @@ any flag).
     deepspeed --num_gpus 4 finetune_instruct.py --load ckpt/vlgpt-stage2 --save ckpt/vlgpt-stage3 \
         --data-path 0.5 data/llava_text_document 0.2 data/coco-captions_text_document \
                     0.15 data/instructpix2pix_text_document 0.15 data/magicbrush_text_document \
-        --num-layers 32 --hidden-size 4096 ... (the stage-2 architecture) \
+        --model-preset vlgpt-7.5b \
         --global-batch-size 512 --train-iters 10000 --bf16 --zero-stage 2 --save-interval 1000
     # torchrun works the same; the same command again resumes from --save (its stage-3 checkpoint)
     # no --load is refused (stage 3 tunes a stage-2 checkpoint) unless --allow-random-init

@@ -41,10 +41,8 @@ fi
 
 # 4 ranks x micro-batch 8 x 16 accumulation steps = 512 samples per step.
 args=(
-    # --- the stage-2 architecture: LLaMA-7B + the visual ends ---
-    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32
-    --max-position-embeddings 2048 --norm-epsilon 1e-6 --vocab-size 32002 --untie-embeddings-and-output-weights
-    --visual-embed-dim 4096 --num-image-tokens 32 --max-images-per-sample 5 --seq-length 512
+    # --- the stage-2 architecture: LLaMA-7B + the visual ends (examples/configs/vlgpt-7.5b.yaml) ---
+    --model-preset vlgpt-7.5b --max-images-per-sample 5
     # --- data: blend weights are ours (the paper does not give them) ---
     --data-path 0.35 "$DATA/llava_text_document" 0.2 "$DATA/svit_text_document"
                 0.15 "$DATA/coco-captions_text_document" 0.15 "$DATA/instructpix2pix_text_document"

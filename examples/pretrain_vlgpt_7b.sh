@@ -32,20 +32,16 @@ MICRO_BATCH=${MICRO_BATCH:-8}
 GLOBAL_BATCH=4096
 
 args=(
-    # --- model: LLaMA-7B (HF config: 32 layers, 4096 wide, 32 heads, no GQA, eps 1e-6) ---
-    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32
-    --max-position-embeddings 2048 --norm-epsilon 1e-6 --rotary-base 10000
-    --vocab-size 32002                       # LLaMA's 32000 + [IMG], [/IMG] (new rows start at the mean)
-    --untie-embeddings-and-output-weights
-    # --- VL-GPT's visual ends ---
-    --visual-embed-dim 4096                  # d: must equal extract_image_features.py --embed-dim
-    --num-image-tokens 32                    # N embeddings per image, as extracted
+    # --- model: LLaMA-7B (HF config: 32 layers, 4096 wide, 32 heads, no GQA, eps 1e-6), its
+    # vocabulary + [IMG], [/IMG] (32002; new rows start at the mean), N=32 visual embeddings of
+    # d=4096 per image (as extract_image_features.py made them), 512 tokens: examples/configs/vlgpt-7.5b.yaml
+    --model-preset vlgpt-7.5b
     --max-images-per-sample 5
     --visual-loss-weight 1.0                 # total = CE(text) + weight x MSE(visual)
     # --- data ---
     --data-path 0.4 "$DATA/mmc4_text_document" 0.3 "$DATA/obelics_text_document"
                 0.3 "$DATA/pairs_text_document"   # blend weights: ours, tune to taste
-    --split 998,2,0 --seq-length 512
+    --split 998,2,0
     --reset-attention-mask                   # one document per attention span (the paper: one subsequence per document)
     --data-cache-path "$CKPT_DIR/index-cache"      # sample-order indices, built once by rank 0
     --num-workers 4

@@ -20,11 +20,9 @@ CKPT_DIR=${CKPT_DIR:-/checkpoints/vlgpt-7b-tp2-pp4}
 
 TP=2; PP=4                                   # DP = 32 / (TP x PP) = 4
 args=(
-    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32
-    --max-position-embeddings 2048 --norm-epsilon 1e-6 --vocab-size 32002
-    --visual-embed-dim 4096 --num-image-tokens 32
+    --model-preset vlgpt-7.5b                # LLaMA-7B + [IMG]/[/IMG], N=32 of d=4096, 512 tokens
     --data-path 0.5 "$DATA/mmc4_text_document" 0.5 "$DATA/obelics_text_document"
-    --split 998,2,0 --seq-length 512 --data-cache-path "$CKPT_DIR/index-cache" --num-workers 4
+    --split 998,2,0 --data-cache-path "$CKPT_DIR/index-cache" --num-workers 4
     --reset-attention-mask
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
     --zero-stage 1                           # optimizer states sharded over the 4 DP replicas

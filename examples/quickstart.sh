@@ -60,8 +60,8 @@ python tools/extract_image_features.py --image-tokenizer "$OUT/stage1/image_toke
     --data-prefix "$OUT/data/mmc4_text_document" "$OUT/data/obelics_text_document" "$OUT/data/pairs_text_document"
 
 step "5. a tiny random HF LLaMA (the sample tokenizer's 256 pieces) -> import-hf -> parity with transformers at TP=2"
-python tools/make_tiny_llama.py --save "$OUT/hf-llama" --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 \
-    --num-attention-heads 4 --num-query-groups 2 --vocab-size 256 --max-position-embeddings 512
+python tools/make_tiny_llama.py --save "$OUT/hf-llama" --model-preset tiny --vocab-size 256 \
+    --max-position-embeddings 512
 python tools/convert_checkpoint.py import-hf --hf-dir "$OUT/hf-llama" --save "$OUT/ckpt-llama"
 python -m torch.distributed.run --nproc_per_node 2 tools/check_parity.py --hf-dir "$OUT/hf-llama" \
     --load "$OUT/ckpt-llama" --tensor-model-parallel-size 2
@@ -71,8 +71,7 @@ step "6. pretrain VL-GPT: 2 CPU processes (torchrun), ZeRO-1, $ITERS iterations 
 python -m torch.distributed.run --nproc_per_node 2 pretrain_vlgpt.py \
     --data-path 0.4 "$OUT/data/mmc4_text_document" 0.3 "$OUT/data/obelics_text_document" \
                 0.3 "$OUT/data/pairs_text_document" --split 95,5,0 \
-    --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2 \
-    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 --reset-attention-mask \
+    --model-preset tiny --reset-attention-mask \
     --micro-batch-size 2 --global-batch-size 4 --train-iters "$ITERS" --lr 3e-3 --lr-warmup-iters 10 --min-lr 3e-4 \
     --num-workers 0 --log-interval 10 --eval-interval 50 --eval-iters 2 \
     --load "$OUT/ckpt-llama" --save "$OUT/ckpt-vlgpt" --save-interval 100 --tensorboard-dir "$OUT/tensorboard" \
@@ -106,8 +105,7 @@ python tools/extract_image_features.py --image-tokenizer "$OUT/stage1/image_toke
 python -m torch.distributed.run --nproc_per_node 2 finetune_instruct.py \
     --data-path 0.4 "$OUT/data/llava_text_document" 0.2 "$OUT/data/coco-captions_text_document" \
                 0.2 "$OUT/data/instructpix2pix_text_document" 0.2 "$OUT/data/magicbrush_text_document" --split 95,5,0 \
-    --num-layers 2 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2 \
-    --vocab-size 258 --seq-length 512 --visual-embed-dim 64 --num-image-tokens 32 \
+    --model-preset tiny \
     --micro-batch-size 2 --global-batch-size 4 --train-iters "$STAGE3_ITERS" --lr 2e-3 --lr-warmup-iters 5 \
     --num-workers 0 --log-interval 10 --eval-interval 1000 --eval-iters 2 \
     --load "$OUT/ckpt-vlgpt" --save "$OUT/ckpt-instruct" 2>&1 | tee "$OUT/finetune.log"

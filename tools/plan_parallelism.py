@@ -1,13 +1,11 @@
 """Which TP x PP x DP x ZeRO x micro-batch x recompute layouts fit a cluster, and how fast.
 
-The model comes from the same flags (or --config YAML) as pretrain_vlgpt.py; it is built on
-the meta device to count each rank's parameters, so LoRA and the visual parts count exactly
-as in training. The paper's stage-2 run (LLaMA-7B + LoRA r=32, seq 512, global batch 4096,
-bf16) on 32 A100-40GB:
+The model comes from the same flags (--model-preset, --config YAML) as pretrain_vlgpt.py; it
+is built on the meta device to count each rank's parameters, so LoRA and the visual parts
+count exactly as in training. The paper's stage-2 run (LLaMA-7B + LoRA r=32, seq 512, global
+batch 4096, bf16) on 32 A100-40GB (--preset is the GPU type, --model-preset the model):
 
-    python tools/plan_parallelism.py --preset A100-40GB --gpus 32 \\
-        --hidden-size 4096 --num-layers 32 --num-attention-heads 32 --ffn-hidden-size 11008 \\
-        --vocab-size 32002 --seq-length 512 --visual-embed-dim 4096 \\
+    python tools/plan_parallelism.py --preset A100-40GB --gpus 32 --model-preset vlgpt-7.5b \\
         --lora-rank 32 --lora-alpha 64 --global-batch-size 4096 --bf16
 
 Memory is per rank (the busiest pipeline stage, at the peak moment of a step), in GiB: weights, gradients, optimizer
@@ -27,7 +25,7 @@ import argparse
 import sys
 import time
 
-from megatron_vl.config import ConfigError, build_parser, load_config, user_deepspeed_json
+from megatron_vl.config import ConfigError, build_parser, given_settings, load_config, user_deepspeed_json
 from megatron_vl.errors import UsageError, run_cli
 from megatron_vl.plan.checks import (cluster_errors, describe, given_layout, layout_errors, model_errors,
                                      no_layout_message, raise_usage)
@@ -53,18 +51,6 @@ def cluster_parser() -> argparse.ArgumentParser:
     return p
 
 
-def typed_settings(ns) -> set:
-    """section.field of every setting the user gave, as a flag or in the --config YAML (the
-    parser keeps only typed flags in the namespace)."""
-    given = {k for k in vars(ns) if "." in k}
-    if ns.config:
-        import yaml
-        with open(ns.config) as fh:   # (load_config has read it already: it is valid)
-            data = yaml.safe_load(fh) or {}
-        given |= {f"{section}.{key}" for section, values in data.items() for key in (values or {})}
-    return given
-
-
 def main(argv=None) -> int:
     parser = build_parser(parser=argparse.ArgumentParser(description=__doc__, parents=[cluster_parser()],
                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -81,7 +67,7 @@ def main(argv=None) -> int:
     batch = cfg.training.global_batch_size or cfg.training.micro_batch_size * cluster.gpus
     try:
         # A layout flag the user gave is searched alone, or refused with the reason: never ignored.
-        fixed = given_layout(cfg, typed_settings(ns), user_deepspeed_json(cfg))
+        fixed = given_layout(cfg, given_settings(ns), user_deepspeed_json(cfg))
         raise_usage(layout_errors(cfg, cluster, batch, fixed))
         estimates = plan(cfg, cluster, batch, fixed)
     except ConfigError as exc:   # e.g. an unreadable --deepspeed_config
@@ -93,7 +79,7 @@ def main(argv=None) -> int:
     print(f"model: hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads, FFN "
           f"{m.ffn_hidden_size}, vocab {m.vocab_size}, visual d {m.visual_embed_dim}, LoRA r={cfg.lora.lora_rank}; "
           f"seq {m.seq_length}, global batch {batch}, "
-          f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}; {ns.preset} x {cluster.gpus}"
+          f"{cfg.training.precision}; {ns.preset} x {cluster.gpus}"
           + (f"; only {describe(fixed)}" if fixed else ""))
     print(table(estimates, cluster, ns.top))
     print(f"planned in {time.perf_counter() - t0:.1f} s")

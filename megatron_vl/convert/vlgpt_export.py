@@ -147,7 +147,7 @@ def export_vlgpt(load: str, save: str, merge_lora: bool = False, image_tokenizer
     # "As trained": the run's precision (ZeRO-3 keeps fp32 masters of what trains and
     # training-dtype copies of what is frozen; both go out in one dtype).
     t = cfg.training
-    out_dtype = dtype or (torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32)
+    out_dtype = dtype or t.torch_dtype
     # Trained rows of [IMG]/[/IMG] (LoRA runs train them through deltas on frozen tables).
     for name, hf_name in (("embedding.rows_delta", "model.embed_tokens.weight"),
                           ("head.output.rows_delta", "lm_head.weight")):

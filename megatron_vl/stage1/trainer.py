@@ -160,14 +160,14 @@ def _train_tokenizer(cfg: TokenizerTrainConfig, launch, device, owns_group: bool
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     framework.to(device)
-    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    dtype = t.torch_dtype
     batches = PairBatches(stream, t.micro_batch_size, processor, encoders, store, device, dtype, cfg.data.prefetch)
     engine, _ = make_engine(cfg, framework, world)
     trainer = TokenizerTrainer(cfg, engine, framework, batches, processor, tracker, device, world)
     trainable = sum(p.numel() for p in framework.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in framework.parameters() if not p.requires_grad)
     trainer.log(f"stage 1: world {world} (data parallel), ZeRO-{effective_zero_stage(cfg)}, "
-                f"{'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}, global batch {trainer.global_batch} "
+                f"{t.precision}, global batch {trainer.global_batch} "
                 f"(micro {t.micro_batch_size} x accumulation {trainer.gas} x dp {world}); targets "
                 f"{'from ' + cfg.data.targets_dir if store else 'computed on the fly'}; parameters: {trainable:,} "
                 f"trainable, {frozen:,} frozen (CLIP); λ image {m.lambda_image}, λ text {m.lambda_text}")

@@ -36,7 +36,7 @@ class VLGPTTrainer(Trainer):
         self.pipeline = built.pipeline
         self.head = pipe_head(engine.module) if self.pipeline else None
         t = cfg.training
-        self.dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        self.dtype = t.torch_dtype
         self.kernels_logged = False
         self.evaluator = None        # built at the first --eval-tasks evaluation
 
@@ -222,7 +222,7 @@ def _pretrain(cfg: Config, launch, device, owns_group: bool, stage: str) -> VLGP
     trainer.stage = stage
     trainer.log(f"VL-GPT{' instruction tuning' if stage == 'instruct' else ''}: world {world} = tp {state.tp} x pp {state.pp} x dp {state.dp}, "
                 f"ZeRO-{effective_zero_stage(cfg)}, "
-                f"{'bf16' if cfg.training.bf16 else 'fp16' if cfg.training.fp16 else 'fp32'}, "
+                f"{cfg.training.precision}, "
                 f"global batch {data.global_batch} (micro {cfg.training.micro_batch_size} x "
                 f"accumulation {trainer.gas} x dp {state.dp}); parameters on rank 0: "
                 f"{built.counts['trainable']:,} trainable, {built.counts['frozen']:,} frozen")
