@@ -16,10 +16,11 @@ file in the official format without a model. Annotation files, images and weight
     python tools/evaluate.py --task vqav2 --questions Q.json --annotations A.json --results R.json
     python tools/evaluate.py --task coco_caption --annotations dataset_coco.json --results captions.json
 
-Per-task flags are --<task>-<name> (tasks: coco_caption vqav2 okvqa vizwiz gqa t2i); the plain
---<name> applies to every task that does not set its own. Prompts and file layouts:
-megatron_vl/eval/tasks.py. CIDEr tokenizes with Java's PTB tokenizer (Java 17 is enough);
-without Java a Python approximation runs and the output says so.
+Per-task flags are --<task>-<name>, for the files that task reads (listed below); the plain
+--<name> applies to every task that does not set its own. The tasks, their prompts and file
+layouts: megatron_vl/eval/tasks.py (a task is one registered class there; its name, files and
+options become this tool's choices and flags). CIDEr tokenizes with Java's PTB tokenizer (Java
+17 is enough); without Java a Python approximation runs and the output says so.
 """
 
 import argparse
@@ -28,9 +29,8 @@ import os
 import sys
 
 from megatron_vl.errors import UsageError, UserError, run_cli
-from megatron_vl.eval.tasks import TASKS, missing_files
-
-FILE_FLAGS = ("questions", "annotations", "train_questions", "train_annotations", "image_root", "image_pattern")
+from megatron_vl.eval.settings import FILE_NAMES, PATH_NAMES, EvalSettings, TaskFiles
+from megatron_vl.eval.tasks import REGISTRY, get_task
 
 
 def at_least(lo):
@@ -50,28 +50,58 @@ def at_least(lo):
 positive_int, non_negative_int = at_least(1), at_least(0)
 
 
+def flag(name):
+    """The flag of a setting: image_root -> --image-root."""
+    return "--" + name.replace("_", "-")
+
+
+def file_names():
+    """The TaskFiles fields some registered task reads (each a plain --<name> flag), in TaskFiles order."""
+    read = {name for cls in REGISTRY.values() for name in cls.reads}
+    return [name for name in FILE_NAMES if name in read]
+
+
+def task_options():
+    """{name: TaskOption} of every registered task's command-line options (two tasks may share one)."""
+    out = {}
+    for cls in REGISTRY.values():
+        for option in cls.options:
+            if option.cli and out.setdefault(option.name, option) != option:
+                raise ValueError(f"task option {option.name!r} is declared twice, differently")
+    return out
+
+
+def tasks_epilog():
+    lines = ["tasks (the files each reads; required ones starred):"]
+    for name, cls in REGISTRY.items():
+        files = " ".join(flag(f) + ("*" if f in cls.requires else "") for f in cls.reads)
+        options = " ".join(flag(o.name) for o in cls.options if o.cli)
+        lines.append(f"  {name:<14}{files}" + (f"; options {options}" if options else ""))
+    return "\n".join(lines)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = list(REGISTRY)
+    p = argparse.ArgumentParser(description=__doc__, epilog=tasks_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", help="a VL-GPT export (export-hf, with --image-tokenizer; t2i: --image-detokenizer)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--tasks", nargs="+", choices=TASKS, help="tasks to run with the model")
-    mode.add_argument("--task", choices=TASKS, help="with --results: the task whose results file to score")
+    mode.add_argument("--tasks", nargs="+", choices=names, help="tasks to run with the model")
+    mode.add_argument("--task", choices=names, help="with --results: the task whose results file to score")
     p.add_argument("--results", help="a results file in the task's official format (no model)")
     p.add_argument("--shots", nargs="+", type=non_negative_int, default=[0])
-    for name in FILE_FLAGS:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name,
-                       default="COCO_val2014_{image_id:012d}.jpg" if name == "image_pattern" else None)
-        for task in TASKS:
-            p.add_argument(f"--{task}-{name.replace('_', '-')}", dest=f"{task}.{name}", help=argparse.SUPPRESS)
+    for name in file_names():
+        p.add_argument(flag(name), dest=name, default=getattr(TaskFiles(), name))
+    for task, cls in REGISTRY.items():
+        for name in cls.reads:
+            p.add_argument(f"--{task}-{flag(name)[2:]}", dest=f"{task}.{name}", help=argparse.SUPPRESS)
     p.add_argument("--max-items", type=non_negative_int, default=0,
                    help="evaluate the first N items of each task (0: all); with --results: score against the first N")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0, help="k-shot support examples are drawn with this seed")
-    p.add_argument("--fid-weights", help="t2i: torch-fidelity's Inception-v3 weights file (never downloaded)")
-    p.add_argument("--clip-score-model", help="t2i: a local CLIPModel directory for the CLIP score")
-    p.add_argument("--diffusion-steps", type=positive_int, default=50)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--t2i-size", type=positive_int, help="t2i: generated image size (default: the UNet's)")
+    for name, option in task_options().items():
+        kind = at_least(option.minimum) if option.type is int and option.minimum is not None else option.type
+        p.add_argument(flag(name), dest=name, type=kind, default=option.default, help=option.help)
     p.add_argument("--no-java", action="store_true", help="CIDEr: the Python tokenizer even when Java is there")
     p.add_argument("--output", help="write every figure and answer here (JSON; scoring a --results file: its "
                    "figures). Never an input of the run; an existing file only with --overwrite")
@@ -81,23 +111,28 @@ def build_parser():
     return p
 
 
-def task_args(args, task):
-    """The namespace a task reads: its own --<task>-x flags over the plain --x ones."""
-    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if "." not in k})
-    for name in FILE_FLAGS:
+def task_settings(args, task) -> EvalSettings:
+    """The settings a task runs with: its own --<task>-x flags over the plain --x ones, its options."""
+    cls = REGISTRY[task]
+    files = {}
+    for name in cls.reads:
         own = getattr(args, f"{task}.{name}")
-        if own is not None:
-            setattr(ns, name, own)
-    return ns
+        files[name] = own if own is not None else getattr(args, name)
+    options = {o.name: getattr(args, o.name) for o in cls.options if o.cli and getattr(args, o.name) is not None}
+    return EvalSettings(files=TaskFiles(**{k: v for k, v in files.items() if v is not None}),
+                        max_items=args.max_items, batch_size=args.batch_size, seed=args.seed,
+                        use_java=not args.no_java, options=options)
 
 
 def input_paths(args):
     """Every file or directory the run reads (the --output guard keeps clear of them all)."""
-    paths = [args.results, args.hf_dir, args.fid_weights, args.clip_score_model]
-    for name in FILE_FLAGS:
-        if name != "image_pattern":
+    paths = [args.results, args.hf_dir]
+    paths += [getattr(args, name) for name, option in task_options().items() if option.is_path]
+    for name in file_names():
+        if name in PATH_NAMES:
             paths.append(getattr(args, name))
-            paths += [getattr(args, f"{task}.{name}") for task in TASKS]
+    for task, cls in REGISTRY.items():
+        paths += [getattr(args, f"{task}.{name}") for name in cls.reads if name in PATH_NAMES]
     return [p for p in paths if p]
 
 
@@ -109,6 +144,9 @@ def check_args(args):
         if args.hf_dir:
             raise UsageError("--results scores a results file without a model: drop --hf-dir (or drop --results and "
                              "--task to run the model with --tasks)")
+        if REGISTRY[args.task].results_layout is None:
+            raise UsageError(f"--task {args.task} has no results file to score: run the model on it with --hf-dir "
+                             f"and --tasks {args.task}")
         tasks = [args.task]
     elif args.task:
         raise UsageError("--task names the task of a --results file; to run a model use --hf-dir and --tasks")
@@ -117,10 +155,10 @@ def check_args(args):
     else:
         tasks = args.tasks
     for task in tasks:
-        missing = missing_files(task, task_args(args, task))
+        missing = get_task(task).missing(task_settings(args, task).files)
         if missing:
-            raise UsageError(f"--task{'s' if args.tasks else ''} {task} needs {' and '.join(missing)} (or "
-                             f"{' and '.join(m.replace('--', f'--{task}-', 1) for m in missing)})")
+            raise UsageError(f"--task{'s' if args.tasks else ''} {task} needs {' and '.join(map(flag, missing))} (or "
+                             f"{' and '.join(f'--{task}-{flag(m)[2:]}' for m in missing)})")
     if args.output:
         from megatron_vl.atomic import guard_output
         guard_output(args.output, inputs=input_paths(args), overwrite=args.overwrite)
@@ -134,21 +172,21 @@ def write_output(path, data):
 
 
 def score_results(args) -> int:
-    from megatron_vl.eval.tasks import REQUIRED_FILES, EvalFileError, FilesMismatch, load_items, official_line, \
-        read_results, score
-    ns = task_args(args, args.task)
-    items = load_items(args.task, ns)
+    from megatron_vl.eval.records import EvalFileError, FilesMismatch
+    task = get_task(args.task)
+    settings = task_settings(args, args.task)
+    items = task.items(settings.files)
     if args.max_items:   # the items a --max-items run answered: the first N
         items = items[:args.max_items]
     if not items:
-        files = " and ".join(f"--{n} {getattr(ns, n)}" for n in REQUIRED_FILES[args.task])
+        files = " and ".join(f"{flag(n)} {getattr(settings.files, n)}" for n in task.requires)
         raise EvalFileError(f"{files}: no questions to score (split 'test' for Karpathy files)")
-    results = read_results(args.task, args.results)
+    results = task.read_results(args.results)
     try:
-        figures = score(args.task, results, items, use_java=not args.no_java)
+        figures = task.score(results, items, use_java=settings.use_java)
     except FilesMismatch as exc:
         raise FilesMismatch(f"{exc} (--results {args.results})") from None
-    print(official_line(args.task, figures))
+    print(task.official_line(figures))
     if "tokenizer" in figures:
         print(f"(captions tokenized by the {figures['tokenizer']})")
     if args.output:
@@ -187,7 +225,7 @@ def run_model(args) -> int:
         return tqdm(total=total, desc=f"rank {rank} {desc}", unit="item", disable=args.no_progress or rank != 0)
     results = {}
     for task in args.tasks:
-        results[task] = evaluate(gen, task, task_args(args, task), args.shots, rank, world, bar)
+        results[task] = evaluate(gen, task, task_settings(args, task), args.shots, rank, world, bar)
     if rank == 0:
         print(table(results))
         for task, r in results.items():

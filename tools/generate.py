@@ -27,8 +27,30 @@ import sys
 from megatron_vl.errors import run_cli
 
 
+def arg_type(kind, test, wording: str):
+    """An argparse type: `kind` parsed, then refused unless test(value); argparse names the flag
+    and exits 2 ("argument --top-p: must be in (0, 1] (1: off), got 2.0")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {wording}, got {text}")
+        return value
+    return parse
+
+
+def setting_type(name: str):
+    """The argparse type of the Sampling field `name` (the limits Sampling checks)."""
+    from megatron_vl.inference.sampling import LIMITS
+    return arg_type(*LIMITS[name])
+
+
+positive_int = arg_type(int, lambda v: v >= 1, "at least 1")
+
+
 def build_parser():
-    from megatron_vl.inference.generation import arg_type, positive_int, setting_type
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="export-hf output (or any LlamaForCausalLM directory)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts; <image> marks images "
@@ -71,7 +93,7 @@ def build_parser():
 def check_args(args):
     """Everything about the flags that can be refused before a model loads."""
     from megatron_vl.errors import UsageError
-    from megatron_vl.inference.generation import check_text
+    from megatron_vl.inference.sampling import check_text
     for i, text in enumerate(args.prompt):
         check_text(text, f"--prompt {i + 1}")
         if not text and not args.add_bos:

@@ -3,29 +3,30 @@ on the training model itself, whatever its TP / DP / ZeRO layout (not pipelines)
 
 Every rank runs every item in lockstep (ZeRO-3 gathers parameters in each forward, and TP
 ranks must run the same forwards); the generated token of each step is rank 0's,
-broadcast, so all ranks see the same sequence. Decoding is greedy, text only, stopped at a
-newline or end of sequence, recomputing the whole prefix each step (no KV cache: eval sets
-here are small, a few dozen items). Every rank scores; rank 0 prints.
+broadcast, so all ranks see the same sequence. Decoding is the inference decode loop
+(inference/decode_loop.py) on the engine: greedy, text only, stopped at a newline or end of
+sequence, recomputing the whole prefix each step (no KV cache: eval sets here are small, a
+few dozen items). Every rank scores; rank 0 prints.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
-from ..inference.generation import Prompt, build_prompt
-from .runner import ANSWER_TOKENS, DEFAULT_ANSWER_TOKENS, _image
-from .tasks import TASKS, load_items, prompt, score, support
+from ..inference.decode_loop import DecodeStep, Prompt, decode_loop
+from ..inference.generation import build_prompt
+from ..inference.sampling import Sampling
+from .runner import _image
+from .settings import FILE_NAMES, TaskFiles
+from .tasks import REGISTRY, get_task, support
 
-FILE_KEYS = ("questions", "annotations", "train_questions", "train_annotations", "image_root", "image_pattern")
 
-
-def read_task_files(path: str, tasks: List[str]) -> Dict[str, SimpleNamespace]:
+def read_task_files(path: str, tasks: List[str]) -> Dict[str, TaskFiles]:
     """--eval-tasks-config: {task: {questions, annotations, train_questions, train_annotations,
     image_root, image_pattern}} (tools/evaluate.py's per-task flags, as JSON)."""
     try:
@@ -35,17 +36,55 @@ def read_task_files(path: str, tasks: List[str]) -> Dict[str, SimpleNamespace]:
         raise ValueError(f"--eval-tasks-config {path}: {exc}") from None
     out = {}
     for task in tasks:
-        if task not in TASKS or task == "t2i":
-            raise ValueError(f"--eval-tasks {task}: training-time tasks are {', '.join(t for t in TASKS if t != 't2i')}")
+        text_tasks = [name for name, cls in REGISTRY.items() if cls.generates == "text"]
+        if task not in text_tasks:
+            raise ValueError(f"--eval-tasks {task}: training-time tasks are {', '.join(text_tasks)}")
         if task not in data:
             raise ValueError(f"--eval-tasks-config {path}: no entry for task {task!r}")
-        unknown = set(data[task]) - set(FILE_KEYS)
+        unknown = set(data[task]) - set(FILE_NAMES)
         if unknown:
             raise ValueError(f"--eval-tasks-config {path}: {task}: unknown keys {sorted(unknown)}")
-        values = {k: data[task].get(k) for k in FILE_KEYS}
-        values["image_pattern"] = values["image_pattern"] or "COCO_val2014_{image_id:012d}.jpg"
-        out[task] = SimpleNamespace(**values)
+        out[task] = TaskFiles(**{k: v for k, v in data[task].items() if v is not None})
     return out
+
+
+class EngineStep(DecodeStep):
+    """The training engine under the decode loop, one sequence at a time. No KV cache: the
+    whole sequence runs again each step (eval sets here are a few dozen items). The tokens
+    every rank continues with are rank 0's, broadcast."""
+
+    def __init__(self, engine, vocab_size: int, img: int, img_end: int, num_image_tokens: int, visual_dim: int,
+                 device, dtype):
+        super().__init__(img=img, img_end=img_end, num_image_tokens=num_image_tokens, visual_dim=visual_dim,
+                         device=device, dtype=dtype)
+        self.engine, self.vocab_size = engine, vocab_size
+        self.ids = self.visual = self.visual_mask = None   # the sequence so far
+        self.outputs = None                                # (this rank's logits slice, visual predictions)
+
+    def forward(self, ids, visual, visual_mask, attention_mask, position_ids) -> None:
+        if self.ids is None:
+            if ids.shape[0] != 1:
+                raise ValueError(f"the training engine decodes one sequence at a time, got {ids.shape[0]}")
+            self.ids, self.visual, self.visual_mask = ids, visual, visual_mask
+        else:
+            self.ids = torch.cat([self.ids, ids], 1)
+            self.visual = torch.cat([self.visual, visual.to(self.dtype)], 1)
+            self.visual_mask = torch.cat([self.visual_mask, visual_mask], 1)
+        n = self.ids.shape[1]
+        self.outputs = self.engine({"tokens": self.ids.masked_fill(self.visual_mask, 0), "visual_embeds": self.visual,
+                                    "visual_mask": self.visual_mask,
+                                    "position_ids": torch.arange(n, device=self.device)[None], "segment_ids": None})
+
+    def logits(self) -> torch.Tensor:
+        return self.engine.module.head.full_logits(self.outputs[0])[:, -1, :self.vocab_size].float()
+
+    def regressed(self) -> torch.Tensor:
+        return self.outputs[1][:, -1]
+
+    def share(self, tokens: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.broadcast(tokens, 0)
+        return tokens
 
 
 class TrainingEvaluator:
@@ -71,61 +110,40 @@ class TrainingEvaluator:
         with torch.no_grad():
             return list(self.image_tokenizer(pixels).float())
 
-    def _step(self, p: Prompt, dtype) -> int:
-        """The greedy next token after p (rank 0's, broadcast)."""
-        n = len(p.tokens)
-        d = self.cfg.model.visual_embed_dim
-        visual = torch.stack([v if v is not None else torch.zeros(d) for v in p.visual])[None].to(self.device, dtype)
-        batch = {"tokens": torch.tensor([[t if v is None else 0 for t, v in zip(p.tokens, p.visual)]],
-                                        device=self.device),
-                 "visual_embeds": visual,
-                 "visual_mask": torch.tensor([[v is not None for v in p.visual]], device=self.device),
-                 "position_ids": torch.arange(n, device=self.device)[None], "segment_ids": None}
-        local, _ = self.engine(batch)
-        logits = self.engine.module.head.full_logits(local)[0, -1, :self.cfg.model.vocab_size].float()
-        logits[[self.img, self.img_end]] = float("-inf")   # answers are text
-        token = logits.argmax().reshape(1).to(self.device)
-        if dist.is_initialized():
-            dist.broadcast(token, 0)
-        return int(token)
-
     def _answer(self, p: Prompt, max_new: int, dtype) -> str:
-        out: List[int] = []
         eos = self.tokenizer.eod_id
         # Special tokens are no part of an answer's text (an HF tokenizer's decode would spell
         # them out, "<s>" in a VQA answer scores 0); EOS ends it, as in generation.py.
         special = {eos, self.tokenizer.bos_id, self.img, self.img_end}
-        for _ in range(max_new):
-            token = self._step(p, dtype)
-            if token == eos:
-                break
-            out.append(token)
-            p = Prompt(p.tokens + [token], p.visual + [None])
-            if "\n" in self.tokenizer.decode([t for t in out if t not in special]):
-                break
-        return self.tokenizer.decode([t for t in out if t not in special]).split("\n")[0].strip()
+        m = self.cfg.model
+        step = EngineStep(self.engine, m.vocab_size, self.img, self.img_end, self.cfg.data.num_image_tokens,
+                          m.visual_embed_dim, self.device, dtype)
+        out = decode_loop(step, [p], Sampling(max_new_tokens=max_new, stop=("\n",), text_only=True), eos,
+                          lambda ids: self.tokenizer.decode([t for t in ids if t not in special]))[0]
+        return out.text.strip()
 
     @torch.no_grad()
     def run(self) -> Dict[str, Dict]:
         t = self.cfg.training
-        dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+        dtype = t.torch_dtype
         bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None and self.tokenizer.bos_id >= 0 else None
         results = {}
-        for task, files in self.tasks.items():
-            items = load_items(task, files)[:t.eval_max_items]
-            pool = load_items(task, files, "train") if max(t.eval_shots) > 0 else []
-            results[task] = {}
+        for name, files in self.tasks.items():
+            task = get_task(name)
+            items = task.items(files)[:t.eval_max_items]
+            pool = task.items(files, "train") if max(t.eval_shots) > 0 else []
+            results[name] = {}
             for shots in t.eval_shots:
                 answers = {}
                 for item in items:
                     examples = support(item, pool, shots, t.seed)
-                    text = prompt(task, item, examples)
+                    text = task.prompt(item, examples)
                     images = [_image(e.image) for e in examples] + [_image(item.image)]
                     p = build_prompt(text, self.tokenizer.encode, self._embeddings(images), self.img, self.img_end,
                                      bos)
-                    answers[item.id] = self._answer(p, ANSWER_TOKENS.get(task, DEFAULT_ANSWER_TOKENS), dtype)
+                    answers[item.id] = self._answer(p, task.answer_tokens, dtype)
                 # Every rank holds the same answers (rank 0's tokens): each scores, for its own sinks.
-                results[task][shots] = score(task, answers, items, use_java=True)
+                results[name][shots] = task.score(answers, items, use_java=True)
         return results
 
 

@@ -26,7 +26,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .decode_loop import DecodeStep, Prompt, decode_loop, open_image
 from .export_layout import ADAPTER_DIR, VLGPT_CONFIG, VLGPT_HEADS
+from .sampling import Sampling
 from ..errors import InputError
 
 
@@ -206,14 +208,13 @@ class VLGPTForCausalLM(nn.Module):
         until [IMG]; then N visual embeddings, each the regression head's prediction fed back
         through the visual projection; then [/IMG] and text again. A prompt may end inside an
         image ([IMG] + fewer than N visual positions): the image is completed first.
-        KV-cached (transformers' DynamicCache). The same rule as megatron_vl.inference.generation:
-        max_new_tokens counts text tokens ([IMG] included) only; an opened image always gets
-        its N embeddings and [/IMG], outside that budget; max_new_images (default: no limit)
-        suppresses [IMG] once reached; an image that would not fit the position table
-        (max_position_embeddings) is never opened (generation ends before its [IMG]). So each
-        entry of ``images`` is a whole [N, d] (a prompt's open image: its given embeddings,
-        then the generated ones)."""
-        from transformers import DynamicCache
+        KV-cached (transformers' DynamicCache), by the decode loop the library's generate runs
+        (megatron_vl.inference.decode_loop), so the same rules: max_new_tokens counts text tokens
+        ([IMG] included) only; an opened image always gets its N embeddings and [/IMG], outside
+        that budget; max_new_images (default: no limit) suppresses [IMG] once reached; an image
+        that would not fit the position table (max_position_embeddings) is never opened
+        (generation ends before its [IMG]). So each entry of ``images`` is a whole [N, d] (a
+        prompt's open image: its given embeddings, then the generated ones)."""
         if input_ids.shape[0] != 1:
             raise ValueError("generate() takes one sequence (batch size 1)")
         if input_ids.shape[1] == 0:
@@ -223,65 +224,53 @@ class VLGPTForCausalLM(nn.Module):
         if max_new_images is not None and (isinstance(max_new_images, bool) or not isinstance(max_new_images, int)
                                            or max_new_images < 0):
             raise ValueError(f"max_new_images must be None (no limit) or 0 or more, got {max_new_images!r}")
-        img, img_end = self.image_token_ids["[IMG]"], self.image_token_ids["[/IMG]"]
-        n_visual, d = self.config["num_image_tokens"], self.config["visual_embed_dim"]
-        lm = self.causal_lm
-        max_positions = getattr(lm.config, "max_position_embeddings", None) or float("inf")
-        dev = self.regression.weight.device   # every tensor made here lives where the model does
+        step = CachedStep(self)
+        dev, d = step.device, step.visual_dim   # every tensor made here lives where the model does
         input_ids = input_ids.to(dev)
         mask = visual_mask.to(dev) if visual_mask is not None else torch.zeros_like(input_ids, dtype=torch.bool)
         vis = (visual_embeds.to(dev) if visual_embeds is not None
                else torch.zeros(*input_ids.shape, d, device=dev)).float()
         length = input_ids.shape[1]
-        if length > max_positions:
-            raise ValueError(f"the prompt has {length} elements, more than the model's {max_positions} positions "
+        if length > step.max_positions:
+            raise ValueError(f"the prompt has {length} elements, more than the model's {step.max_positions} positions "
                              "(max_position_embeddings)")
-        trailing = 0                                    # visual positions at the end of the prompt
-        while trailing < mask.shape[1] and mask[0, -1 - trailing]:
-            trailing += 1
-        opened = trailing < length and int(input_ids[0, -1 - trailing]) == img and trailing <= n_visual
-        remaining = n_visual - trailing if opened else 0
-        close_next = opened and remaining == 0
-        current = list(vis[0, length - trailing:].unbind(0)) if opened else []   # the open image so far
-        if opened and length + remaining + 1 > max_positions:
+        prompt = Prompt(input_ids[0].tolist(), [v if m else None for v, m in zip(vis[0], mask[0].tolist())])
+        given = open_image(prompt, step.img, step.num_image_tokens)
+        if given is not None and length + (step.num_image_tokens - given) + 1 > step.max_positions:
             raise ValueError(f"the prompt ends inside an image that cannot be completed within the model's "
-                             f"{max_positions} positions (max_position_embeddings)")
-        tokens, masks, embeds, images = [input_ids], [mask], [vis], []
-        n_text = 0
-        cache = DynamicCache()
-        hidden = lm.model(inputs_embeds=self.embed(input_ids, vis, mask), use_cache=True,
-                          **cache_kwargs(lm.model, cache)).last_hidden_state[:, -1:]
-        position = length                               # of the next element
-        while True:
-            if remaining > 0:
-                v = self.regression(hidden)                                # [1, 1, d]
-                token, step = torch.zeros(1, 1, dtype=input_ids.dtype, device=dev), self.visual_proj(v)
-                current.append(v[0, 0].float())
-                remaining -= 1
-                close_next = remaining == 0
-            else:
-                if close_next:
-                    token, close_next = torch.full((1, 1), img_end, dtype=input_ids.dtype, device=dev), False
-                    images.append(torch.stack(current))
-                    current = []
-                else:
-                    if position >= max_positions or n_text >= max_new_tokens:
-                        break
-                    logits = lm.lm_head(hidden)[:, -1]
-                    if max_new_images is not None and len(images) >= max_new_images:
-                        logits[:, img] = float("-inf")
-                    token = logits.argmax(-1, keepdim=True).to(input_ids.dtype)
-                    if int(token) == img and position + n_visual + 1 >= max_positions:
-                        break                                  # the image would not fit: never opened
-                    n_text += 1
-                    remaining = n_visual if int(token) == img else 0
-                    close_next = int(token) == img and n_visual == 0
-                v, step = None, lm.get_input_embeddings()(token)
-            tokens.append(token)
-            masks.append(torch.tensor([[v is not None]], device=dev))
-            embeds.append(v.float() if v is not None else torch.zeros(1, 1, d, device=dev))
-            position += 1
-            if v is None and eos_token_id is not None and int(token) == eos_token_id:
-                break
-            hidden = lm.model(inputs_embeds=step, use_cache=True, **cache_kwargs(lm.model, cache)).last_hidden_state
-        return VLGPTGeneration(torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(embeds, 1), images)
+                             f"{step.max_positions} positions (max_position_embeddings)")
+        out = decode_loop(step, [prompt], Sampling(max_new_tokens=max_new_tokens, max_new_images=max_new_images),
+                          eos_token_id)[0]
+        new_visual = torch.tensor([[k == "visual" for k in out.kinds]], dtype=torch.bool, device=dev)
+        embeds = torch.zeros(1, len(out.tokens), d, device=dev)
+        if out.images:   # the generated embeddings: the images' rows after the prompt's own
+            embeds[new_visual] = torch.cat(out.images)[given or 0:]
+        return VLGPTGeneration(torch.cat([input_ids, torch.tensor([out.tokens], dtype=input_ids.dtype, device=dev)], 1),
+                               torch.cat([mask, new_visual], 1), torch.cat([vis, embeds], 1), out.images)
+
+
+class CachedStep(DecodeStep):
+    """VLGPTForCausalLM under the decode loop: transformers' DynamicCache keeps the keys and
+    values, so each step runs only the new elements."""
+
+    def __init__(self, model: VLGPTForCausalLM):
+        from transformers import DynamicCache
+        lm = model.causal_lm
+        ids = model.image_token_ids
+        super().__init__(img=ids["[IMG]"], img_end=ids["[/IMG]"], num_image_tokens=model.config["num_image_tokens"],
+                         visual_dim=model.config["visual_embed_dim"], device=model.regression.weight.device,
+                         dtype=model.regression.weight.dtype,
+                         max_positions=getattr(lm.config, "max_position_embeddings", None) or float("inf"))
+        self.model, self.lm, self.cache = model, lm, DynamicCache()
+        self.hidden = None   # [b, 1, hidden]: the last element's final hidden state
+
+    def forward(self, ids, visual, visual_mask, attention_mask, position_ids) -> None:
+        self.hidden = self.lm.model(inputs_embeds=self.model.embed(ids, visual, visual_mask),
+                                    attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                                    **cache_kwargs(self.lm.model, self.cache)).last_hidden_state[:, -1:]
+
+    def logits(self) -> torch.Tensor:
+        return self.lm.lm_head(self.hidden)[:, -1]
+
+    def regressed(self) -> torch.Tensor:
+        return self.model.regression(self.hidden)[:, -1]
