@@ -86,24 +86,13 @@ def validate(cfg, world_size: int, extra_checks: Sequence[Callable[[object], Lis
     if world_size % (tp * pp):
         errors.append(f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
                       f"x --pipeline-model-parallel-size ({pp})")
-    if m.hidden_size % m.num_attention_heads:
-        errors.append(f"--hidden-size ({m.hidden_size}) must be divisible by --num-attention-heads "
-                      f"({m.num_attention_heads})")
-    if m.num_attention_heads % tp:
-        errors.append(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-                      f"--tensor-model-parallel-size ({tp})")
-    if m.kv_heads % tp:
-        errors.append(f"--num-query-groups ({m.kv_heads}) must be divisible by "
-                      f"--tensor-model-parallel-size ({tp})")
-    if m.num_attention_heads % m.kv_heads:
-        errors.append(f"--num-attention-heads ({m.num_attention_heads}) must be divisible by "
-                      f"--num-query-groups ({m.kv_heads})")
-    if m.ffn_hidden_size % tp:
-        errors.append(f"--ffn-hidden-size ({m.ffn_hidden_size}) must be divisible by "
-                      f"--tensor-model-parallel-size ({tp})")
-    if m.num_layers % pp:
-        errors.append(f"--num-layers ({m.num_layers}) must be divisible by "
-                      f"--pipeline-model-parallel-size ({pp})")
+    heads, kv = ("--num-attention-heads", m.num_attention_heads), ("--num-query-groups", m.kv_heads)
+    tp_size, pp_size = ("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp)
+    for (flag, size), (by_flag, by) in ((("--hidden-size", m.hidden_size), heads), (heads, tp_size), (kv, tp_size),
+                                        (heads, kv), (("--ffn-hidden-size", m.ffn_hidden_size), tp_size),
+                                        (("--num-layers", m.num_layers), pp_size)):
+        if size % by:
+            errors.append(f"{flag} ({size}) must be divisible by {by_flag} ({by})")
     if p.zero_stage >= 2 and pp > 1:
         errors.append(f"--zero-stage {p.zero_stage} with --pipeline-model-parallel-size {pp}: DeepSpeed "
                       "cannot combine ZeRO-2/3 with pipeline parallelism (it partitions gradients that "
