@@ -15,13 +15,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))   # the tiny corpus the tests build
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
 
 LAYOUTS = {"ZeRO-1": ["--zero-stage", 1], "ZeRO-2": ["--zero-stage", 2], "ZeRO-3": ["--zero-stage", 3],
            "TP=2 ZeRO-1": ["--tensor-model-parallel-size", 2], "PP=2 ZeRO-1": ["--pipeline-model-parallel-size", 2],
@@ -67,7 +63,7 @@ def main(argv=None):
 def run(args):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/megatron_vl_torch_extensions"))
-    from pretrain_helpers import build_vl_data, tiny_args
+    from megatron_vl.testing.tiny_data import build_vl_data, tiny_args   # the tiny corpus the tests build
     from megatron_vl.testing.plan_measure import measured_runs, predicted
     from megatron_vl.plan.model import total_bytes
     from megatron_vl.testing.distributed import run_distributed

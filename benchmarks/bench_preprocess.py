@@ -9,13 +9,12 @@ of every image, sentencepiece tokenization).
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
-
 from megatron_vl.data.preprocess import preprocess_files
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
+from megatron_vl.testing.scripts import load_script
 
 
 SMOKE = {"documents": 20}
@@ -27,8 +26,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     add_smoke_flag(p, SMOKE)
     args = parse_with_smoke(p, argv, SMOKE)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import make_sample_data
+    make_sample_data = load_script("tools/make_sample_data.py")
     work = tempfile.mkdtemp(prefix="bench_pre_")
     try:
         make_sample_data.main(["--output", work, "--documents", str(args.documents), "--pairs", "1"])

@@ -16,14 +16,13 @@ import argparse
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke  # noqa: E402
+from megatron_vl.testing.bench import add_smoke_flag, parse_with_smoke
+from megatron_vl.testing.processes import run_script
+from megatron_vl.testing.scripts import CHECKOUT as ROOT, load_script
 
 
 SMOKE = {"image_size": 32, "clip_width": 32, "ip_width": 32, "ip_layers": 1, "text_width": 32, "pairs": 8,
@@ -68,9 +67,7 @@ def run_here(cmd):
     if script == "train_tokenizer.py":
         from megatron_vl.stage1.trainer import run as entry
     else:
-        sys.path.insert(0, os.path.join(ROOT, "tools"))
-        import precompute_tokenizer_targets
-        entry = precompute_tokenizer_targets.main
+        entry = load_script("tools/precompute_tokenizer_targets.py").main
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = one_rank_job(lambda: entry(argv))
@@ -83,7 +80,7 @@ def run(cmd, in_process=False):
     if in_process:
         return run_here(cmd)
     env = dict(os.environ, PYTHONPATH=ROOT, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = run_script(cmd, cwd=ROOT, env=env, timeout=None)
     if proc.returncode:
         sys.exit(f"{cmd[1]} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     return proc.stdout

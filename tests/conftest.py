@@ -1,11 +1,10 @@
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+# tests/ is on sys.path (pytest.ini's pythonpath): the tests import data_helpers, pretrain_helpers
+# and helpers as top-level modules.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,37 +1,13 @@
-"""A tiny VL-GPT run on data the tests build themselves (sample corpus -> preprocess ->
-features from an untrained image tokenizer on a tiny random CLIP)."""
+"""A tiny VL-GPT run on data the tests build themselves (the corpus and the flags:
+megatron_vl.testing.tiny_data), in this process, in gloo ranks or as a script."""
 
 import os
 import re
-import subprocess
 import sys
 
-from data_helpers import ROOT, make_tiny_clip, preprocess, run_tool
-
-VOCAB = 258          # the sample tokenizer's 256 pieces + [IMG], [/IMG]
-EMBED_DIM = 32
-NUM_IMAGE_TOKENS = 8
-
-
-def build_vl_data(root) -> str:
-    sample = os.path.join(root, "sample")
-    run_tool("tools/make_sample_data.py", "--output", sample, "--documents", "24", "--pairs", "32")
-    preprocess(sample, "mmc4", os.path.join(root, "data", "mmc4"))
-    clip = make_tiny_clip(os.path.join(root, "clip"))
-    prefix = os.path.join(root, "data", "mmc4_text_document")
-    run_tool("tools/extract_image_features.py", "--init-from-clip", clip, "--num-image-tokens",
-             str(NUM_IMAGE_TOKENS), "--embed-dim", str(EMBED_DIM), "--tokenizer-heads", "2",
-             "--data-prefix", prefix, "--no-progress")
-    return prefix
-
-
-def tiny_args(prefix, *extra, iters=4):
-    return ["--data-path", prefix, "--split", "80,20,0", "--vocab-size", str(VOCAB),
-            "--visual-embed-dim", str(EMBED_DIM), "--num-image-tokens", str(NUM_IMAGE_TOKENS),
-            "--seq-length", "128", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
-            "--num-attention-heads", "4", "--num-query-groups", "2", "--micro-batch-size", "2",
-            "--num-workers", "0", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "2",
-            "--lr", "1e-3", "--lr-warmup-iters", "2", "--train-iters", str(iters), *map(str, extra)]
+from data_helpers import ROOT
+from megatron_vl.testing import processes
+from megatron_vl.testing.tiny_data import EMBED_DIM, NUM_IMAGE_TOKENS, VOCAB, build_vl_data, tiny_args  # noqa: F401
 
 
 def pretrain_rank(rank, world, argv, perturb_init=False):
@@ -70,11 +46,9 @@ def script_env(**extra):
 
 
 def run_script(cmd, expect=0, timeout=240, **env):
-    cmd = [str(c) for c in cmd]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=script_env(**env))
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == expect, f"{cmd[:4]} exited {proc.returncode}, expected {expect}:\n{out[-4000:]}"
-    return out
+    """cmd run to its end from the checkout (script_env(**env)); checks its exit code, returns
+    stdout + stderr. A run past timeout is killed with every process it started."""
+    return processes.run_script(cmd, cwd=ROOT, env=script_env(**env), timeout=timeout, expect=expect).output
 
 
 LINE = re.compile(r"^iteration\s+(\d+)/\d+ \| consumed samples: (\d+) \| lm loss: (\S+) \| visual loss: (\S+)", re.M)

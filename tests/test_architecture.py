@@ -144,6 +144,23 @@ def test_rules_see_real_edges():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+def test_one_subprocess_runner():
+    """Tests and benchmarks start processes through megatron_vl.testing.processes, which kills a
+    timed-out child with its whole process tree; a bare subprocess call would leave torchrun or
+    deepspeed grandchildren running past a test's timeout."""
+    runner = PACKAGE / "testing" / "processes.py"
+    offenders = []
+    for path in sorted(ROOT.glob("tests/*.py")) + sorted(ROOT.glob("benchmarks/*.py")) + sorted(PACKAGE.rglob("testing/*.py")):
+        if path in (runner, pathlib.Path(__file__).resolve(), ROOT / "tests" / "test_processes.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if "subprocess" in names:
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, "subprocess imported in " + ", ".join(sorted(set(offenders)))
+
+
 def test_scripts_import_the_installed_package():
     """The package is installed (pip install -e .): no script puts the checkout on sys.path,
     which would shadow the installed copy with whichever checkout the script sits in."""

@@ -9,13 +9,13 @@ import errno
 import glob
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from megatron_vl.atomic import guard_output, guard_output_files, remove_stale_temps
 from megatron_vl.errors import InputError, OutputError, UsageError, UserError, run_cli
+from megatron_vl.testing import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = sorted(
@@ -166,19 +166,18 @@ def test_run_cli_in_a_real_interpreter_has_no_traceback():
             "sys.exit(run_cli(main))\n")
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("MEGATRON_VL_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    proc = processes.run_script([sys.executable, "-c", code], env=env, timeout=60)
     assert proc.returncode == 1 and proc.stderr == "error: data.bin: cut short\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env=dict(env, MEGATRON_VL_DEBUG="1"))
+    proc = processes.run_script([sys.executable, "-c", code], timeout=60, env=dict(env, MEGATRON_VL_DEBUG="1"))
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
 # ---- (3) atomic helpers ---------------------------------------------------------------------
 
 def test_remove_stale_temps_removes_only_dead_writers_files(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = processes.start_process([sys.executable, "-c", "pass"])
     dead.wait()
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = processes.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = socket.gethostname()
         names = {"dead": f"out.bin.tmp{dead.pid}-{host}", "live": f"out.bin.tmp{live.pid}-{host}",
@@ -309,7 +308,7 @@ def test_a_lock_whose_pid_is_now_another_process_is_taken_over(tmp_path, capsys)
     from megatron_vl.atomic import LockHeld, exclusive_lock
     host, lock = socket.gethostname(), str(tmp_path / "p.lock")
     # The old pid may now be another process (its start time differs), or predate a reboot.
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = processes.start_process([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         with open(f"/proc/{other.pid}/stat") as fh:
             start = int(fh.read().rsplit(")", 1)[1].split()[19])   # field 22: start time, in ticks

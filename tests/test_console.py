@@ -6,13 +6,13 @@ any model or DeepSpeed set-up; a CLIP scoring directory without its projection i
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 import time
 import warnings
 
 import pytest
 
+from megatron_vl.testing import processes
 from pretrain_helpers import ROOT, pretrain_in_process, script_env, tiny_args
 from test_faults_config_data import write_prefix
 
@@ -98,8 +98,7 @@ def test_torchvision_fallback_note_is_dropped_in_a_fresh_interpreter():
             "import transformers\n"
             "transformers.SiglipImageProcessor, transformers.CLIPImageProcessor\n"
             "print('imported')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env=script_env())
+    proc = processes.run_script([sys.executable, "-c", code], cwd=ROOT, timeout=120, env=script_env())
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-2000:]
     assert "falling back to" not in proc.stderr and "torchvision" not in proc.stderr, proc.stderr[-2000:]
 

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -12,23 +10,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import tiny_hf_model
-from megatron_vl.convert import hf as conv
+from megatron_vl.checkpoint.layout import CheckpointError
+from megatron_vl.checkpoint.release import hf_to_shards, load_shard_for, save_release_checkpoint, shards_to_hf
+from megatron_vl.convert.hf import hf_config_from_model, load_hf_state_dict, model_config_from_hf, save_hf_directory
+from megatron_vl.testing import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, expect=0, timeout=180):
-    """Runs a command in its own process group; on timeout the whole group (torchrun and its
-    workers) is killed, so a hang fails the test instead of outliving it."""
+    """Runs a command in its own process group; on timeout it and all it started (torchrun and
+    its workers) are killed, so a hang fails the test instead of outliving it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.Popen(list(args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{args} did not finish in {timeout}s; output:\n{out}")
+    proc = processes.run_script(args, cwd=ROOT, env=env, timeout=timeout, merge_stderr=True)
+    out = proc.stdout
     assert proc.returncode == expect, f"{args} exited {proc.returncode}, expected {expect}\n{out}"
     return out
 
@@ -51,7 +46,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _tensors(path):
-    return conv.load_hf_state_dict(str(path))
+    return load_hf_state_dict(str(path))
 
 
 def test_import_export_round_trip_is_bit_identical(hf_dir, tmp_path):
@@ -80,11 +75,11 @@ def test_import_export_round_trip_is_bit_identical(hf_dir, tmp_path):
 
 def test_resharding_on_load_equals_direct_conversion(hf_dir, tmp_path):
     sd = _tensors(hf_dir)
-    cfg = conv.model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    conv.save_release_checkpoint(str(tmp_path / "tp2"), conv.hf_to_shards(sd, cfg, 2, 1), cfg, 2, 1)
-    direct = conv.hf_to_shards(sd, cfg, 1, 2)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    save_release_checkpoint(str(tmp_path / "tp2"), hf_to_shards(sd, cfg, 2, 1), cfg, 2, 1)
+    direct = hf_to_shards(sd, cfg, 1, 2)
     for stage in range(2):
-        got = conv.load_shard_for(str(tmp_path / "tp2"), 1, 2, 0, stage)
+        got = load_shard_for(str(tmp_path / "tp2"), 1, 2, 0, stage)
         assert set(got) == set(direct[(0, stage)])
         assert all(torch.equal(got[k], direct[(0, stage)][k]) for k in got)
 
@@ -95,9 +90,9 @@ def test_bin_and_indexed_safetensors_inputs(hf_dir, tmp_path):
     bin_dir.mkdir()
     torch.save(sd, bin_dir / "pytorch_model.bin")
     assert all(torch.equal(_tensors(bin_dir)[k], v) for k, v in sd.items())
-    cfg = conv.model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
     sharded = tmp_path / "sharded"
-    conv.save_hf_directory(str(sharded), sd, conv.hf_config_from_model(cfg, torch.float32), max_shard_bytes=100_000)
+    save_hf_directory(str(sharded), sd, hf_config_from_model(cfg, torch.float32), max_shard_bytes=100_000)
     files = os.listdir(sharded)
     assert "model.safetensors.index.json" in files
     assert len([f for f in files if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f)]) > 1
@@ -119,15 +114,15 @@ def test_clear_errors_and_nothing_half_written(hf_dir, tmp_path):
     assert "not a megatron-vl checkpoint" in out
     # A shard that disappears mid-way: the export fails and leaves no directory behind.
     sd = _tensors(hf_dir)
-    cfg = conv.model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    shards = conv.hf_to_shards(sd, cfg, 2, 1)
+    cfg = model_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
+    shards = hf_to_shards(sd, cfg, 2, 1)
     del shards[(1, 0)]["layers.1.mlp.down.weight"]
-    with pytest.raises(conv.CheckpointError, match="lacks tensor layers.1.mlp.down.weight"):
-        conv.shards_to_hf(shards, cfg, 2, 1)
+    with pytest.raises(CheckpointError, match="lacks tensor layers.1.mlp.down.weight"):
+        shards_to_hf(shards, cfg, 2, 1)
     cfg_bad = json.loads((hf_dir / "config.json").read_text())
     cfg_bad["attention_bias"] = True
-    with pytest.raises(conv.CheckpointError, match="attention_bias=true is not supported"):
-        conv.model_config_from_hf(cfg_bad)
+    with pytest.raises(CheckpointError, match="attention_bias=true is not supported"):
+        model_config_from_hf(cfg_bad)
 
 
 def test_check_parity_under_torchrun(hf_dir, tmp_path):

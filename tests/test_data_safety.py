@@ -223,8 +223,8 @@ def test_concurrent_preprocessing_of_one_prefix_is_refused(sample, tmp_path):
     assert not os.path.exists(target + ".bin") and not os.path.exists(target + ".lock")
     # A lock whose owner died on this host is taken over.
     import socket
-    import subprocess
-    dead = subprocess.Popen(["true"])
+    from megatron_vl.testing import processes
+    dead = processes.start_process(["true"])
     dead.wait()
     json.dump({"host": socket.gethostname(), "pid": dead.pid, "started": "-", "command": "-"}, open(target + ".lock", "w"))
     preprocess(sample, "wds-pairs", prefix)

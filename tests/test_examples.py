@@ -9,12 +9,12 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from megatron_vl.config import ConfigError, deepspeed_config, load_config
+from megatron_vl.testing import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "**", "*.sh"), recursive=True) +
@@ -36,8 +36,7 @@ def run_recorded(script, tmp_path, args=(), **env):
     record = tmp_path / "calls.jsonl"
     record.write_text("")
     full_env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", RECORD=str(record), **env)
-    proc = subprocess.run(["bash", script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=120)
+    proc = processes.run_script(["bash", script, *args], cwd=ROOT, env=full_env, timeout=120)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return [tuple(json.loads(line)) for line in record.read_text().splitlines()]
 
@@ -108,7 +107,7 @@ def check_entry_point(script, argv, world):
 def test_every_script_passes_bash_n():
     assert len(SCRIPTS) >= 6
     for script in SCRIPTS:
-        proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        proc = processes.run_script(["bash", "-n", script], timeout=None)
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from argparse import Namespace
@@ -18,6 +17,7 @@ from argparse import Namespace
 import pytest
 
 from megatron_vl.checkpoint.layout import CheckpointError, LOCK, MANIFEST, list_tags, tag_name
+from megatron_vl.testing import processes
 from megatron_vl.training import checkpointing
 from megatron_vl.training.checkpointing import _agree_or_raise, _disk_full, save_checkpoint
 from megatron_vl.training import save_rules
@@ -76,7 +76,7 @@ def test_checkpoints_in_save_are_never_overwritten(vl_data, trained, tmp_path, m
     assert code == 1 and f"--finetune starts at iteration 0, and --save {s} holds checkpoints up to iter_0000004" in out
     assert _digest(s) == before
     # K25: another live run holds the directory
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = processes.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (s / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                "started": "now", "command": "pretrain_vlgpt.py other"}))
@@ -245,7 +245,7 @@ def test_stale_build_lock_is_reported_at_once(tmp_path, monkeypatch):
     build.mkdir()
     lock = build / "lock"
     lock.write_text("")
-    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], cwd=build)   # like ninja
+    busy = processes.start_process([sys.executable, "-c", "import time; time.sleep(30)"], cwd=build)   # like ninja
     try:
         start = time.time()
         assert preflight.stale_build_locks(grace_seconds=0.5) == []
@@ -351,7 +351,7 @@ def test_lock_refusal_reaches_every_rank(tmp_path):
     (no rank left waiting in a collective). Item 2 in the same processes: rank 1's write fails
     (disk full): both ranks stop within seconds with one line each, `latest` unchanged."""
     from megatron_vl.testing.distributed import run_distributed
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = processes.start_process([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (tmp_path / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
                                                       "started": "now", "command": "other run"}))

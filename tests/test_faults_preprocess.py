@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import zipfile
@@ -24,6 +23,7 @@ from megatron_vl.data.formats import Report, guarded
 from megatron_vl.data.indexed import FeatureStoreWriter
 from megatron_vl.data.preprocess import read_meta, table_fingerprint
 from megatron_vl.errors import run_cli
+from megatron_vl.testing import processes
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,7 @@ def test_merge_never_replaces_an_input_and_never_drops_features_silently(sample,
 # --- ORPH: leftovers of dead writers; a full disk -----------------------------------------------
 
 def _dead_pid():
-    proc = subprocess.Popen(["true"])
+    proc = processes.start_process(["true"])
     proc.wait()
     return proc.pid
 
@@ -342,11 +342,10 @@ def _start_busy_run(sample, big_jsonl, prefix):
     """preprocess_data.py --workers 2 in a process, returned once both workers are at work
     (tokens flowing into the output), not still starting: (process, its two workers)."""
     import psutil
-    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input-format", "jsonl-text", "--input",
-                             str(big_jsonl), "--output-prefix", str(prefix), "--tokenizer-model",
-                             str(sample / "tokenizer.model"), "--no-progress", "--workers", "2"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    proc = processes.start_process([sys.executable, "tools/preprocess_data.py", "--input-format", "jsonl-text",
+                                    "--input", big_jsonl, "--output-prefix", prefix, "--tokenizer-model",
+                                    sample / "tokenizer.model", "--no-progress", "--workers", "2"],
+                                   cwd=ROOT, capture=True, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
     folder, deadline, workers = os.path.dirname(prefix), time.time() + 20, []
     while time.time() < deadline and proc.poll() is None:
         workers = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]

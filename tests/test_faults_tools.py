@@ -6,12 +6,12 @@ not write over a folder's files without --overwrite (MS1, MS2)."""
 import hashlib
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
 
 from megatron_vl.errors import run_cli
+from megatron_vl.testing import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _tools = {}
@@ -160,8 +160,7 @@ def test_plot_loss_names_a_missing_log_or_folder_in_one_line(tmp_path):
              (["--log", log, "--output", tmp_path / "nodir" / "a.png"], "nodir", "does not exist"),
              (["--log", tmp_path, "--output", tmp_path / "a.png"], "--log", "is a directory")]
     for argv, named, reason in cases:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_loss.py"), *map(str, argv)],
-                              capture_output=True, text=True, timeout=60)
+        proc = processes.run_script([sys.executable, os.path.join(ROOT, "tools", "plot_loss.py"), *argv], timeout=60)
         assert proc.returncode == 1
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
         assert named in proc.stderr and reason in proc.stderr

@@ -6,12 +6,12 @@ import glob
 import math
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 import torch
 
+from megatron_vl.testing import processes
 from megatron_vl.testing.distributed import free_port
 from pretrain_helpers import PY, ROOT, VOCAB, logged_losses, pretrain_in_process, run_script, script_env, tiny_args
 
@@ -81,9 +81,8 @@ def test_preemption_signal_saves_exits_zero_and_resume_continues(vl_data, tmp_pa
     args = tiny_args(vl_data, "--global-batch-size", 4, "--save", tmp_path, iters=500)
     slurm = dict(SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost",
                  SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID=str(port - 20000), SLURM_STEP_ID="0")
-    procs = [subprocess.Popen([PY, "pretrain_vlgpt.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env=script_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm))
+    procs = [processes.start_process([PY, "pretrain_vlgpt.py", *args], cwd=ROOT, capture=True, merge_stderr=True,
+                                     env=script_env(SLURM_PROCID=str(r), SLURM_LOCALID=str(r), **slurm))
              for r in range(2)]
     try:
         seen = []
@@ -131,8 +130,8 @@ def test_kill_during_save_leaves_previous_checkpoint(vl_data, tmp_path):
 @pytest.mark.timeout(200)
 def test_nan_loss_skips_update_counts_it_and_aborts_after_the_limit(vl_data, tmp_path):
     args = tiny_args(vl_data, "--save", tmp_path, "--save-interval", 1, "--max-skipped-steps", 2, iters=8)
-    proc = subprocess.run([PY, "pretrain_vlgpt.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=180, env=script_env(MEGATRON_VL_INJECT="nan_loss@2,4,5,6"))
+    proc = processes.run_script([PY, "pretrain_vlgpt.py", *args], cwd=ROOT, timeout=180,
+                                env=script_env(MEGATRON_VL_INJECT="nan_loss@2,4,5,6"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "error: iteration 6: 3 consecutive updates skipped for a non-finite loss or gradient norm " \

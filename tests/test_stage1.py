@@ -6,13 +6,13 @@ export, and decoding back to pixels through diffusers."""
 
 import os
 import signal
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_vl.testing import processes
 from megatron_vl.testing.tiny_models import save_tiny_clip, save_tiny_ip_adapter, save_tiny_sd
 from pretrain_helpers import PY, ROOT, run_script, script_env
 from test_pair_stream import _shard
@@ -194,8 +194,7 @@ def test_two_ranks_deepspeed_and_torchrun_resume_exactly_export_and_extract(s1, 
 @pytest.mark.timeout(300)
 def test_sigterm_saves_exits_zero_and_resume_continues(s1, tmp_path):
     argv = [PY, "train_tokenizer.py", *args(s1, "--save", tmp_path, iters=500)]
-    proc = subprocess.Popen([str(a) for a in argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=script_env())
+    proc = processes.start_process(argv, cwd=ROOT, capture=True, merge_stderr=True, env=script_env())
     try:
         seen = []
         for line in proc.stdout:

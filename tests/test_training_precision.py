@@ -2,7 +2,6 @@
 `torch_dtype`, read by every stage (pretraining, instruction tuning, stage 1, the export, the
 planner); config itself stays importable without torch."""
 
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from megatron_vl.config import load_config
 from megatron_vl.stage1.config import TokenizerTrainConfig
+from megatron_vl.testing import processes
 
 
 @pytest.mark.parametrize("flags, name, dtype", [
@@ -27,6 +27,6 @@ def test_precision_and_dtype_follow_the_flags(flags, name, dtype):
 
 def test_the_config_package_does_not_import_torch():
     code = "import sys, megatron_vl.config; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = processes.run_script([sys.executable, "-c", code], timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -17,6 +17,7 @@ import traceback
 from typing import Any, Callable, Dict, List
 
 from ..parallel.state import free_port, release_shm_name
+from .processes import kill_with_descendants
 
 __all__ = ["DistributedFailure", "free_port", "one_rank_job", "run_distributed"]
 
@@ -105,7 +106,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         for p in procs:
             p.join(timeout=5 if len(outcome) == world_size else 0.1)
             if p.is_alive():
-                p.kill()
+                kill_with_descendants(p.pid)   # a rank's own children (data workers) go with it
                 p.join()
     failures = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
     missing = [r for r in range(world_size) if r not in outcome]
