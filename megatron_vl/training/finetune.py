@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..checkpoint.layout import is_release, read_latest, read_stage
 from ..config import Config, ConfigError
 from ..data.dataset import open_meta, parse_blend
+from ..data.format_registry import format_names, input_format
 from . import save_rules
 
 
@@ -26,17 +27,22 @@ STAGE = "instruct"
 DEFAULTS = ["--lora-rank", "16", "--lora-alpha", "32", "--lr", "5e-5", "--min-lr", "0"]
 
 
-def prepare(cfg: Config, ns=None) -> None:
+def _instruction_formats() -> str:
+    names = [n for n in format_names() if input_format(n).instruct]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def prepare(cfg: Config, allow_random_init: bool = False) -> None:
     errors = []
     for prefix in parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []:
         meta = open_meta(prefix)   # missing or unreadable: one line naming it, exit 1 (as in stage 2)
         if not meta.get("loss_mask"):
             errors.append(f"{prefix}: not instruction data (no loss mask; format {meta.get('format')!r}): "
-                          "preprocess it with --input-format llava, coco-captions, instructpix2pix or magicbrush")
+                          f"preprocess it with --input-format {_instruction_formats()}")
     if not cfg.data.reset_attention_mask:
         errors.append("--no-reset-attention-mask: instruction tuning keeps each conversation to itself")
     c = cfg.checkpoint
-    if not c.load and not getattr(ns, "allow_random_init", False):
+    if not c.load and not allow_random_init:
         errors.append("no --load: stage 3 tunes a stage-2 checkpoint: pass --load DIR (pretrain_vlgpt.py's --save, "
                       "or a release checkpoint), or --allow-random-init to tune randomly initialised weights")
     if errors:

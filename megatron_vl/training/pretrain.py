@@ -193,11 +193,11 @@ def parser(description: str = "Pretrain VL-GPT on packed interleaved image-text 
 
 def pretrain(argv: Optional[Sequence[str]] = None, description: Optional[str] = None, stage: str = "pretrain",
              prepare=None) -> VLGPTTrainer:
-    """Runs a whole pretraining job (or, with stage="instruct" and its `prepare(cfg)` check,
+    """Runs a whole pretraining job (or, with stage="instruct" and its `prepare(cfg, allow_random_init)` check,
     an instruction-tuning one); returns the VLGPTTrainer (exit_code, history)."""
     cfg, ns = load_config(argv, parser=parser(description, stage) if description else parser(stage=stage))
-    if prepare is not None:
-        prepare(cfg, ns)
+    if prepare is not None:   # the instruction stage's checks; --allow-random-init is its flag
+        prepare(cfg, allow_random_init=bool(getattr(ns, "allow_random_init", False)))
     launch, device, owns_group = start_process(cfg, lambda world: validate(cfg, world, extra_checks=[check_eval_tasks]))
     with guarded_save(cfg, stage, launch.rank):
         return _pretrain(cfg, launch, device, owns_group, stage)
