@@ -9,6 +9,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_vl", "megatron_vl.*"]),
+    package_data={"megatron_vl.config": ["presets/*.yaml"]},   # --model-preset NAME
     python_requires=">=3.9",
     # torch is listed with a range the CPU wheel satisfies; install torch first (see README),
     # or pip pulls a multi-GB CUDA build.

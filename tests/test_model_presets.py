@@ -1,4 +1,4 @@
-"""Model presets (--model-preset NAME, examples/configs/NAME.yaml): each gives its model's
+"""Model presets (--model-preset NAME, megatron_vl/config/presets/NAME.yaml, linked as examples/configs): each gives its model's
 exact architecture; the layers stack preset < --config YAML < flags; an unknown name is one
 line naming the choices; --help lists exactly the files there; the examples use them."""
 
@@ -40,7 +40,7 @@ def _entry(rel):
 def _listed_presets(parser):
     """The preset names the --model-preset help text lists."""
     text = re.sub(r"\s+", " ", parser.format_help())
-    found = re.search(r"--model-preset NAME\|FILE Model size preset: (.*?) \(examples/configs/NAME\.yaml\)", text)
+    found = re.search(r"--model-preset NAME\|FILE Model size preset: (.*?) \(config/presets/NAME\.yaml\)", text)
     assert found, "--help does not list the presets"
     return found.group(1).split(", ")
 
@@ -126,7 +126,7 @@ def test_planner_help_lists_the_presets(capsys):
     with pytest.raises(SystemExit):
         _entry("tools/plan_parallelism.py").main(["--help"])
     out = re.sub(r"\s+", " ", capsys.readouterr().out)
-    assert "Model size preset: llama-13b, llama-7b, tiny, vlgpt-7.5b (examples/configs/NAME.yaml)" in out
+    assert "Model size preset: llama-13b, llama-7b, tiny, vlgpt-7.5b (config/presets/NAME.yaml)" in out
 
 
 def test_the_tokenizer_stage_has_no_model_preset(capsys):

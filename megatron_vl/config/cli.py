@@ -60,7 +60,7 @@ def build_parser(description: str = "", parser: Optional[argparse.ArgumentParser
 
 
 def _short(directory: str) -> str:
-    """A presets directory as --help shows it: its last two components (examples/configs)."""
+    """A presets directory as --help shows it: its last two components (config/presets)."""
     return os.path.join(os.path.basename(os.path.dirname(directory)), os.path.basename(directory))
 
 

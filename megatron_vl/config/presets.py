@@ -1,5 +1,6 @@
 """Named model presets (--model-preset NAME): YAML files in the config layout, one per model
-size, in examples/configs/ of the checkout (NAME.yaml). Adding a size is adding a file."""
+size, shipped with the package in megatron_vl/config/presets/ (NAME.yaml; examples/configs is a
+link to it). Adding a size is adding a file."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from typing import List
 
 from .fields import ConfigError
 
-# The checkout's examples/configs/ (the entry scripts run from a checkout; the package is
-# installed from it with pip install -e).
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "examples", "configs")
+# Package data (setup.py), so a plain `pip install .` has them too.
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 SUFFIX = ".yaml"
 
 
