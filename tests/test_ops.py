@@ -1,15 +1,19 @@
-"""Each op's torch path against its reference; fused paths against the reference on CUDA."""
+"""Each op's torch path against its reference; fused paths against the reference on CUDA
+(through the parity helpers of megatron_vl/testing/kernel_parity.py)."""
+
+import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_vl import ops
+from megatron_vl.parallel.cross_entropy import cross_entropy, fused_lm_head_loss
+from megatron_vl.testing import kernel_parity
 
 
-def _qkv(device="cpu", dtype=torch.float32, b=2, s=33, h=4, g=2, d=16):
+def _qkv(b=2, s=33, h=4, g=2, d=16):
     gen = torch.Generator().manual_seed(0)
-    make = lambda heads: torch.randn(b, s, heads, d, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    make = lambda heads: torch.randn(b, s, heads, d, generator=gen).requires_grad_()  # noqa: E731
     return make(h), make(g), make(g)
 
 
@@ -61,71 +65,64 @@ def test_kernel_choice_is_validated():
 
 
 # --- fused kernels on CUDA -----------------------------------------------------------------
-# Each demands its fused kernel (impl="require": a missing kernel fails, never falls back)
-# and compares forward and backward with the reference.
+# The parity helpers tests/test_kernel_parity.py proves on CPU (stand-in kernels that write into
+# their inputs pass, deliberately wrong ones fail), here on the real fused paths: impl="fused"
+# raises rather than falls back. Each helper copies the inputs per path, runs the reference
+# first, feeds the model's layouts (q/k/v split from one fused qkv, per-row positions and
+# documents) and compares forward and backward with kernel_parity.TOLERANCES.
 
-def _grads(out, inputs, gout):
-    return torch.autograd.grad(out, inputs, gout)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rms_norm_rope_swiglu_match_reference(dtype):
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    x = torch.randn(4, 64, 256, device="cuda", dtype=dtype, requires_grad=True)
-    w = (torch.rand(256, device="cuda", dtype=dtype) + 0.5).requires_grad_()
-    a, b = ops.rms_norm(x, w, 1e-6, "require"), ops.rms_norm_reference(x, w, 1e-6)
-    assert ops.implementations()["rms_norm"] == "liger_kernel.ops.rms_norm"
-    assert (a - b).abs().max() <= tol
-    g = torch.randn_like(a)
-    for ga, gb in zip(_grads(a, (x, w), g), _grads(b, (x, w), g)):
-        assert (ga.float() - gb.float()).abs().max() <= tol * 10
-    gu = torch.randn(4, 64, 512, device="cuda", dtype=dtype, requires_grad=True)
-    a, b = ops.swiglu(gu, "require"), ops.swiglu_reference(gu)
-    assert (a - b).abs().max() <= tol
-    g = torch.randn_like(a)
-    assert (_grads(a, (gu,), g)[0].float() - _grads(b, (gu,), g)[0].float()).abs().max() <= tol * 10
-    q, k, _ = _qkv("cuda", dtype)
-    pos = torch.arange(q.shape[1], device="cuda").unsqueeze(0).expand(q.shape[0], -1)
-    cos, sin = ops.rope_cos_sin(pos, ops.rope_inv_freq(q.shape[-1], 10000.0), dtype)
-    fused, ref = ops.apply_rope(q, k, cos, sin, "require"), ops.apply_rope_reference(q, k, cos, sin)
-    for a, b in zip(fused, ref):
-        assert (a - b).abs().max() <= tol
-    g = [torch.randn_like(t) for t in ref]
-    for ga, gb in zip(torch.autograd.grad(fused, (q, k), g), torch.autograd.grad(ref, (q, k), g)):
-        assert (ga.float() - gb.float()).abs().max() <= tol * 10
+FP32, BF16 = torch.float32, torch.bfloat16
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", ["none", "tensor", "host-documents"])
-def test_fused_attention_matches_reference(segments):
-    """flash-attn, causal and varlen (segment ids, or boundaries built on the host beside the
-    batch as training does), forward and backward."""
-    q, k, v = _qkv("cuda", torch.bfloat16, s=128)
-    seg_cpu = torch.tensor([[0] * 50 + [1] * 78, [0] * 100 + [1] * 28])
-    seg = None if segments == "none" else seg_cpu.cuda()
-    if segments == "host-documents":
-        docs = ops.documents_from_segments(seg_cpu)
-        seg = ops.Documents(seg, docs.cu_seqlens.cuda(), docs.max_seqlen)
-    fused = ops.attention(q, k, v, seg, impl="require")
-    assert ops.implementations()["attention"] == "flash_attn"
-    ref = ops.attention_reference(q, k, v, None if seg is None else seg_cpu.cuda())
-    assert (fused.float() - ref.float()).abs().max() <= 2e-2
-    g = torch.randn_like(fused)
-    for ga, gb in zip(_grads(fused, (q, k, v), g), _grads(ref, (q, k, v), g)):
-        assert (ga.float() - gb.float()).abs().max() <= 5e-2
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_fused_rms_norm_matches_reference(dtype):
+    kernel_parity.check_rms_norm(lambda x, w, eps: ops.rms_norm(x, w, eps, impl="fused"), dtypes=(dtype,),
+                                 device="cuda")
 
 
 @pytest.mark.gpu
-def test_fused_cross_entropy_matches_reference():
-    logits = (torch.randn(64, 1000, device="cuda") * 10).requires_grad_()
-    target = torch.randint(0, 1000, (64,), device="cuda")
-    target[:5] = -100
-    fused = ops.fused_cross_entropy(logits, target, impl="require")
-    ref = F.cross_entropy(logits, target, reduction="none")
-    assert (fused - ref).abs().max() <= 1e-4
-    g = torch.randn_like(ref)
-    assert (_grads(fused, (logits,), g)[0] - _grads(ref, (logits,), g)[0]).abs().max() <= 1e-4
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_fused_rope_matches_reference(dtype):
+    kernel_parity.check_rope(lambda q, k, cos, sin: ops.apply_rope(q, k, cos, sin, impl="fused"), dtypes=(dtype,),
+                             device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_fused_swiglu_matches_reference(dtype):
+    kernel_parity.check_swiglu(lambda gate_up: ops.swiglu(gate_up, impl="fused"), dtypes=(dtype,), device="cuda")
+
+
+@pytest.mark.gpu
+def test_fused_attention_matches_reference():
+    """flash-attn (half precision only): causal, varlen from segment ids, and varlen from
+    boundaries built on the host beside the batch as training does."""
+    kernel_parity.check_attention(lambda q, k, v, seg: ops.attention(q, k, v, seg, impl="fused"), dtypes=(BF16,),
+                                  device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("entry", ["ops.fused_cross_entropy", "cross_entropy(inplace=True)"])
+def test_fused_cross_entropy_matches_reference(dtype, entry):
+    """liger's kernel directly, and through the call the LM head makes (logits overwritten)."""
+    if entry == "ops.fused_cross_entropy":
+        def candidate(logits, target):
+            return ops.fused_cross_entropy(logits, target, impl="fused")
+    else:
+        def candidate(logits, target):
+            return cross_entropy(logits, target, impl="require", inplace=True)
+    kernel_parity.check_cross_entropy(candidate, dtypes=(dtype,), device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_chunked_lm_head_loss_matches_reference(dtype):
+    """The loss training takes, on CUDA; two tokens per chunk, so bf16 accumulation of the
+    head gradient across ~1000 chunks would show."""
+    kernel_parity.check_lm_head_loss(functools.partial(fused_lm_head_loss, chunk_size=2), dtypes=(dtype,),
+                                     device="cuda")
 
 
 def test_require_refuses_cpu_and_names_missing_kernels():
