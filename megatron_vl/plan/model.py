@@ -18,9 +18,8 @@ DeepSpeed's settings come from the run's DeepSpeed JSON through DeepSpeed's own 
 (its defaults when absent). Checked against the allocator's peak of real CPU runs
 (measure.py, tests/test_plan_memory.py); the GPU paths (Runtime GPU) are modelled, not checked.
 
-Step time: FLOPs (6 x trainable + 4 x frozen per token: a frozen weight gets no weight
-gradient; +2 x all with recompute; attention 6 x s x h per layer and token; MFU counts these
-without the recomputation) at an assumed
+Step time: FLOPs per token by flops.py (6 x trainable + 4 x frozen matmul weights, causal
+attention 6 x L x s x a; recomputation adds a forward, which MFU does not count) at an assumed
 fraction of peak, the pipeline bubble (pp - 1) / micro-batches, and the collectives per step
 (tensor-parallel all-reduces inside a node, data-parallel gradient reduction and ZeRO-3's
 parameter gathers across nodes) over the stated link bandwidths; half of the data-parallel
@@ -31,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict
+
+from .flops import attention_shape, training_flops, weights_from_counts
 
 GiB = 1024 ** 3
 
@@ -188,13 +189,11 @@ def step_time(stages: list, layout: Layout, model, cluster: Cluster, seq: int, g
               dtype_bytes: int) -> tuple:
     """(seconds per step, MFU) of a layout (see the module doc)."""
     tokens = global_batch * seq
-    trainable = sum(s["trainable_slice"] for s in stages) * layout.tp
-    frozen = sum(s["frozen_slice"] for s in stages) * layout.tp
-    attention = 6 * seq * model.hidden_size * model.num_layers   # per token, forward + backward
-    flops = tokens * (6 * trainable + 4 * frozen + attention + (2 * (trainable + frozen) if layout.recompute else 0))
-    # MFU counts the work training needs (a frozen weight needs no weight gradient: 4, not 6,
-    # FLOPs per token), not the recomputation.
-    model_flops = tokens * (6 * trainable + 4 * frozen + attention)
+    weights = weights_from_counts(sum(s["trainable_slice"] for s in stages) * layout.tp,
+                                  sum(s["frozen_slice"] for s in stages) * layout.tp, model, layout.tp)
+    shape = attention_shape(model, seq)
+    flops = tokens * training_flops(weights, shape, layout.recompute)
+    model_flops = tokens * training_flops(weights, shape)   # MFU: without the recomputation
     gpus = layout.tp * layout.pp * layout.dp
     compute = flops / (gpus * cluster.peak_tflops * 1e12 * cluster.kernel_efficiency)
     gas = global_batch // (layout.micro * layout.dp)

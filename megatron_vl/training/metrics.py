@@ -14,24 +14,11 @@ from ..config import Config
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def matmul_parameters(cfg: Config) -> int:
-    """N: the weights every token multiplies through (layers, LM head, visual projection and
-    regression head; the embedding lookup is not a matmul)."""
-    m = cfg.model
-    q, kv = m.num_attention_heads * m.head_dim, m.kv_heads * m.head_dim
-    per_layer = m.hidden_size * (q + 2 * kv) + q * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
-    return (m.num_layers * per_layer + m.vocab_size * m.hidden_size
-            + 2 * m.visual_embed_dim * m.hidden_size)
-
-
 def flops_per_token(cfg: Config) -> float:
-    """Model FLOPs per trained token: 6N + attention (forward 2N, backward 4N) for full
-    training; with LoRA the frozen base needs no weight gradients, about 4N + attention.
-    Attention scores and values: 4·s·h per layer forward, x3 with the backward."""
-    m = cfg.model
-    n = matmul_parameters(cfg)
-    attention = 12 * m.num_layers * m.seq_length * m.num_attention_heads * m.head_dim
-    return (4 if cfg.lora.lora_rank > 0 else 6) * n + attention
+    """Model FLOPs per trained token: plan/flops.py's formula (the one the planner and the GPU
+    acceptance script use) on the model as training builds it, LoRA included."""
+    from ..plan.flops import model_flops_per_token
+    return model_flops_per_token(cfg)
 
 
 def peak_tflops(cfg: Config) -> Optional[float]:
