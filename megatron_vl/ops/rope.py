@@ -30,6 +30,23 @@ def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict] = None) ->
     return torch.where(medium, smoothed, scaled)
 
 
+class RotaryFrequencies(torch.nn.Module):
+    """The inverse frequencies as a module's buffer that moves with the module but stays fp32
+    under any cast: DeepSpeed's engine calls module.bfloat16() / half(), which would round
+    them (bf16 keeps 8 bits: the slowest frequencies, and so long-range positions, go wrong)."""
+
+    def __init__(self, head_dim: int, base: float, scaling: Optional[dict] = None):
+        super().__init__()
+        self._exact = rope_inv_freq(head_dim, base, scaling)
+        self.register_buffer("inv_freq", self._exact.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:   # a cast: put the exact values back, on its device
+            self.inv_freq = self._exact.to(self.inv_freq.device)
+        return self
+
+
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype=torch.float32
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [batch, seq, head_dim] for integer positions [batch, seq]."""

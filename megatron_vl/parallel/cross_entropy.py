@@ -100,58 +100,89 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
 class _FusedLMHeadLoss(torch.autograd.Function):
     """sum_i w_i * CE(h_i W^T, y_i), computed over token chunks: the [tokens, vocab] logits
     never exist in full, and each chunk's gradients (w.r.t. h and W) are formed in forward
-    while its softmax is at hand. backward only scales them by the incoming scalar."""
+    while its softmax is at hand. backward only scales them by the incoming scalar.
+
+    The weight gradient is summed over chunks in fp32 (a bf16 running sum loses the small
+    chunks' parts once it has grown: with 1000 chunks its error is many times bf16's
+    rounding), and only for what requires a gradient: a frozen head gets none at all.
+
+    `row_delta` [k, h] is added to the head's rows `rows` (a frozen head whose rows for new
+    tokens train, model/lora.py): their logits gain h · delta^T and the delta gets its own small
+    gradient, so the head is never copied to form an effective weight, nor given a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, loss_weights, group, vocab_size, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, row_delta, rows, target, loss_weights, group, vocab_size, ignore_index,
+                chunk_size):
         n = hidden.shape[0]
-        needs_grad = hidden.requires_grad or weight.requires_grad
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight) if needs_grad else None
+        grad_delta = torch.zeros(row_delta.shape, dtype=torch.float32, device=row_delta.device) \
+            if row_delta is not None and row_delta.requires_grad else None
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if weight.requires_grad else None
+        # Each chunk's weight-gradient product in the training dtype (fast matmul), added into
+        # the fp32 sum; reused, like the logits buffer, so no fresh pages per chunk.
+        product = weight.new_empty(weight.shape) if grad_weight is not None and weight.dtype != torch.float32 \
+            else None
         losses = hidden.new_empty(n, dtype=torch.float32)
-        buf = hidden.new_empty(min(chunk_size, n), weight.shape[0])  # reused: no fresh pages per chunk
+        buf = hidden.new_empty(min(chunk_size, n), weight.shape[0])
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]
-            logits = torch.mm(h, weight.t(), out=buf[:end - start]).float()
+            logits = torch.mm(h, weight.t(), out=buf[:end - start])
+            if row_delta is not None:
+                logits.index_add_(1, rows, torch.mm(h, row_delta.t()))
+            logits = logits.float()
             loss, state = _softmax_loss_(logits, target[start:end], group, vocab_size, ignore_index, 0.0)
             losses[start:end] = loss
-            if needs_grad:
-                local_target, outside, ignored, valid_local = state
-                g = _softmax_to_grad_(logits, local_target, outside, ignored, loss_weights[start:end].float(),
-                                      valid_local, vocab_size, 0.0)
-                g = g.to(hidden.dtype)
+            if grad_hidden is None and grad_weight is None and grad_delta is None:
+                continue
+            local_target, outside, ignored, valid_local = state
+            g = _softmax_to_grad_(logits, local_target, outside, ignored, loss_weights[start:end].float(),
+                                  valid_local, vocab_size, 0.0).to(hidden.dtype)
+            g_rows = g.index_select(1, rows) if row_delta is not None else None
+            if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start:end])
+                if g_rows is not None:
+                    grad_hidden[start:end].addmm_(g_rows, row_delta)
+            if grad_delta is not None:
+                grad_delta.add_(torch.mm(g_rows.t(), h).float())
+            if product is not None:
+                grad_weight.add_(torch.mm(g.t(), h, out=product))
+            elif grad_weight is not None:
                 grad_weight.addmm_(g.t(), h)
-        if needs_grad:
+        if grad_hidden is not None:
             # Every TP rank holds all of h but only its vocabulary slice: sum their parts.
             all_reduce(grad_hidden, group)
-            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                              None if grad_delta is None else grad_delta.to(row_delta.dtype))
         ctx.mark_non_differentiable(losses)
         return (losses * loss_weights.float()).sum(), losses
 
     @staticmethod
     def backward(ctx, grad_total, _grad_losses):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None
+        grad_hidden, grad_weight, grad_delta = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_total for g in (grad_hidden, grad_weight, grad_delta)]
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def fused_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                        loss_weights: torch.Tensor, group=None, vocab_size: Optional[int] = None,
-                       ignore_index: int = -100, chunk_size: int = 1024):
+                       ignore_index: int = -100, chunk_size: int = 1024, rows=None):
     """Weighted cross-entropy of the LM head without materialising all logits.
 
     hidden [..., h] (replicated over the TP group), weight [local_vocab, h] (this rank's
     vocabulary slice), target and loss_weights shaped like hidden[..., 0]. Returns
-    (sum_i w_i * loss_i, per-position losses detached). Typical weights: 1/num_targets."""
+    (sum_i w_i * loss_i, per-position losses detached). Typical weights: 1/num_targets.
+    rows: (local row indices, delta [k, h]) trained on top of a frozen weight, or None."""
     from ..ops._dispatch import record   # here: ops imports this module
     record("cross_entropy", "chunked LM-head loss (torch)")
     world = 1 if group is None else dist.get_world_size(group)
     if vocab_size is None:
         vocab_size = weight.shape[0] * world
     h = hidden.reshape(-1, hidden.shape[-1])
-    total, losses = _FusedLMHeadLoss.apply(h, weight, target.reshape(-1), loss_weights.reshape(-1), group,
-                                           vocab_size, ignore_index, chunk_size)
+    index, delta = rows if rows is not None else (None, None)
+    total, losses = _FusedLMHeadLoss.apply(h, weight, delta, index, target.reshape(-1), loss_weights.reshape(-1),
+                                           group, vocab_size, ignore_index, chunk_size)
     return total, losses.view(target.shape)
 
 

@@ -36,12 +36,11 @@ class DecoderLayerPipe(LlamaDecoderLayer):
         self.rng_tracker = rng_tracker
         self.recompute = recompute
         self.document_isolation = document_isolation
-        self.register_buffer("inv_freq", ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg)),
-                             persistent=False)
+        self.rotary = ops.RotaryFrequencies(cfg.head_dim, cfg.rotary_base, _rope_scaling(cfg))
 
     def forward(self, inputs):
         x, position_ids, segment_ids = inputs
-        cos, sin = ops.rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, sin = ops.rope_cos_sin(position_ids, self.rotary.inv_freq, x.dtype)
         segments = segment_ids if self.document_isolation else None
         if self.recompute and self.training:
             x = checkpoint(super().forward, x, cos, sin, segments, use_reentrant=False,
