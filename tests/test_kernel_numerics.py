@@ -1,11 +1,13 @@
 """Numerics of the loss path and RoPE that the GPU run depends on, checked on CPU: RoPE's
 frequencies survive any cast of the model, a frozen LM head gets no gradient at all, and the
-trainable [IMG]/[/IMG] rows of a frozen head train without the head being copied. (The
-weight gradient's fp32 sum over chunks is checked by tests/test_kernel_parity.py: the real
-chunked loss in bf16 against its fp32 reference.)"""
+trainable [IMG]/[/IMG] rows of a frozen head train without the head being copied, and the
+weight gradient is summed over chunks in fp32. (tests/test_kernel_parity.py also runs the
+chunked loss against its reference, and a bf16-summing stand-in that must fail.)"""
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_vl import ops
 from megatron_vl.config import ModelConfig
@@ -152,3 +154,124 @@ def test_require_names_the_import_error(broken_kernel, monkeypatch):
     with pytest.raises(RuntimeError, match=r"no fused kernel for attention \(broken_kernel_mod: OSError: "
                                            r"libcudart\.so\.12"):
         broken_kernel.check_required("require", "cuda", ops=("attention",))
+
+
+def test_the_decoder_layers_get_exact_cos_sin_from_a_bf16_model():
+    """What the layers receive, at long-range positions, after module.bfloat16()."""
+    model, cfg = _tiny_llama()
+    model.bfloat16()
+    seen = {}
+    model.layers[0].register_forward_pre_hook(lambda _m, args: seen.update(cos=args[1], sin=args[2]))
+    positions = torch.tensor([[0, 1, 1000, 2047, 3000, 4095]])
+    model(input_ids=torch.zeros_like(positions), position_ids=positions)
+    ref_cos, ref_sin = ops.rope_cos_sin(positions, ops.rope_inv_freq(cfg.head_dim, cfg.rotary_base), torch.bfloat16)
+    assert torch.equal(seen["cos"], ref_cos) and torch.equal(seen["sin"], ref_sin)
+
+
+def test_the_head_gradient_is_summed_over_chunks_in_fp32():
+    """1024 chunks of 2 tokens in bf16. Against fp32 math on the same bf16 inputs, the result
+    may be off by 1e-2 of its largest entry (the bf16 logits cost about 4e-3 here); a bf16
+    running sum of the same per-chunk products is off by about 0.2."""
+    n, hidden, vocab = 2048, 32, 48
+    g = torch.Generator().manual_seed(0)
+    # A shared direction, as post-norm hidden states have: per-token gradients add up.
+    h = (torch.randn(n, hidden, generator=g) + torch.randn(hidden, generator=g)).bfloat16()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.2).bfloat16()
+    target = torch.randint(0, vocab, (n,), generator=g)
+    weights = torch.full((n,), 1.0 / n)
+    w_leaf = w.clone().requires_grad_()
+    total, _ = fused_lm_head_loss(h.clone().requires_grad_(), w_leaf, target, weights, chunk_size=2)
+    total.backward()
+    assert w_leaf.grad.dtype == torch.bfloat16
+
+    hf, wf = h.float(), w.float().requires_grad_()
+    (torch.nn.functional.cross_entropy(hf @ wf.t(), target, reduction="none") * weights).sum().backward()
+    ref = wf.grad
+    scale = ref.abs().max()
+    probs = torch.softmax(hf @ wf.detach().t(), -1)
+    probs[torch.arange(n), target] -= 1
+    per_token = (probs * weights[:, None]).bfloat16()
+    running = torch.zeros(vocab, hidden, dtype=torch.bfloat16)
+    for start in range(0, n, 2):
+        running.addmm_(per_token[start:start + 2].t(), h[start:start + 2])
+    assert (w_leaf.grad.float() - ref).abs().max() <= 1e-2 * scale
+    assert (running.float() - ref).abs().max() > 0.1 * scale   # what the check above rules out
+
+
+class _LargestNewStorage(TorchDispatchMode):
+    """The largest storage (bytes) any op creates, backward included: views, in-place and out=
+    results reuse an input's storage and do not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_head_allocates_nothing_head_sized(dtype):
+    h, w, target, weights = _loss_inputs(n=16, hidden=32, vocab=512)
+    h, w = h.detach().to(dtype).requires_grad_(), w.to(dtype)
+    with _LargestNewStorage() as frozen:
+        total, _ = fused_lm_head_loss(h, w, target, weights, chunk_size=8)
+        total.backward()
+    assert w.grad is None and frozen.largest < _nbytes(w)
+    w.requires_grad_()
+    with _LargestNewStorage() as trained:   # the tracker does see a head gradient
+        fused_lm_head_loss(h, w, target, weights, chunk_size=8)[0].backward()
+    assert trained.largest >= _nbytes(w)
+
+
+def _lora_head_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, vocab_size=500,
+                      seq_length=8, max_position_embeddings=64)
+    model = LlamaModel(cfg)
+    model.requires_grad_(False)
+    model.head.final_norm.weight.requires_grad_(True)   # so the head's input wants a gradient too
+    model.head.output = TrainableRowsOutput(model.head.output, token_ids=[3, 498])
+    with torch.no_grad():
+        model.head.output.rows_delta.normal_(0, 0.5)
+    return model, cfg
+
+
+def test_the_lora_head_is_copied_neither_by_the_loss_nor_by_the_logits():
+    model, cfg = _lora_head_model()
+    head = model.head.output
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.roll(-1, 1)
+    labels[0, :3] = torch.tensor([3, 498, 3])
+    with _LargestNewStorage() as loss_path:
+        total, _ = model(input_ids=ids, labels=labels, loss_weights=torch.full((2, 8), 1 / 16))
+        total.backward()
+    with _LargestNewStorage() as logits_path:
+        model(input_ids=ids).float().pow(2).sum().backward()
+    head_bytes = _nbytes(head.base.weight)
+    assert loss_path.largest < head_bytes and logits_path.largest < head_bytes
+    assert head.base.weight.grad is None and head.rows_delta.grad.abs().min() > 0
+    with _LargestNewStorage() as copied:        # the effective weight, built whole, is such a copy
+        head.weight
+    assert copied.largest >= head_bytes
+
+    x = torch.randn(2, 8, cfg.hidden_size, requires_grad=True)
+    head.rows_delta.grad = None
+    out = head(x)
+    out.pow(2).sum().backward()
+    grads = x.grad.clone(), head.rows_delta.grad.clone()
+    x.grad, head.rows_delta.grad = None, None
+    ref = torch.nn.functional.linear(x, head.weight)
+    ref.pow(2).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(grads[0], x.grad, atol=1e-5) and torch.allclose(grads[1], head.rows_delta.grad, atol=1e-5)

@@ -130,7 +130,9 @@ class TrainableRowsEmbedding(nn.Module):
 
 class TrainableRowsOutput(nn.Module):
     """A frozen column-parallel LM head whose rows for a few tokens train through a delta.
-    ``weight`` is the effective weight (what the fused LM-head loss reads)."""
+    Neither forward nor the fused loss (``weight_and_rows``) copies the head: the delta's
+    logits are added to those rows' columns. ``weight`` builds the effective weight (a copy of
+    the head) for whoever needs it whole."""
 
     def __init__(self, base: ColumnParallelLinear, token_ids: Sequence[int]):
         super().__init__()
@@ -155,7 +157,10 @@ class TrainableRowsOutput(nn.Module):
         return self.base.weight, (self.local_rows, copy_to_group(self.rows_delta, self.group)[self.delta_rows])
 
     def forward(self, x):
-        return F.linear(copy_to_group(x, self.group), self.weight)
+        x = copy_to_group(x, self.group)
+        _, (rows, delta) = self.weight_and_rows()
+        # In place on the matmul's output (its backward does not read it): h·W + h·delta for the rows.
+        return F.linear(x, self.base.weight).index_add_(-1, rows, F.linear(x, delta))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, new_token_ids: Sequence[int], seed: int,

@@ -38,7 +38,7 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 def swiglu(gate_up: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if fused_available(gate_up, impl, "liger_kernel.ops.swiglu", "swiglu"):
         from liger_kernel.ops import swiglu as liger
-        if hasattr(liger, "LigerFusedGateUpSiLUMulFunction"):  # liger >= 0.8: no chunk copies
+        if hasattr(liger, "LigerFusedGateUpSiLUMulFunction"):  # liger >= 0.8.2: no chunk copies
             return liger.LigerFusedGateUpSiLUMulFunction.apply(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return liger.LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())

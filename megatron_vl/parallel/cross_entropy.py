@@ -153,7 +153,9 @@ class _FusedLMHeadLoss(torch.autograd.Function):
         if grad_hidden is not None:
             # Every TP rank holds all of h but only its vocabulary slice: sum their parts.
             all_reduce(grad_hidden, group)
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+        if product is not None:   # the one cast, into the product buffer: no third head-sized tensor
+            grad_weight = product.copy_(grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight,
                               None if grad_delta is None else grad_delta.to(row_delta.dtype))
         ctx.mark_non_differentiable(losses)
         return (losses * loss_weights.float()).sum(), losses

@@ -32,7 +32,7 @@ def _instruction_formats() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def prepare(cfg: Config, allow_random_init: bool = False) -> None:
+def prepare(cfg: Config, *, allow_random_init: bool = False) -> None:
     errors = []
     for prefix in parse_blend(cfg.data.data_path)[0] if cfg.data.data_path else []:
         meta = open_meta(prefix)   # missing or unreadable: one line naming it, exit 1 (as in stage 2)
