@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from megatron_vl.checkpoint.layout import META_FILE, CheckpointError, is_release, read_latest
+from megatron_vl.checkpoint.layout import META_FILE, CheckpointError, is_release, read_json_object, read_latest
 from megatron_vl.checkpoint.names import check_layout
 from megatron_vl.checkpoint.output_dir import check_output_dir
 from megatron_vl.checkpoint.release import hf_to_shards, load_release_shards, save_release_checkpoint, shards_to_hf
@@ -37,19 +37,10 @@ from megatron_vl.errors import UserError, run_cli
 def read_hf_config(hf_dir):
     """The model config of an HF LLaMA directory; a missing, damaged or foreign config.json is
     one line naming it."""
-    import json
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"--hf-dir {hf_dir}: no such directory")
-    try:
-        with open(path) as fh:
-            raw = json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a Hugging Face model directory)") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, lambda: f"{path}: missing (not a Hugging Face model directory)")
     raw.setdefault("_name_or_path", path)
     try:
         return model_config_from_hf(raw)

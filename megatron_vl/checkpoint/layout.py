@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from ..atomic import atomic_open
 from ..errors import UserError
@@ -38,6 +38,21 @@ STAGE_NAMES = {"tokenizer": "stage-1 (image tokenizer, train_tokenizer.py)",
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 IMAGE_DETOKENIZER_DIR = "image_detokenizer"
 STAGE1_PARTS = (IMAGE_TOKENIZER_DIR, IMAGE_DETOKENIZER_DIR)
+
+
+def read_json_object(path: str, missing: Callable[[], str]) -> dict:
+    """A checkpoint's JSON file as a dict; missing (`missing()` says what that means: asked only
+    then, it may look around), damaged or not an object is one CheckpointError naming it."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise CheckpointError(missing()) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
 
 
 def tag_name(iteration: int) -> str:

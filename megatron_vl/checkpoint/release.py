@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
 from ..parallel.layers import shard_parts, unshard_parts
-from .layout import IMAGE_TOKENIZER_DIR, LATEST, META_FILE, RELEASE, CheckpointError, read_latest
+from .layout import IMAGE_TOKENIZER_DIR, LATEST, META_FILE, RELEASE, CheckpointError, read_json_object, read_latest
 from .names import check_layout, layer_map, stage_layers
 from .output_dir import atomic_directory
 
@@ -144,15 +144,7 @@ def _not_release(ckpt: str) -> str:
 
 def read_checkpoint_meta(ckpt: str) -> Tuple[ModelConfig, int, int]:
     path = os.path.join(ckpt, META_FILE)
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt}: {_not_release(ckpt)}") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    meta = read_json_object(path, lambda: f"{ckpt}: {_not_release(ckpt)}")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('version')} (this code reads {FORMAT_VERSION})")
     return ModelConfig(**meta["model"]), meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
