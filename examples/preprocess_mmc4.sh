@@ -25,6 +25,7 @@ NUM_NODES=${NUM_NODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 WORKERS=${WORKERS:-32}                           # tokenizing processes per node
 PARTITIONS=${PARTITIONS:-8}                      # groups per node (bounded memory, merged at the end)
+N=${N:-32}                                       # image tokens per image: the model's --num-image-tokens
 STEP=${1:-all}
 
 node_prefix() { echo "$OUT/parts/mmc4_node$1"; }
@@ -35,9 +36,12 @@ if [ "$STEP" = shards ] || [ "$STEP" = all ]; then
                               sed "s|.*|$MMC4/docs_shard_&_v2.jsonl.zip|")
         echo "node $node: ${#shards[@]} shards -> $(node_prefix "$node")"
         # --min-sim 0.24: drop images whose CLIP similarity to their matched sentence is low
-        # (MMC4's own filtering threshold for the core subset).
+        # (MMC4's own filtering threshold for the core subset). --doc-sampling paper: the paper's
+        # sequences, one subsequence of <= 512 positions per document with <= 5 images chosen at
+        # random with their sentences (N=32 image tokens, as the model); only those images are stored.
         python tools/preprocess_data.py --input-format mmc4 --input "${shards[@]}" \
             --image-root "$IMAGES" --min-sim 0.24 \
+            --doc-sampling paper --max-images-per-doc 5 --subsequence-length 512 --num-image-tokens "$N" --seed 1234 \
             --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --prepend-bos --append-eod \
             --workers "$WORKERS" --partitions "$PARTITIONS" --no-progress \
             --output-prefix "$(node_prefix "$node")"

@@ -22,6 +22,7 @@ NUM_NODES=${NUM_NODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 WORKERS=${WORKERS:-32}
 PARTITIONS=${PARTITIONS:-8}
+N=${N:-32}                                       # image tokens per image: the model's --num-image-tokens
 STEP=${1:-all}
 
 node_prefix() { echo "$OUT/parts/obelics_node$1"; }
@@ -31,7 +32,10 @@ if [ "$STEP" = shards ] || [ "$STEP" = all ]; then
         mapfile -t files < <(seq "$node" "$NUM_NODES" $((NUM_FILES - 1)) |
                              awk -v n="$NUM_FILES" -v d="$OBELICS" '{printf "%s/train-%05d-of-%05d.parquet\n", d, $1, n}')
         echo "node $node: ${#files[@]} parquet files -> $(node_prefix "$node")"
+        # --doc-sampling paper: one subsequence of <= 512 positions per document, <= 5 images chosen
+        # at random with their sentences (the paper's rule; preprocess_mmc4.sh says more).
         python tools/preprocess_data.py --input-format obelics --input "${files[@]}" --image-root "$IMAGES" \
+            --doc-sampling paper --max-images-per-doc 5 --subsequence-length 512 --num-image-tokens "$N" --seed 1234 \
             --tokenizer-type sentencepiece --tokenizer-model "$TOKENIZER" --prepend-bos --append-eod \
             --workers "$WORKERS" --partitions "$PARTITIONS" --no-progress \
             --output-prefix "$(node_prefix "$node")"

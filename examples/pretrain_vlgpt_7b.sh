@@ -9,7 +9,10 @@
 #          --hf-dir /models/llama-7b-hf --save $LLAMA_CKPT
 #   2. the data:  bash examples/preprocess_mmc4.sh; bash examples/preprocess_obelics.sh
 #      (image-text pairs the same way with --input-format wds-pairs); both end by extracting
-#      the image tokenizer's features (N=32 embeddings of width d per image).
+#      the image tokenizer's features (N=32 embeddings of width d per image). MMC4 and OBELICS
+#      are cut there by the paper's rule (--doc-sampling paper: per document one subsequence
+#      of <= 512 positions, <= 5 images chosen at random with their sentences); training reads
+#      each subsequence whole, several per 512-position row under --reset-attention-mask.
 # Then, on the first host of the hostfile, from the repository root:
 #   HOSTFILE=hostfile bash examples/pretrain_vlgpt_7b.sh
 # Run the same command again to resume: --save's 'latest' wins over --load's weights.
@@ -42,7 +45,7 @@ args=(
     --data-path 0.4 "$DATA/mmc4_text_document" 0.3 "$DATA/obelics_text_document"
                 0.3 "$DATA/pairs_text_document"   # blend weights: ours, tune to taste
     --split 998,2,0
-    --reset-attention-mask                   # one document per attention span (the paper: one subsequence per document)
+    --reset-attention-mask                   # one subsequence (document) per attention span, several per row
     --data-cache-path "$CKPT_DIR/index-cache"      # sample-order indices, built once by rank 0
     --num-workers 4
     # --- LoRA on every projection; the base stays frozen (visual ends and [IMG] rows train) ---

@@ -39,9 +39,10 @@ python tools/make_sample_data.py --output "$OUT/sample" --pair-shards 2
 step "2. preprocess each format -> $OUT/data/*_text_document.{bin,idx} + image sidecars"
 common=(--tokenizer-model "$OUT/sample/tokenizer.model" --prepend-bos --append-eod --workers 2 --no-progress)
 python tools/preprocess_data.py --input-format mmc4 --input "$OUT/sample/mmc4/*.jsonl.zip" \
-    --image-root "$OUT/sample/mmc4/images" --min-sim 0.2 --output-prefix "$OUT/data/mmc4" "${common[@]}"
+    --image-root "$OUT/sample/mmc4/images" --min-sim 0.2 --output-prefix "$OUT/data/mmc4" "${common[@]}" \
+    --doc-sampling paper
 python tools/preprocess_data.py --input-format obelics --input "$OUT/sample/obelics/*.parquet" \
-    --output-prefix "$OUT/data/obelics" "${common[@]}"
+    --output-prefix "$OUT/data/obelics" "${common[@]}" --doc-sampling paper
 python tools/preprocess_data.py --input-format wds-pairs --input "$OUT/sample/pairs/*.tar" \
     --output-prefix "$OUT/data/pairs" "${common[@]}"
 

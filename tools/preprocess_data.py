@@ -2,8 +2,10 @@ r"""Tokenize raw corpora into Megatron indexed binaries plus megatron-vl's image
 
     python tools/preprocess_data.py --input-format mmc4 --input 'mmc4/docs_shard_*_v2.jsonl.zip' \
         --image-root mmc4/images --min-sim 0.24 --output-prefix data/mmc4 \
-        --tokenizer-type sentencepiece --tokenizer-model llama/tokenizer.model --prepend-bos --append-eod --workers 16
-    python tools/preprocess_data.py --input-format obelics --input 'obelics/*.parquet' --image-root obelics/images ...
+        --tokenizer-type sentencepiece --tokenizer-model llama/tokenizer.model --prepend-bos --append-eod --workers 16 \
+        --doc-sampling paper --max-images-per-doc 5 --subsequence-length 512 --num-image-tokens 32
+    python tools/preprocess_data.py --input-format obelics --input 'obelics/*.parquet' --image-root obelics/images \
+        --doc-sampling paper ...
     python tools/preprocess_data.py --input-format wds-pairs --input 'cc3m/{00000..00331}.tar' ...
     python tools/preprocess_data.py --input-format jsonl-text --input corpus.jsonl --json-keys text ...
     # instruction data (stage 3): conversations laid out by a template, with a loss mask on the answers
@@ -17,6 +19,9 @@ Writes {output-prefix}_{key}_document.bin/.idx (key: text, or each --json-keys k
 image formats the _images / _image_table sidecars and a .meta.json with the report; the
 instruction formats add the _loss_mask sidecar (answers only). Templates and their exact
 strings: megatron_vl/data/conversation.py.
+--doc-sampling paper (mmc4, obelics) cuts each document to the paper's one subsequence of at most
+--subsequence-length positions with at most --max-images-per-doc images chosen at random, and
+stores only those images (megatron_vl/data/doc_sampling.py); pack, the default, keeps all.
 --partitions K processes the inputs in K groups and merges them (tools/merge_datasets.py).
 The input formats (megatron_vl/data/format_registry.py) and the flags each reads are listed
 at the end.
@@ -29,6 +34,7 @@ import sys
 import textwrap
 
 from megatron_vl.data.conversation import TEMPLATES
+from megatron_vl.data.doc_sampling import INTERLEAVED_FORMATS, MODES, DocSampling
 from megatron_vl.data.format_registry import format_names, input_format
 from megatron_vl.data.indexed import FeatureStore
 from megatron_vl.data.layout import prefix_lock, read_meta, refuse_writing_over, remove_dataset, sidecar
@@ -84,9 +90,46 @@ def build_parser():
     p.add_argument("--coco-splits", nargs="+", default=["train", "restval"],
                    help=f"{_formats_using('--coco-splits')}: the Karpathy splits to take")
     p.add_argument("--seed", type=int, default=0,
-                   help=f"{_formats_using('--seed')}: seed of the per-image phrasing and caption")
+                   help=f"{_formats_using('--seed')}: seed of the per-image phrasing and caption; "
+                        "--doc-sampling paper: seed of the image choice")
+    interleaved = ", ".join(INTERLEAVED_FORMATS)
+    p.add_argument("--doc-sampling", choices=MODES, default="pack",
+                   help=f"{interleaved}: pack keeps every image and all text (Megatron-style packing at training); "
+                        "paper cuts each document to one subsequence with at most --max-images-per-doc images chosen "
+                        "at random with their sentences (VL-GPT; megatron_vl/data/doc_sampling.py): only those are "
+                        "stored")
+    p.add_argument("--max-images-per-doc", type=int,
+                   help="--doc-sampling paper: images chosen per document at most "
+                        f"(default {DocSampling.max_images_per_doc})")
+    p.add_argument("--subsequence-length", type=int,
+                   help="--doc-sampling paper: laid-out positions per document at most: text tokens, BOS, EOD and "
+                        f"N + 2 per image (default {DocSampling.subsequence_length})")
+    p.add_argument("--num-image-tokens", type=int,
+                   help="--doc-sampling paper: N, visual embeddings per image, as training will use "
+                        f"(default {DocSampling.num_image_tokens})")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def doc_sampling(args) -> DocSampling:
+    """The --doc-sampling settings; the paper mode's flags given without it are refused (they
+    would do nothing), as is the mode on a format it does not apply to."""
+    given = [f for f, v in (("--max-images-per-doc", args.max_images_per_doc),
+                            ("--subsequence-length", args.subsequence_length),
+                            ("--num-image-tokens", args.num_image_tokens)) if v is not None]
+    if given and args.doc_sampling != "paper":
+        raise UsageError(f"{given[0]} is read by --doc-sampling paper only (this run packs: --doc-sampling "
+                         f"{args.doc_sampling})")
+    defaults = DocSampling()
+    sampling = DocSampling(args.doc_sampling, _or(args.max_images_per_doc, defaults.max_images_per_doc),
+                           _or(args.subsequence_length, defaults.subsequence_length),
+                           _or(args.num_image_tokens, defaults.num_image_tokens), args.seed)
+    sampling.check(args.input_format, args.prepend_bos, args.append_eod)
+    return sampling
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def main(argv=None):
@@ -94,6 +137,7 @@ def main(argv=None):
     for flag, value in (("--workers", args.workers), ("--partitions", args.partitions)):
         if value < 0:
             raise UsageError(f"{flag} {value}: cannot be negative")
+    sampling = doc_sampling(args)
     files = expand_inputs(args.input)
     keys = args.json_keys if "json_key" in input_format(args.input_format).options else ["text"]
     parts = max(1, min(args.partitions, len(files)))
@@ -113,7 +157,7 @@ def main(argv=None):
                                              prepend_bos=args.prepend_bos, workers=args.workers,
                                              strict=args.strict, progress=not args.no_progress,
                                              template=args.conversation_template, coco_splits=args.coco_splits,
-                                             seed=args.seed)
+                                             seed=args.seed, sampling=sampling)
                         report.merge(r)
                     if parts > 1:
                         merge_datasets(targets, prefix)

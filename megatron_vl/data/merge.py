@@ -15,6 +15,8 @@ from .layout import dataset_files, prefix_lock, read_meta, refuse_writing_over, 
 from .records import DataInputError, DataUsageError, Report
 from .writer import DatasetWriter
 
+PACK = {"mode": "pack"}   # what a dataset made before --doc-sampling existed did (doc_sampling.py)
+
 
 def merge_datasets(inputs: List[str], output: str, *, overwrite: bool = True, features: bool = True) -> Dict:
     """Concatenates datasets (e.g. partitions) in order; image ids are renumbered. The output
@@ -39,6 +41,9 @@ def _merge_datasets(inputs: List[str], output: str, features: bool) -> Dict:
         if m["tokenizer"] != metas[0]["tokenizer"] or m["multimodal"] != metas[0]["multimodal"] or \
                 bool(m.get("loss_mask")) != bool(metas[0].get("loss_mask")):
             raise DataInputError(f"{p}: tokenizer or kind differs from {inputs[0]}; cannot merge")
+        if (m.get("doc_sampling") or PACK) != (metas[0].get("doc_sampling") or PACK):
+            raise DataInputError(f"{p}: made with doc_sampling {m.get('doc_sampling') or PACK}, {inputs[0]} with "
+                                 f"{metas[0].get('doc_sampling') or PACK}; cannot merge")
     stores = _feature_inputs(inputs, metas) if features else []
     writer = DatasetWriter(output, metas[0]["tokenizer"], metas[0]["multimodal"], bool(metas[0].get("loss_mask")))
     report = Report()
@@ -56,15 +61,13 @@ def _merge_datasets(inputs: List[str], output: str, features: bool) -> Dict:
                     writer.images.end_document()
                 writer.table.append_dataset(sidecar(p, "table"))
                 writer.num_images += m["num_images"]
-            r = Report(m["report"]["documents_read"], m["report"]["documents_written"], m["report"]["images_placed"])
-            r.skipped.update(m["report"]["skipped"])
-            r.first_seen.update(m["report"]["first_seen"])
-            report.merge(r)
+            report.merge(Report.from_dict(m["report"]))
         writer.finalize(report, {"format": metas[0].get("format"), "inputs": [i for m in metas for i in m.get("inputs", [])],
                                  "append_eod": metas[0].get("append_eod"), "prepend_bos": metas[0].get("prepend_bos"),
                                  "merged_from": inputs,
                                  **({"conversation_template": metas[0]["conversation_template"]}
-                                    if "conversation_template" in metas[0] else {})})
+                                    if "conversation_template" in metas[0] else {}),
+                                 **({"doc_sampling": metas[0]["doc_sampling"]} if "doc_sampling" in metas[0] else {})})
     except BaseException:
         writer.abort()
         raise

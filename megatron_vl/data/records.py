@@ -61,6 +61,9 @@ class Report:
     images_placed: int = 0
     skipped: Counter = field(default_factory=Counter)
     first_seen: Dict[str, str] = field(default_factory=dict)
+    cuts: Counter = field(default_factory=Counter)
+    """What --doc-sampling paper left out of documents, by reason (doc_sampling.py): the rule
+    at work, never an error, not even under --strict."""
 
     def skip(self, reason: str, where: str, strict: bool = False) -> None:
         if strict:
@@ -68,24 +71,41 @@ class Report:
         self.skipped[reason] += 1
         self.first_seen.setdefault(reason, where)
 
+    def cut(self, reason: str, where: str, count: int = 1) -> None:
+        if count > 0:
+            self.cuts[reason] += count
+            self.first_seen.setdefault(reason, where)
+
     def merge(self, other: "Report") -> None:
         self.documents_read += other.documents_read
         self.documents_written += other.documents_written
         self.images_placed += other.images_placed
         self.skipped.update(other.skipped)
+        self.cuts.update(other.cuts)
         for k, v in other.first_seen.items():
             self.first_seen.setdefault(k, v)
 
     def to_dict(self) -> Dict:
-        return {"documents_read": self.documents_read, "documents_written": self.documents_written,
-                "images_placed": self.images_placed, "skipped": dict(self.skipped),
-                "first_seen": self.first_seen}
+        out = {"documents_read": self.documents_read, "documents_written": self.documents_written,
+               "images_placed": self.images_placed, "skipped": dict(self.skipped),
+               "first_seen": self.first_seen}
+        if self.cuts:   # pack mode's metadata stays as it was
+            out["cuts"] = dict(self.cuts)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "Report":
+        """The report a meta.json recorded (to_dict's output)."""
+        return cls(d["documents_read"], d["documents_written"], d["images_placed"], Counter(d["skipped"]),
+                   dict(d["first_seen"]), Counter(d.get("cuts", {})))
 
     def format(self) -> str:
         lines = [f"documents read: {self.documents_read}", f"documents written: {self.documents_written}",
                  f"images placed: {self.images_placed}"]
         for reason in sorted(self.skipped):
             lines.append(f"skipped ({reason}): {self.skipped[reason]}  first at {self.first_seen[reason]}")
+        for reason in sorted(self.cuts):
+            lines.append(f"cut ({reason}): {self.cuts[reason]}  first at {self.first_seen[reason]}")
         return "\n".join(lines)
 
 
