@@ -264,11 +264,13 @@ def test_long_conversations_are_truncated_and_counted(tmp_path, capsys):
         laid = np.array(lengths) + np.array([1 + d % 2 for d in range(len(lengths))]) * block
         if not pack:   # one conversation per sample: those that train nothing have no label at all
             untrained = sum(bool((ds.sample_in_order(j)["labels"] == IGNORE).all()) for j in range(len(lengths)))
-            assert untrained > 0
+            assert untrained == 2
+        # Counted by how each is cut (test_whole_turns.py checks the cuts themselves).
+        assert ds.truncated == {"whole turns": 1, "first answer cut": 0, "no answer": untrained}
         assert ds.notes == [f"{p} (documents 0:8): {int((laid > 64).sum())} of 8 conversations longer than "
-                            "--seq-length 64 (or with more than --max-images-per-sample 3 images): truncated to "
-                            f"one sample (the rest of their answers not trained); {untrained} of them keep no answer "
-                            "within it (nothing of them is trained)"]
+                            "--seq-length 64 (or with more than --max-images-per-sample 3 images), each kept alone in "
+                            "one sample: 1 cut after their last whole turn that fits (later turns not trained); "
+                            f"{untrained} cut before their first answer (nothing of them is trained)"]
         for j in range(len(ds)):
             s = ds.sample_in_order(j)
             # Every sample starts at a conversation's start; no image block is cut.

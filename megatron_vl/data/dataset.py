@@ -35,7 +35,7 @@ from .blend import BlendedDataset, parse_blend, split_ranges
 from .indexed import FeatureStore, IndexedDataError, IndexedDataset
 from .layout import open_meta, sidecar
 from .order_cache import INDEX_VERSION, OrderCache, build_order, checksum
-from .packing import PackingConfig, materialize
+from .packing import CUTS, NO_ANSWER, PackingConfig, laid_out_document, materialize, turn_cut
 from .rank0 import on_rank0
 from .sample_index import SampleIndexBuilder, SpanTable
 from .sampler import PretrainingSampler, collate
@@ -78,9 +78,21 @@ class PackedDataset:
         self.multimodal = bool(meta["multimodal"])
         self.spans = IndexedDataset(sidecar(prefix, "images")) if self.multimodal else None
         # Instruction data: which tokens and images are answers (the only targets), and no
-        # conversation split across samples (a continuation would lose its question).
+        # conversation split across samples or cut inside a later turn (packing.turn_cut): a
+        # continuation would train answers without their question.
         self.loss_mask = IndexedDataset(sidecar(prefix, "loss_mask")) if meta.get("loss_mask") else None
         if self.loss_mask is not None:
+            cfg = replace(cfg, whole_documents=True)
+        sampling = meta.get("doc_sampling") or {}
+        if sampling.get("mode") == "paper":
+            # One subsequence per document, cut when preprocessing (doc_sampling.py) and sized for
+            # its N: never split across samples; several share a row (document isolation).
+            if sampling.get("num_image_tokens") != cfg.num_image_tokens:
+                raise IndexedDataError(
+                    f"{sidecar(prefix, 'meta')}: --doc-sampling paper sized its subsequences for N = "
+                    f"{sampling.get('num_image_tokens')} visual tokens per image, the run expects N = "
+                    f"{cfg.num_image_tokens}; re-run tools/preprocess_data.py with --num-image-tokens "
+                    f"{cfg.num_image_tokens}")
             cfg = replace(cfg, whole_documents=True)
         self.cfg = cfg
         self.num_images = num_images = meta.get("num_images", 0)
@@ -111,6 +123,7 @@ class PackedDataset:
             raise InputError(f"{prefix}: no documents to read" + (f" in range {lo}:{hi}" if doc_range else "")
                              + f" (the dataset holds {n_docs}; see {prefix}.meta.json's report)")
         self.notes: List[str] = []   # what the run reports at start-up about this data
+        self.truncated: Dict[str, int] = {}   # conversations longer than a sample, by packing.turn_cut's kind
         self._check_recorded_ids()
         if cfg.whole_documents:
             self._count_truncated()
@@ -231,40 +244,51 @@ class PackedDataset:
         return counts
 
     def _count_truncated(self) -> None:
-        """Counts the conversations truncated to one sample, and among them those whose first
-        answer lies beyond the sample (nothing of them is trained); refuses a --seq-length that
-        leaves no conversation of the dataset an answer, which would train on nothing at all."""
+        """Counts the conversations longer than a sample by how ``packing.turn_cut`` keeps them
+        (``self.truncated``: kind -> count) and notes the counts; refuses a --seq-length that
+        leaves no conversation of the dataset an answer, which would train on nothing at all.
+        Laid out as at order position 0: instruction images sit at zero-length spans, where
+        the before/after coin changes nothing, so the count holds for every occurrence."""
         S, block, most = self.cfg.seq_length, self.cfg.num_image_tokens + 2, self.cfg.max_images
         images = self._kept_images()[self.documents]
         over = (self.doc_tokens[self.documents] + images * block > S) | (images > most)
+        where = f"{self.prefix} (documents {self.documents[0]}:{self.documents[-1] + 1})"
+        longer = (f"{int(over.sum())} of {len(self.documents)} {{}} longer than --seq-length {S} (or with more than "
+                  f"--max-images-per-sample {most} images)")
+        if self.loss_mask is None:   # no turns: documents are cut at the sample's end
+            if over.any():
+                self.notes.append(f"{where}: {longer.format('documents')}: truncated to one sample each")
+            return
+        self.truncated = dict.fromkeys(CUTS, 0)
         if not over.any():
             return
-        unanswered, first = 0, []
+        first: List[int] = []   # where each unanswered conversation's first answer is laid out
         for d in self.documents[over]:
-            position = self._first_answer_position(int(d), block)
-            first.append(position)
-            unanswered += position is None or position >= S
-        where = f"{self.prefix} (documents {self.documents[0]}:{self.documents[-1] + 1})"
+            visual, answer = self._laid_out_flags(int(d))
+            kind = turn_cut(visual, answer, S, most, block)[1]
+            self.truncated[kind] += 1
+            if kind == NO_ANSWER and answer.any():
+                first.append(int(np.argmax(answer)))
+        unanswered = self.truncated[NO_ANSWER]
         if unanswered == len(self.documents):
-            known = [p for p in first if p is not None]
             raise ConfigError(f"--seq-length {S}: no conversation of {where} has an answer within one sample"
-                             + (f" (the earliest answer starts at position {min(known)})" if known else "")
-                             + ": nothing would be trained; raise --seq-length")
-        self.notes.append(
-            f"{where}: {int(over.sum())} of {len(self.documents)} conversations longer than --seq-length {S} (or with "
-            f"more than --max-images-per-sample {most} images): truncated to one sample (the rest of their answers not "
-            "trained)" + (f"; {unanswered} of them keep no answer within it (nothing of them is trained)"
-                          if unanswered else ""))
+                              + (f" (the earliest answer starts at position {min(first)})" if first else "")
+                              + ": nothing would be trained; raise --seq-length")
+        self.notes.append(f"{where}: {longer.format('conversations')}, each kept alone in one sample: "
+                          + "; ".join(f"{n} {CUTS[kind]}" for kind, n in self.truncated.items() if n))
 
-    def _first_answer_position(self, d: int, block: int) -> Optional[int]:
-        """The laid-out position of a conversation's first answer token (None: it has none)."""
-        raw = np.asarray(self.loss_mask[d], np.uint8)
+    def _laid_out_flags(self, d: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(visual index, answer flag) per laid-out element of conversation d, tokens unread."""
+        spans, kept = self._doc_spans_and_kept(d)
         n_tok = int(self.doc_tokens[d])
-        answer = np.flatnonzero(raw[:n_tok])
-        if not len(answer):
-            return None
-        spans, _ = self._doc_spans_and_kept(d)
-        return int(answer[0]) + block * int(np.count_nonzero(spans[0::3] <= answer[0]))
+        _, _, visual, answer = laid_out_document(np.zeros(n_tok, np.int64), spans, self.cfg, 0, 0, 0,
+                                                 self._answer_flags(d, n_tok, kept))
+        return visual, answer
+
+    def _answer_flags(self, d: int, n_tok: int, kept: np.ndarray) -> np.ndarray:
+        """Conversation d's loss mask: a flag per token, then per image extraction kept."""
+        raw = np.asarray(self.loss_mask[d], np.uint8)
+        return np.concatenate([raw[:n_tok], raw[n_tok:][kept]])
 
     # --- index -----------------------------------------------------------------------------
 
@@ -354,10 +378,7 @@ class PackedDataset:
             if top >= self.vocab or bottom < 0:
                 raise self._id_error(top if top >= self.vocab else bottom, d)
         spans, kept = self._doc_spans_and_kept(d)
-        mask = None
-        if self.loss_mask is not None:
-            raw = np.asarray(self.loss_mask[d], np.uint8)
-            mask = np.concatenate([raw[:len(toks)], raw[len(toks):][kept]])
+        mask = self._answer_flags(d, len(toks), kept) if self.loss_mask is not None else None
         return np.asarray(toks, np.int64), spans, mask
 
     def __getitem__(self, i: int) -> Dict[str, np.ndarray]:

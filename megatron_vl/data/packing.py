@@ -18,16 +18,22 @@ of the next sample. Exceptions: with document isolation (``reset_attention_mask`
 target in the next document gets no loss, since the position cannot see that document; with
 ``eod_mask_loss`` neither does the target of an end-of-document token; and in instruction
 data (a loss mask per document) only answer elements are targets — the assistant's tokens
-and the whole block of an image it produces.
+and the whole block of an image it produces. Under ``whole_documents`` a sample's last target
+is never trained: it lies in the next document, or was cut off.
 
-``pack_documents=False`` starts every document in a sample of its own (padded): one
-conversation per sample; a longer one continues in the next samples.
+``pack_documents=False`` starts every document in a sample of its own (padded); a document
+longer than a sample continues in the next samples, except under ``whole_documents``.
 
-``whole_documents`` (instruction data: a continuation would train answers without their
-question) never splits a document: one that does not fit in the rest of a sample starts the
-next one, and one longer than a sample (``seq_length`` positions or ``max_images`` blocks) is
-truncated there, before any block it would cut; the rest of it is not trained. The dataset
-counts those documents and the run reports the count at start-up.
+``whole_documents`` (instruction data, packed or not: a continuation would train answers
+without their question) never splits a conversation across samples: one that does not fit in
+the rest of a sample starts the next one, and one longer than a sample (``seq_length``
+positions or ``max_images`` blocks) has a sample to itself and keeps whole turns only
+(``turn_cut``): it ends after the last assistant turn that fits (its end-of-turn token
+included); the turns after it are not trained. When not even the first answer ends within the
+sample, the conversation is kept up to the sample's end (before any block it would cut): the
+answer is cut, but its question is whole, so no answer is trained without its question (and
+when the first question alone fills the sample, nothing is trained). The dataset counts each
+kind and the run reports the counts at start-up.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class PackingConfig:
     pack_documents: bool = True
     """Several documents per sample; False: each document starts a new (padded) sample."""
     whole_documents: bool = False
-    """Never split a document across samples: truncate one that does not fit in a sample alone."""
+    """Never split a document across samples (instruction data): one longer than a sample is
+    kept alone in one, truncated at its last whole turn that fits (``turn_cut``)."""
 
 
 def packing_config(cfg) -> PackingConfig:
@@ -122,7 +129,7 @@ def build_sample_starts(doc_order: np.ndarray, doc_tokens: np.ndarray, doc_spans
                     return np.asarray(starts, np.int64)
             fill, images = fill + length, images + n_img
             if fill >= S or images > cfg.max_images or (fill and not cfg.pack_documents):
-                # Full, or a document truncated to one sample (materialize cuts it), or one per sample.
+                # Full, or a document truncated to one sample (materialize's turn_cut), or one per sample.
                 starts.append((k + 1, 0))
                 fill, images = 0, 0
                 if len(starts) > num_samples:
@@ -223,8 +230,8 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
         stop = end_offset if doc_position == end_position else len(doc_tokens)
         count = stop - offset
         if cfg.whole_documents and count > 0:
-            count = whole_document_cut(doc_visual[offset:stop], seq_length - filled, cfg.max_images - blocks_placed,
-                                       image_tokens + 2)
+            count, _ = turn_cut(doc_visual[offset:stop], doc_answer[offset:stop], seq_length - filled,
+                                cfg.max_images - blocks_placed, image_tokens + 2)
             blocks_placed += int(np.count_nonzero(doc_visual[offset:offset + count] == 0))
             stop = offset + count
         if count > 0:
@@ -258,7 +265,7 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
     labels = np.full(seq_length, IGNORE, np.int64)
     if filled >= 2:
         labels[:filled - 1] = np.where(visual[1:filled], IGNORE, tokens[1:filled])
-    if filled >= 1:
+    if filled >= 1 and not cfg.whole_documents:   # (whole conversations: the next one's, or cut off)
         labels[filled - 1] = next_token if next_answer else IGNORE
     # Only answer elements are targets (everything, outside instruction data).
     if filled >= 2:
@@ -288,10 +295,10 @@ def materialize(start: Sequence[int], end: Sequence[int], doc_order: np.ndarray,
             "segment_ids": segment, "position_ids": position, "num_positions": filled}
 
 
-def whole_document_cut(visual_index: np.ndarray, room: int, image_room: int, block: int) -> int:
+def row_cut(visual_index: np.ndarray, room: int, image_room: int, block: int) -> int:
     """How many laid-out elements of a document (its visual index per element) fit in `room`
     positions and `image_room` image blocks without cutting a block: all of them, or the
-    truncated document's length."""
+    longest prefix that does."""
     n = len(visual_index)
     block_starts = np.flatnonzero(np.asarray(visual_index) == 0) - 1   # the [IMG] before v_0
     cut = min(n, room)
@@ -299,6 +306,30 @@ def whole_document_cut(visual_index: np.ndarray, room: int, image_room: int, blo
         cut = min(cut, int(block_starts[max(image_room, 0)]))
     inside = block_starts[(block_starts < cut) & (cut < block_starts + block)]
     return int(inside[0]) if len(inside) else cut
+
+
+FITS, WHOLE_TURNS, FIRST_ANSWER_CUT, NO_ANSWER = "fits", "whole turns", "first answer cut", "no answer"
+CUTS = {WHOLE_TURNS: "cut after their last whole turn that fits (later turns not trained)",
+        FIRST_ANSWER_CUT: "cut inside their first answer, whose question is whole (the first exchange does not fit)",
+        NO_ANSWER: "cut before their first answer (nothing of them is trained)"}
+"""How ``turn_cut`` keeps a conversation longer than a sample, as the run reports it (FITS:
+all of it)."""
+
+
+def turn_cut(visual_index: np.ndarray, answer: np.ndarray, room: int, image_room: int, block: int) -> Tuple[int, str]:
+    """(how many laid-out elements of a conversation a sample keeps, which of FITS,
+    WHOLE_TURNS, FIRST_ANSWER_CUT, NO_ANSWER): all of them when they fit in `room` positions
+    and `image_room` blocks, else up to the last turn boundary that fits. A turn boundary is
+    where answer flags go from answer to context (an assistant turn's end, its end-of-turn
+    token included); an image block's flags are all alike, so a boundary never cuts one."""
+    answer = np.asarray(answer, bool)
+    row = row_cut(visual_index, room, image_room, block)
+    if row == len(answer):
+        return row, FITS
+    ends = np.flatnonzero(answer[:row] & ~answer[1:row + 1]) + 1   # boundaries at or before `row` (< len)
+    if len(ends):
+        return int(ends[-1]), WHOLE_TURNS
+    return row, FIRST_ANSWER_CUT if answer[:row].any() else NO_ANSWER
 
 
 def visual_sequence(sample: dict) -> np.ndarray:

@@ -7,6 +7,10 @@ blocks), so it is compiled with numba. 82M samples of the paper's run build in s
 instead of the reference's 8-14 minutes, which every other rank would spend waiting at a
 barrier longer than NCCL's default timeout.
 
+Under ``whole_documents`` (instruction data) every row starts a conversation at offset 0, packed
+or not: the index only places conversations, and ``packing.materialize`` cuts one longer than a
+sample at a turn boundary, so the rows do not depend on where its turns end.
+
 The builder is incremental: ``extend`` continues from where the previous order part left
 off (a sample may straddle the seam), so a multi-epoch index appends one epoch at a time
 instead of rebuilding everything before it.
@@ -122,7 +126,7 @@ def _pack(k_base, table, n_docs, span_ptr, spans, seed, S, block, max_images, pa
             fill += length
             images += n_img
             if fill >= S or images > max_images or (fill > 0 and not pack_documents):
-                n_out, fill, images = _emit(out, n_out, position + 1, 0)   # (a longer one is truncated)
+                n_out, fill, images = _emit(out, n_out, position + 1, 0)   # (a longer one: turn_cut)
                 if n_out >= limit:
                     return n_out, k + 1, fill, images, True
             k += 1
