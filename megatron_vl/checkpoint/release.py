@@ -13,18 +13,23 @@ it holds. Conversion only splits and concatenates tensors, so a round trip is bi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import shutil
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..parallel.layers import shard_parts, unshard_parts
 from .layout import IMAGE_TOKENIZER_DIR, LATEST, META_FILE, RELEASE, CheckpointError, read_json_object, read_latest
-from .names import check_layout, layer_map, stage_layers
+from .names import check_layout, layer_map, stage_layers, tp_split
+from .slicing import cut_lazily
+from .training_reader import LazyTensors
 from .output_dir import atomic_directory
 
 
@@ -150,25 +155,73 @@ def read_checkpoint_meta(ckpt: str) -> Tuple[ModelConfig, int, int]:
     return ModelConfig(**meta["model"]), meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]
 
 
+def _shard_file(ckpt: str, rank: int, stage: int) -> str:
+    path = os.path.join(shard_dir(ckpt, rank, stage), "model.safetensors")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt}: shard for tp rank {rank}, pp stage {stage} missing ({path})")
+    return path
+
+
 def load_release_shards(ckpt: str) -> Tuple[Shards, ModelConfig, int, int]:
+    """Every shard, whole (export-hf writes the whole model)."""
     cfg, tp, pp = read_checkpoint_meta(ckpt)
-    shards: Shards = {}
-    for stage in range(pp):
-        for rank in range(tp):
-            path = os.path.join(shard_dir(ckpt, rank, stage), "model.safetensors")
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{ckpt}: shard for tp rank {rank}, pp stage {stage} missing ({path})")
-            shards[(rank, stage)] = load_file(path)
+    shards = {(rank, stage): load_file(_shard_file(ckpt, rank, stage)) for stage in range(pp) for rank in range(tp)}
     return shards, cfg, tp, pp
 
 
+def _read_tensor(path: str, name: str) -> torch.Tensor:
+    try:
+        with safe_open(path, "pt") as fh:
+            return fh.get_tensor(name)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read {name}: {exc}") from None
+
+
+def stored_slices(ckpt: str, tp: int, pp: int) -> List[LazyTensors]:
+    """Per TP rank of a tp x pp release checkpoint: canonical name -> the slice that rank
+    stored, from whichever stage's file holds it. Only the files' headers are read here; a
+    tensor is read from its memory-mapped file when asked for."""
+    out = []
+    for rank in range(tp):
+        loaders = {}
+        for stage in range(pp):
+            path = _shard_file(ckpt, rank, stage)
+            try:
+                with safe_open(path, "pt") as fh:
+                    names = list(fh.keys())
+            except Exception as exc:
+                raise CheckpointError(f"{path}: cannot read: {exc}") from None
+            loaders.update({name: functools.partial(_read_tensor, path, name) for name in names})
+        out.append(LazyTensors(loaders))
+    return out
+
+
+def _on_stage(name: str, cfg: ModelConfig, pp: int, stage: int) -> bool:
+    m = re.match(r"layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) in stage_layers(cfg, pp, stage)
+    if name.startswith("embedding."):
+        return stage == 0
+    return stage == pp - 1 if name.startswith("head.") else True
+
+
+def shard_for(ckpt: str, run: Config, tp: int, pp: int, tp_rank: int, pp_rank: int) -> LazyTensors:
+    """The tensors rank (tp_rank, pp_rank) of a tp x pp run of run.model holds, by canonical
+    name, each cut when asked for from the checkpoint's slices, whatever layout wrote them:
+    only the stored slices holding part of a tensor are read, only this rank's part is kept
+    (checkpoint/slicing.py). Vocabulary tables with fewer tokens than run.model (an HF LLaMA
+    before [IMG]/[/IMG] were added) grow: the new rows start at the mean of the old rows."""
+    check_layout(run.model, tp, pp)
+    ck, ck_tp, ck_pp = read_checkpoint_meta(ckpt)
+    sources = stored_slices(ckpt, ck_tp, ck_pp)
+    rules = {name: tp_split(name, run) for name in sources[0] if _on_stage(name, run.model, pp, pp_rank)}
+    return cut_lazily(sources, rules, run.model, tp, tp_rank, rows_then=ck.vocab_size,
+                      padded_then=ck.padded_vocab_size(ck_tp))
+
+
 def load_shard_for(ckpt: str, tp: int, pp: int, tp_rank: int, pp_rank: int) -> Dict[str, torch.Tensor]:
-    """The shard a (tp_rank, pp_rank) of a tp x pp run needs; re-shards when the checkpoint
-    was written with another layout."""
-    cfg, ck_tp, ck_pp = read_checkpoint_meta(ckpt)
-    if (ck_tp, ck_pp) == (tp, pp):
-        return load_file(os.path.join(shard_dir(ckpt, tp_rank, pp_rank), "model.safetensors"))
-    shards, cfg, ck_tp, ck_pp = load_release_shards(ckpt)
-    return hf_to_shards(shards_to_hf(shards, cfg, ck_tp, ck_pp), cfg, tp, pp)[(tp_rank, pp_rank)]
-
-
+    """The shard a (tp_rank, pp_rank) of a tp x pp run needs, whatever layout wrote the
+    checkpoint (read one tensor at a time)."""
+    cfg, _, _ = read_checkpoint_meta(ckpt)
+    shard = shard_for(ckpt, Config(model=cfg), tp, pp, tp_rank, pp_rank)
+    return {name: shard[name] for name in shard}

@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint.layout import CheckpointError, is_release
-from ..checkpoint.names import VOCAB_TENSORS, canonical_name, tp_split
-from ..checkpoint.release import hf_to_shards, load_release_shards, read_checkpoint_meta, shard_dir, shards_to_hf
+from ..checkpoint.names import VOCAB_TENSORS, canonical_name, tp_split  # noqa: F401  (tests read build.VOCAB_TENSORS)
+from ..checkpoint.release import read_checkpoint_meta, shard_for
 from ..config import Config, deepspeed_config, effective_zero_stage
 from ..model.lora import apply_lora, parameter_counts
 from ..model.vlgpt import VLGPTModel
@@ -88,46 +87,14 @@ def initial_weights(module: nn.Module, names: Dict[str, str], cfg: Config, state
     return dict(iter_initial_weights(module, names, cfg, state, only))
 
 
-def _grow(t: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Rows for new tokens start at the mean of the existing rows."""
-    if t.shape[0] >= vocab:
-        return t
-    mean = t.float().mean(0, keepdim=True).to(t.dtype)
-    return torch.cat([t, mean.expand(vocab - t.shape[0], -1)])
-
-
-
-
-class LazyShard(dict):
-    """A rank's release shard read one tensor at a time, when asked for (a ZeRO-3 rank then
-    holds one whole tensor beside its partitions, never the whole shard). Tensors set on it
-    (grown vocabulary tables) take precedence."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        with safe_open(path, "pt") as fh:
-            self.names = set(fh.keys())
-
-    def __contains__(self, name) -> bool:
-        return dict.__contains__(self, name) or name in self.names
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if dict.__contains__(self, name):
-            return dict.__getitem__(self, name)
-        if name not in self.names:
-            raise KeyError(name)
-        with safe_open(self.path, "pt") as fh:
-            return fh.get_tensor(name)
-
-
-def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, torch.Tensor]:
+def release_weights(path: str, cfg: Config, state: ParallelState) -> Mapping[str, torch.Tensor]:
     """This rank's slice of a release checkpoint (tools/convert_checkpoint.py import-hf), by
-    canonical name. A checkpoint with a smaller vocabulary (an HF LLaMA before [IMG]/[/IMG]
-    were added) grows: new embedding and LM-head rows start at the mean of the existing rows.
-    With the run's TP/PP layout a rank reads its own shard (plus the vocabulary tables when
-    they must grow); another layout is re-sharded from the whole checkpoint."""
-    ck_model, ck_tp, ck_pp = read_checkpoint_meta(path)
+    canonical name, whatever TP/PP layout wrote it: each tensor is read and cut when asked for
+    (a rank, ZeRO-3's included, holds the stored slices of one tensor beside its own weights,
+    never the whole checkpoint). A checkpoint with a smaller vocabulary (an HF LLaMA before
+    [IMG]/[/IMG] were added) grows: new embedding and LM-head rows start at the mean of the
+    existing rows."""
+    ck_model, _, _ = read_checkpoint_meta(path)
     m = cfg.model
     for key, ours in (("hidden_size", m.hidden_size), ("num_layers", m.num_layers),
                       ("num_attention_heads", m.num_attention_heads), ("kv_heads", m.kv_heads),
@@ -137,34 +104,10 @@ def release_weights(path: str, cfg: Config, state: ParallelState) -> Dict[str, t
     if ck_model.vocab_size > m.vocab_size:
         raise CheckpointError(f"{path}: vocabulary of {ck_model.vocab_size} tokens does not fit --vocab-size "
                               f"{m.vocab_size}")
-    if (ck_tp, ck_pp) == (state.tp, state.pp):
-        shard = LazyShard(os.path.join(shard_dir(path, state.tp_rank, state.pp_rank), "model.safetensors"))
-        if ck_model.vocab_size != m.vocab_size or ck_model.padded_vocab_size(ck_tp) != m.padded_vocab_size(state.tp):
-            for key in VOCAB_TENSORS:
-                if key in shard:
-                    files = [os.path.join(shard_dir(path, r, state.pp_rank), "model.safetensors") for r in range(ck_tp)]
-                    pieces = []
-                    for f in files:
-                        with safe_open(f, "pt") as fh:
-                            pieces.append(fh.get_tensor(key))
-                    full = _grow(torch.cat(pieces)[:ck_model.vocab_size], m.vocab_size)
-                    full = torch.cat([full, full.new_zeros(m.padded_vocab_size(state.tp) - m.vocab_size,
-                                                           full.shape[1])])
-                    shard[key] = shard_parts(full, [full.shape[0]], state.tp_rank, state.tp)
-        return shard
-    shards, ck_model, ck_tp, ck_pp = load_release_shards(path)
-    extra = {k: v for k, v in shards[(0, 0)].items() if k.startswith("embedding.visual_proj")}
-    extra.update({k: v for k, v in shards[(0, ck_pp - 1)].items() if k.startswith("head.regression")})
-    hf = shards_to_hf(shards, ck_model, ck_tp, ck_pp)
-    for key in ("model.embed_tokens.weight", "lm_head.weight"):
-        if key in hf:
-            hf[key] = _grow(hf[key], m.vocab_size)
-    shard = hf_to_shards(hf, m, state.tp, state.pp)[(state.tp_rank, state.pp_rank)]
-    shard.update(extra)
-    return shard
+    return shard_for(path, cfg, state.tp, state.pp, state.tp_rank, state.pp_rank)
 
 
-def _load_canonical(module: nn.Module, names: Dict[str, str], weights: Dict[str, torch.Tensor],
+def _load_canonical(module: nn.Module, names: Dict[str, str], weights: Mapping[str, torch.Tensor],
                     source: str) -> List[str]:
     """Copies this rank's slice of each weight into module; returns the canonical names that
     `weights` lacks."""

@@ -1,17 +1,16 @@
 """Resuming a training checkpoint under another TP / PP / DP / ZeRO layout.
 
 The checkpoint is read offline, as export-hf reads it (checkpoint/training_reader.py): the
-fp32 weights, Adam's two moments, the step, the schedule, the data position. Each tensor is
-put back together from the old TP slices and cut for this rank (the same split rules the
-layers use); the weights go into the model before DeepSpeed wraps it (so its fp32 copies
-start from them), the moments into DeepSpeed's optimizer partitions through its
+fp32 weights, Adam's two moments, the step, the schedule, the data position. Each rank's
+tensor is copied from the old TP slices that hold it (checkpoint/slicing.py, with the split
+rules the layers use); the weights go into the model before DeepSpeed wraps it (so its fp32
+copies start from them), the moments into DeepSpeed's optimizer partitions through its
 tensor-fragment API afterwards. DeepSpeed's own loader is not used: it reads only the layout
 that wrote the files.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from typing import Dict, Mapping, Optional, Sequence
@@ -20,8 +19,8 @@ import torch
 from torch import nn
 
 from ..checkpoint.layout import CheckpointError, read_latest, tag_name
+from ..checkpoint.slicing import cut_for_rank, cut_lazily
 from ..checkpoint.training_reader import LazyTensors
-from ..parallel.layers import shard_parts, unshard_parts
 
 
 def saved_layout(load_dir: str, ckpt_step: Optional[int]) -> Optional[dict]:
@@ -64,34 +63,18 @@ def same_layout(then: dict, now: dict) -> bool:
 
 
 def _split_rule(name: str, param: nn.Parameter, cfg):
-    """How a parameter is cut over TP: None (whole on every rank), "vocab", or (parts, dim)."""
-    from ..checkpoint.names import VOCAB_TENSORS, tp_split
+    """How a parameter is cut over TP (checkpoint.slicing.Rule): None (whole on every rank),
+    ("vocab", 0), or (fused parts or None, dim)."""
+    from ..checkpoint.names import tp_split
     if not getattr(param, "tensor_model_parallel", False):
         return None
-    if name in VOCAB_TENSORS:
-        return "vocab"
     fused = tp_split(name, cfg)
-    if fused is not None and fused[0] != "vocab":
-        return fused
-    dim = param.partition_dim
-    return None, dim
+    return fused if fused is not None else (None, param.partition_dim)
 
 
 def reshard(name: str, slices, param: nn.Parameter, cfg, tp: int, tp_rank: int) -> torch.Tensor:
     """This TP rank's tensor of `name` from the old TP ranks' slices (rank order)."""
-    rule = _split_rule(name, param, cfg)
-    if rule is None:
-        return slices[0]
-    if rule == "vocab":   # padding rows (never predicted) depend on the TP size: cut and pad anew
-        full = torch.cat(list(slices))[:cfg.model.vocab_size]
-        padded = cfg.model.padded_vocab_size(tp)
-        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])
-        return shard_parts(full, [padded], tp_rank, tp, 0)
-    parts, dim = rule
-    whole = sum(s.shape[dim] for s in slices)
-    parts = list(parts) if parts is not None else [whole]
-    full = unshard_parts(list(slices), parts, dim) if len(slices) > 1 else slices[0]
-    return shard_parts(full, parts, tp_rank, tp, dim) if tp > 1 else full
+    return cut_for_rank(_split_rule(name, param, cfg), slices, cfg.model, tp, tp_rank)
 
 
 def resharded_lazily(sources: Sequence[Mapping], module: nn.Module, names: Dict[str, str], cfg,
@@ -99,9 +82,8 @@ def resharded_lazily(sources: Sequence[Mapping], module: nn.Module, names: Dict[
     """This rank's tensor of each of module's parameters, cut when asked for from `sources`
     (canonical name -> slice, one mapping per TP rank of another TP size, rank order)."""
     params = {names[local]: p for local, p in module.named_parameters()}
-    def cut(name):
-        return reshard(name, [src[name] for src in sources], params[name], cfg, parallel.tp, parallel.tp_rank)
-    return LazyTensors({name: functools.partial(cut, name) for name in params if name in sources[0]})
+    rules = {name: _split_rule(name, p, cfg) for name, p in params.items() if name in sources[0]}
+    return cut_lazily(sources, rules, cfg.model, parallel.tp, parallel.tp_rank)
 
 
 def resharded_weights(state, module: nn.Module, names: Dict[str, str], cfg, parallel) -> Dict[str, torch.Tensor]:
