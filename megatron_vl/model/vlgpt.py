@@ -65,7 +65,8 @@ class VLGPTEmbedding(nn.Module):
     def forward(self, tokens, visual_embeds, visual_mask):
         x = self.text(tokens)
         # Projected everywhere and selected, so every parameter gets a gradient in every
-        # step (text-only batches included), which ZeRO's gradient hooks rely on.
+        # step (text-only batches included), which ZeRO's gradient hooks rely on (a ZeRO-3 rank
+        # without images: tests/test_zero3_mixed_images.py).
         v = self.visual_proj(visual_embeds.to(x.dtype))
         return torch.where(visual_mask.unsqueeze(-1), v, x)
 
@@ -100,6 +101,8 @@ class VLGPTHead(nn.Module):
         weights = text.float() / text.sum().clamp(min=1)
         head, rows = self.lm.head_weight_and_rows()
         lm, _ = fused_lm_head_loss(normed, head, labels, weights, self.lm.tp_group, self.lm.vocab_size, rows=rows)
+        # Also without a visual target (then weighted 0): a rank that skipped the head would leave
+        # its ZeRO-3 peers in the head's all-gather (tests/test_zero3_mixed_images.py).
         pred = self.regression(normed).float()
         per_position = (pred - visual_targets.float()).pow(2).mean(-1)
         mask = regression_mask.to(per_position.dtype)
