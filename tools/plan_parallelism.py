@@ -19,6 +19,14 @@ Layout flags (--tensor-model-parallel-size, --pipeline-model-parallel-size, --ze
 --micro-batch-size, --recompute-activations, and the ZeRO stage / micro-batch of a
 --deepspeed_config JSON) fix that part of the layout: only it is searched, and a value that
 cannot work on the cluster and model is refused with the reason (exit 2).
+
+--corpus-images (with --corpus-documents and --max-images-per-doc) adds the feature store's
+size: N x d x 2 bytes per image, for the corpus in pack mode, under the paper's rule of at
+most k images per document, and the most images the run (--train-iters x global batch x
+--max-images-per-sample) can read. MMC4-core (29.9M images, 7.3M documents), the paper's run:
+
+    python tools/plan_parallelism.py --model-preset vlgpt-7.5b --global-batch-size 4096 --bf16 \\
+        --train-iters 20000 --corpus-images 29900000 --corpus-documents 7300000
 """
 
 import argparse
@@ -31,6 +39,7 @@ from megatron_vl.plan.checks import (cluster_errors, describe, given_layout, lay
                                      no_layout_message, raise_usage)
 from megatron_vl.plan.model import PRESETS, Cluster
 from megatron_vl.plan.planner import plan, table
+from megatron_vl.plan.storage import CorpusStorage, storage_table
 
 
 def cluster_parser() -> argparse.ArgumentParser:
@@ -48,7 +57,29 @@ def cluster_parser() -> argparse.ArgumentParser:
     g.add_argument("--reserved-gib", type=float, default=None,
                    help="GiB per GPU kept for CUDA context, NCCL and fragmentation (default 3)")
     g.add_argument("--top", type=int, default=20, help="rows to print")
+    c = p.add_argument_group("corpus (the feature store's size)")
+    c.add_argument("--corpus-images", type=int, default=None,
+                   help="images in the corpus (every image of every document): print the feature store's size")
+    c.add_argument("--corpus-documents", type=int, default=None,
+                   help="its documents: bounds the images the paper's rule keeps (--max-images-per-doc each)")
+    c.add_argument("--max-images-per-doc", type=int, default=5,
+                   help="the paper's rule: images chosen per document at preprocessing (default 5)")
     return p
+
+
+def corpus_storage(cfg, ns, batch: int):
+    """The --corpus-* flags with the model's N and d and the run's length, or None without them."""
+    if ns.corpus_images is None:
+        if ns.corpus_documents is not None:
+            raise UsageError(f"--corpus-documents {ns.corpus_documents} needs --corpus-images")
+        return None
+    for value, flag in ((ns.corpus_images, "--corpus-images"), (ns.corpus_documents, "--corpus-documents"),
+                        (ns.max_images_per_doc, "--max-images-per-doc")):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
+    return CorpusStorage(ns.corpus_images, ns.corpus_documents, ns.max_images_per_doc, cfg.data.num_image_tokens,
+                         cfg.model.visual_embed_dim, cfg.training.train_iters, batch,
+                         cfg.data.max_images_per_sample)
 
 
 def main(argv=None) -> int:
@@ -65,6 +96,7 @@ def main(argv=None) -> int:
     # Every number in range first (a zero efficiency or GPU count divides by zero later).
     raise_usage(cluster_errors(cluster, ns.top) + model_errors(cfg, cfg.training.global_batch_size))
     batch = cfg.training.global_batch_size or cfg.training.micro_batch_size * cluster.gpus
+    storage = corpus_storage(cfg, ns, batch)
     try:
         # A layout flag the user gave is searched alone, or refused with the reason: never ignored.
         fixed = given_layout(cfg, given_settings(ns), user_deepspeed_json(cfg))
@@ -82,6 +114,8 @@ def main(argv=None) -> int:
           f"{cfg.training.precision}; {ns.preset} x {cluster.gpus}"
           + (f"; only {describe(fixed)}" if fixed else ""))
     print(table(estimates, cluster, ns.top))
+    if storage is not None:
+        print(storage_table(storage))
     print(f"planned in {time.perf_counter() - t0:.1f} s")
     return 0
 
