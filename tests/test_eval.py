@@ -107,23 +107,36 @@ def test_cider_equals_the_formula_by_hand():
 
 def test_fid_and_clip_score_with_tiny_models(tmp_path):
     g = torch.Generator().manual_seed(0)
-    real = [torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g) for _ in range(12)]
-    fake = [torch.clamp(r.int() + 40, 0, 255).to(torch.uint8) for r in real]
+    real = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=g)
+    fake = torch.clamp(real.int() + 40, 0, 255).to(torch.uint8)
 
     class Pool(torch.nn.Module):        # a tiny feature extractor: 4 pooled channels-positions
         def forward(self, x):
             return torch.nn.functional.adaptive_avg_pool2d(x.float(), 2)[:, 0].flatten(1)
 
     def features(images):
-        return Pool()(torch.stack(images)).double().numpy()
+        return Pool()(images).double().numpy()
     a, b = features(real), features(fake)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     trace_sqrt = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)).sum()
     expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_sqrt
-    assert metrics.fid(real, fake, feature=Pool()) == pytest.approx(expected, rel=1e-3)
+    fid = metrics.StreamingFID(feature=Pool())
+    for start in (0, 5, 10):            # batches of 5, 5, 2: only the sums are kept
+        fid.update(real[start:start + 5], real=True)
+        fid.update(fake[start:start + 5], real=False)
+    assert (fid.real.count, fid.fake.count) == (12, 12) and fid.real.outer.shape == (4, 4)
+    assert fid.compute() == pytest.approx(expected, rel=1e-9)
     with pytest.raises(FileNotFoundError, match="--fid-weights"):
-        metrics.fid(real, fake)
+        metrics.StreamingFID()
+    missing = r"^FID Inception weights file .*none\.pth: no such file \(--fid-weights\)$"
+    with pytest.raises(FileNotFoundError, match=missing):
+        metrics.StreamingFID(str(tmp_path / "none.pth"))
+    one = metrics.StreamingFID(feature=Pool())
+    one.update(real[:1], real=True)
+    one.update(fake, real=False)
+    with pytest.raises(ValueError, match="^FID needs at least 2 real and 2 generated images, got 1 and 12$"):
+        one.compute()
 
     clip_dir = save_tiny_clip_model(tmp_path / "clip")
     from transformers import CLIPModel, CLIPProcessor
@@ -136,7 +149,12 @@ def test_fid_and_clip_score_with_tiny_models(tmp_path):
         out = model(**inputs)
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
     expected = float((100 * cos.clamp(min=0)).mean())
-    assert metrics.clip_score(images, captions, clip_dir) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    clip = metrics.StreamingClipScore(clip_dir)
+    clip.update(images[:2], captions[:2])
+    clip.update(images[2:], captions[2:])
+    assert clip.count == 3 and clip.compute() == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match="^2 images for 1 captions$"):
+        clip.update(images[:2], captions[:1])
 
 
 def save_tiny_clip_model(path):
@@ -266,13 +284,35 @@ def test_text_to_image_task_scores_fid_and_clip_score(export, annotations, tmp_p
     class Pool(torch.nn.Module):
         def forward(self, x):
             return torch.nn.functional.adaptive_avg_pool2d(x.float(), 2).flatten(1)
+    clip_dir = save_tiny_clip_model(tmp_path / "clip")
     args = SimpleNamespace(annotations=str(annotations / "dataset_coco.json"), image_root=str(annotations),
-                           max_items=3, batch_size=2, fid_weights=None, fid_feature=Pool(),
-                           clip_score_model=save_tiny_clip_model(tmp_path / "clip"), t2i_size=32, diffusion_steps=1,
-                           guidance_scale=7.5, seed=0)
+                           max_items=3, batch_size=2, fid_weights=None, fid_feature=Pool(), clip_score_model=clip_dir,
+                           t2i_size=32, diffusion_steps=1, guidance_scale=7.5, seed=0,
+                           generated_images_dir=str(tmp_path / "generated"))
     r = evaluate(Generator(str(export)), "t2i", args, [0])
     figures = r["shots"][0]
-    assert figures["count"] == 3 and figures["FID"] >= 0 and 0 <= figures["CLIP score"] <= 100
+    assert figures["count"] == 3 and 0 <= figures["CLIP score"] <= 100
+    # The streamed figures are the stacked ones of the images it wrote (PNG: the same pixels)
+    # against the real images resized to them.
+    from PIL import Image
+    from megatron_vl.eval.tasks import get_task
+    items = get_task("t2i").items(metrics_files(annotations))[:3]
+    assert sorted(os.listdir(tmp_path / "generated")) == sorted(f"{item.id}.png" for item in items)
+    fake = [np.asarray(Image.open(tmp_path / "generated" / f"{item.id}.png").convert("RGB")) for item in items]
+    real = [np.asarray(Image.open(item.image).convert("RGB").resize((32, 32))) for item in items]
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    stacked = FrechetInceptionDistance(feature=Pool())   # its result in the features' float32
+    stacked.update(torch.from_numpy(np.stack(real)).permute(0, 3, 1, 2), real=True)
+    stacked.update(torch.from_numpy(np.stack(fake)).permute(0, 3, 1, 2), real=False)
+    assert figures["FID"] == pytest.approx(float(stacked.compute()), rel=1e-6)
+    clip = metrics.StreamingClipScore(clip_dir)
+    clip.update(torch.from_numpy(np.stack(fake)).permute(0, 3, 1, 2), [item.question for item in items])
+    assert figures["CLIP score"] == pytest.approx(clip.compute(), rel=1e-5)
+
+
+def metrics_files(annotations):
+    from megatron_vl.eval.settings import TaskFiles
+    return TaskFiles(annotations=str(annotations / "dataset_coco.json"), image_root=str(annotations))
 
 
 @pytest.mark.timeout(400)

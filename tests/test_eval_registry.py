@@ -184,7 +184,7 @@ def test_a_flat_record_of_the_settings_names_becomes_eval_settings():
                                     seed=1, options={"diffusion_steps": 1, "t2i_size": 32})
     assert get_task("t2i").option_values(settings) == {"fid_weights": None, "clip_score_model": None,
                                                        "diffusion_steps": 1, "guidance_scale": 7.5, "t2i_size": 32,
-                                                       "fid_feature": None}
+                                                       "fid_feature": None, "generated_images_dir": None}
     with pytest.raises(TypeError, match=r"^not settings of this task: \['no_java'\]"):
         as_eval_settings(SimpleNamespace(no_java=True), [])
     with pytest.raises(TypeError, match=r"^gqa has no options \['fid_weights'\] \(it has: none\)"):

@@ -9,15 +9,16 @@
 - CIDEr (COCO captions): pycocoevalcap's CIDEr-D scorer on PTB-tokenized captions (its
   tokenizer runs Java's Stanford PTBTokenizer); without Java, a documented Python
   approximation (lowercase, PTB's punctuation removed, split on spaces) — said in the output.
-- FID (text-to-image): torchmetrics, Inception weights from a local file only; CLIP score:
-  torchmetrics' definition on a local CLIP directory.
+- FID (text-to-image): Inception-v3 features (torchmetrics' network, weights from a local
+  file only) into float64 running sums per batch, reduced across ranks; CLIP score:
+  torchmetrics' definition on a local CLIP directory, a running sum and count likewise.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # --- VQA answer normalisation ---------------------------------------------------------
 
@@ -155,44 +156,175 @@ def cider(candidates: Dict[object, str], references: Dict[object, List[str]], us
     return float(score), [float(s) for s in per_id], how
 
 
-# --- text-to-image --------------------------------------------------------------------
+# --- text-to-image: statistics that stream ---------------------------------------------------
+#
+# Each rank updates running sums batch by batch and drops the images; at the end one
+# all_reduce per sum over the process group passed in gives the statistics of every rank's
+# images together. Memory is the sums' (O(d²) for FID's d-wide features), whatever the number
+# of images or ranks (torchmetrics' own sync gathers every rank's state first: world × d²).
 
-def fid(real_images, fake_images, weights: str = None, feature=None) -> float:
-    """FID between two lists of uint8 [3, H, W] tensors, torchmetrics' FrechetInceptionDistance:
-    Inception-v3 from the local `weights` file (torch-fidelity's pt_inception-2015-12-05),
-    or an injected `feature` module (tests)."""
+def _sum_over(tensors: Sequence, group) -> None:
+    """Sums each tensor in place over the ranks of `group` (None: this process alone)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+class FeatureMoments:
+    """What FID needs of a set of feature vectors, as float64 running sums: the count, the
+    sum and the sum of outer products (sums add across batches and ranks, so the moments of
+    the union are one all_reduce away). Created on `device`; its width is set by the first update."""
+
+    def __init__(self, device="cpu"):
+        import torch
+        self.device = torch.device(device)
+        self.count = 0
+        self.sum = None     # [d]
+        self.outer = None   # [d, d]
+
+    def update(self, features) -> None:
+        """features: [n, d] (or anything of n rows) for n images."""
+        import torch
+        f = features.detach().reshape(features.shape[0], -1).to(self.device, torch.float64)
+        if self.sum is None:
+            self.sum = torch.zeros(f.shape[1], dtype=torch.float64, device=self.device)
+            self.outer = torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64, device=self.device)
+        elif f.shape[1] != self.sum.numel():
+            raise ValueError(f"features of width {f.shape[1]} after features of width {self.sum.numel()}: one "
+                             "feature extractor must score every image")
+        self.count += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer.addmm_(f.T, f)
+
+    def reduced(self, group) -> "FeatureMoments":
+        """The moments of every rank's features in `group` (None: this rank's own), on every
+        rank. A rank that saw no image takes part with zeros of the others' width."""
+        import torch
+        if group is None:
+            return self
+        import torch.distributed as dist
+        width = torch.tensor([0 if self.sum is None else self.sum.numel()], dtype=torch.int64, device=self.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=group)
+        d = int(width.item())
+        if self.sum is not None and self.sum.numel() != d:
+            raise ValueError(f"this rank's features are {self.sum.numel()} wide, another rank's {d}: one feature "
+                             "extractor must score every image")
+        out = FeatureMoments(self.device)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        out.sum = self.sum.clone() if self.sum is not None else torch.zeros(d, dtype=torch.float64, device=self.device)
+        out.outer = (self.outer.clone() if self.outer is not None
+                     else torch.zeros(d, d, dtype=torch.float64, device=self.device))
+        _sum_over([count, out.sum, out.outer], group)
+        out.count = int(count.item())
+        return out
+
+    def mean_and_covariance(self):
+        """(mean [d], unbiased covariance [d, d]), as torchmetrics derives them from its sums."""
+        import torch
+        mean = self.sum / self.count
+        # In place: one d x d allocation (32 MB at Inception's 2048) rather than three.
+        return mean, torch.outer(mean, mean).mul_(-self.count).add_(self.outer).div_(self.count - 1)
+
+
+def frechet_distance(real: FeatureMoments, fake: FeatureMoments) -> float:
+    """FID of two sets' moments: |mu_r - mu_f|² + tr(S_r + S_f - 2 (S_r S_f)^½), the trace of the
+    square root as torchmetrics takes it (the sum of the square roots of S_r S_f's eigenvalues),
+    in float64."""
     import torch
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    if feature is None:
-        if not weights:
-            raise FileNotFoundError("FID needs the Inception weights file (--fid-weights: torch-fidelity's "
-                                    "pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
-        import importlib.util
-        if importlib.util.find_spec("torch_fidelity") is None:
-            raise ImportError("FID with Inception-v3 needs torch-fidelity (pip install torch-fidelity, with the "
-                              "torchvision that matches your torch)") from None
-        metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
-    else:
-        metric = FrechetInceptionDistance(feature=feature)
-    metric.update(torch.stack(list(real_images)), real=True)
-    metric.update(torch.stack(list(fake_images)), real=False)
-    return float(metric.compute())
+    if real.count < 2 or fake.count < 2:
+        raise ValueError(f"FID needs at least 2 real and 2 generated images, got {real.count} and {fake.count}")
+    mu_r, s_r = real.mean_and_covariance()
+    mu_f, s_f = fake.mean_and_covariance()
+    distance = float((mu_r - mu_f).square().sum() + s_r.trace() + s_f.trace())
+    product = s_r @ s_f
+    del s_r, s_f   # eigvals' workspace then takes their place: three d x d at most, not five
+    return distance - 2 * float(torch.linalg.eigvals(product).sqrt().real.sum())
 
 
-def clip_score(images, captions: Sequence[str], clip_dir: str) -> float:
-    """CLIP score (Hessel et al.; torchmetrics' definition): 100 × max(cos(image, text), 0)
-    averaged, with a local CLIPModel directory. Computed here with transformers rather than
-    torchmetrics' CLIPScore, which reads get_image_features() as a tensor and breaks on
-    transformers 5 (it returns a model output there)."""
-    import torch
-    from transformers import CLIPModel, CLIPProcessor
-    from ..model.directory import load_pretrained
-    # complete: a directory lacking a tower or a projection (a CLIPVisionModel's) is refused by
-    # name; transformers would score through random weights.
-    model = load_pretrained(CLIPModel, clip_dir, "CLIP model (--clip-score-model)", complete=True).eval()
-    processor = CLIPProcessor.from_pretrained(clip_dir)
-    pictures = [im.permute(1, 2, 0).cpu().numpy() for im in images]
-    with torch.no_grad():
-        out = model(**processor(text=list(captions), images=pictures, return_tensors="pt", padding=True))
-    cos = torch.nn.functional.cosine_similarity(out.image_embeds.float(), out.text_embeds.float())
-    return float((100 * cos.clamp(min=0)).mean())
+def inception_extractor(weights: str):
+    """Inception-v3's 2048-wide pool features (torch-fidelity's network through torchmetrics),
+    weights from the local file only (torch-fidelity's pt_inception-2015-12-05)."""
+    import importlib.util
+    import os
+    if not weights:
+        raise FileNotFoundError("FID needs the Inception weights file (--fid-weights: torch-fidelity's "
+                                "pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"FID Inception weights file {weights}: no such file (--fid-weights)")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ImportError("FID with Inception-v3 needs torch-fidelity (pip install torch-fidelity, with the "
+                          "torchvision that matches your torch)") from None
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                              feature_extractor_weights_path=weights)
+
+
+class StreamingFID:
+    """FID from batches of uint8 [b, 3, H, W] images: each batch's features go into the real or
+    generated moments and the images are not kept. Inception-v3 from the local `weights` file,
+    or an injected `feature` module (tests, benchmarks) taking the same uint8 batches."""
+
+    def __init__(self, weights: Optional[str] = None, feature=None, device="cpu"):
+        self.extractor = (feature if feature is not None else inception_extractor(weights)).to(device).eval()
+        self.device = device
+        self.real = FeatureMoments(device)
+        self.fake = FeatureMoments(device)
+
+    def update(self, images, real: bool) -> None:
+        import torch
+        with torch.no_grad():
+            features = self.extractor(images.to(self.device))
+        (self.real if real else self.fake).update(features)
+
+    def reduced(self, group) -> Tuple[FeatureMoments, FeatureMoments]:
+        """(real, generated) moments over every rank of `group` (None: this rank's own).
+        Collective: every rank of the group calls it."""
+        return self.real.reduced(group), self.fake.reduced(group)
+
+    def compute(self, group=None) -> float:
+        return frechet_distance(*self.reduced(group))
+
+
+class StreamingClipScore:
+    """CLIP score (Hessel et al.; torchmetrics' definition), 100 × max(cos(image, caption), 0)
+    averaged, as a float64 running sum and count over batches, with a local CLIPModel
+    directory. Computed with transformers rather than torchmetrics' CLIPScore, which reads
+    get_image_features() as a tensor and breaks on transformers 5 (a model output there)."""
+
+    def __init__(self, clip_dir: str, device="cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+        from ..model.directory import load_pretrained
+        # complete: a directory lacking a tower or a projection (a CLIPVisionModel's) is refused
+        # by name; transformers would score through random weights.
+        self.model = load_pretrained(CLIPModel, clip_dir, "CLIP model (--clip-score-model)",
+                                     complete=True).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(clip_dir)
+        self.device = device
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, images, captions: Sequence[str]) -> None:
+        """images: uint8 [b, 3, H, W] (or b such tensors), captions: the b captions they were drawn from."""
+        import torch
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images for {len(captions)} captions")
+        pictures = [im.permute(1, 2, 0).cpu().numpy() for im in images]
+        inputs = self.processor(text=list(captions), images=pictures, return_tensors="pt", padding=True,
+                                truncation=True)
+        with torch.no_grad():
+            out = self.model(**inputs.to(self.device))
+        cos = torch.nn.functional.cosine_similarity(out.image_embeds.float(), out.text_embeds.float())
+        self.total += float((100 * cos.clamp(min=0)).double().sum())
+        self.count += len(captions)
+
+    def compute(self, group=None) -> float:
+        """The score over every rank of `group` (None: this rank's own). Collective."""
+        import torch
+        sums = torch.tensor([self.total, float(self.count)], dtype=torch.float64,
+                            device=next(self.model.parameters()).device)
+        _sum_over([sums], group)
+        if sums[1] == 0:
+            raise ValueError("CLIP score of no images")
+        return float(sums[0] / sums[1])

@@ -1,7 +1,8 @@
 """Running the evaluation tasks with a model: prompts built per item and shot count, answers
 generated in batches (greedy, text only, stopped at a newline), items split over the
 data-parallel ranks and the answers gathered before scoring; a task that generates images
-(text-to-image) gets an image per caption, scored by FID and CLIP score."""
+(text-to-image) gets an image per caption, scored by FID and CLIP score from statistics each
+rank updates batch by batch and that are summed across the ranks (no image is kept)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from ..errors import UsageError
 from ..inference.generation import Generator
 from ..inference.sampling import GenerationError, Sampling
 from .records import EvalFileError, Item
@@ -25,12 +27,28 @@ def _image(path: str):
     return open_image(path, "image")   # a damaged image: one line naming it
 
 
-def _gather(values: Dict) -> Dict:
+def _group(group, rank: int, world: int):
+    """The process group of the `world` ranks items are split over: None for one rank; the
+    launcher's default group when several ranks name none (what tools/evaluate.py starts)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world == 1:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UsageError(f"evaluating on {world} ranks needs an initialised torch.distributed process group")
+    group = dist.group.WORLD if group is None else group
+    if (dist.get_world_size(group), dist.get_rank(group)) != (world, rank):
+        raise UsageError(f"evaluation rank {rank} of {world}, but this process is rank {dist.get_rank(group)} of "
+                         f"{dist.get_world_size(group)} in the process group passed in")
+    return group
+
+
+def _gather(values: Dict, group, rank: int, world: int) -> Dict:
+    import torch.distributed as dist
+    group = _group(group, rank, world)
+    if group is None:
         return values
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, values)
+    parts = [None] * world
+    dist.all_gather_object(parts, values, group=group)
     out: Dict = {}
     for p in parts:
         out.update(p)
@@ -38,8 +56,9 @@ def _gather(values: Dict) -> Dict:
 
 
 def answer_items(gen: Generator, task: EvalTask, items: List[Item], pool: List[Item], shots: int, seed: int,
-                 batch_size: int, rank: int, world: int, progress=None) -> Dict:
-    """{item id: generated text} for every item (each rank answers items[rank::world])."""
+                 batch_size: int, rank: int, world: int, progress=None, group=None) -> Dict:
+    """{item id: generated text} for every item (each rank answers items[rank::world], the
+    answers gathered over `group`)."""
     task = get_task(task)
     mine = items[rank::world]
     sampling = Sampling(max_new_tokens=task.answer_tokens, stop=("\n",), text_only=True)
@@ -58,19 +77,28 @@ def answer_items(gen: Generator, task: EvalTask, items: List[Item], pool: List[I
             answers[item.id] = out.text.strip()
         if progress is not None:
             progress.update(len(batch))
-    return _gather(answers)
+    return _gather(answers, group, rank, world)
 
 
 def text_to_image(gen: Generator, task: EvalTask, items: List[Item], settings: EvalSettings, rank: int, world: int,
-                  progress=None) -> Dict:
-    """Generated images for the captions; FID against the real images, CLIP score (the task's
-    options fid_weights / fid_feature, clip_score_model, t2i_size, diffusion_steps, guidance_scale)."""
-    import numpy as np
+                  progress=None, group=None) -> Dict:
+    """FID against the real images and CLIP score of an image generated per caption (the task's
+    options fid_weights / fid_feature, clip_score_model, t2i_size, diffusion_steps,
+    guidance_scale, generated_images_dir). Streams: each rank draws its items' images a batch at
+    a time, updates the statistics and drops the batch (generated_images_dir: written there,
+    one PNG per item id, not kept); the statistics are summed over `group` at the end."""
+    import os
     from . import metrics
     task = get_task(task)
     option = task.option_values(settings)
+    group = _group(group, rank, world)
+    # Built first: a missing Inception or CLIP file fails before any image is generated.
+    fid = metrics.StreamingFID(option["fid_weights"], option["fid_feature"], gen.device)
+    clip = metrics.StreamingClipScore(option["clip_score_model"], gen.device) if option["clip_score_model"] else None
+    out_dir = option["generated_images_dir"]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
     decoder = gen.decoder()
-    real, fake, captions = [], [], []
     sampling = Sampling(max_new_tokens=gen.model.config["num_image_tokens"] + 2, text_to_image=True)
     mine = items[rank::world]
     for start in range(0, len(mine), settings.batch_size):
@@ -82,29 +110,44 @@ def text_to_image(gen: Generator, task: EvalTask, items: List[Item], settings: E
                                       f"({o.stopped_by})")
         embeds = torch.stack([o.images[0] for o in outs])
         pictures = decoder.decode(embeds, "both", option["t2i_size"], option["t2i_size"], option["diffusion_steps"],
-                                  option["guidance_scale"], settings.seed)
-        for item, picture in zip(batch, pictures):
-            real.append(torch.from_numpy(np.asarray(_image(item.image).resize(picture.size))).permute(2, 0, 1))
-            fake.append(torch.from_numpy(np.asarray(picture)).permute(2, 0, 1))
-            captions.append(item.question)
+                                  option["guidance_scale"],
+                                  # per item (its place in the task): the same picture on any number of ranks
+                                  [settings.seed + rank + world * (start + j) for j in range(len(batch))])
+        fake = torch.stack([_pixels(p) for p in pictures])
+        fid.update(torch.stack([_pixels(_image(item.image).resize(p.size)) for item, p in zip(batch, pictures)]),
+                   real=True)
+        fid.update(fake, real=False)
+        if clip is not None:
+            clip.update(fake, [item.question for item in batch])
+        if out_dir:
+            for item, picture in zip(batch, pictures):
+                picture.save(os.path.join(out_dir, f"{_file_name(item.id)}.png"))
         if progress is not None:
             progress.update(len(batch))
-    gathered = _gather({rank: (real, fake, captions)})
-    real = [t for r in sorted(gathered) for t in gathered[r][0]]
-    fake = [t for r in sorted(gathered) for t in gathered[r][1]]
-    captions = [c for r in sorted(gathered) for c in gathered[r][2]]
-    figures = {"count": len(fake)}
-    figures["FID"] = metrics.fid(real, fake, weights=option["fid_weights"], feature=option["fid_feature"])
-    if option["clip_score_model"]:
-        figures["CLIP score"] = metrics.clip_score(fake, captions, option["clip_score_model"])
+    real, generated = fid.reduced(group)
+    figures = {"count": generated.count, "FID": metrics.frechet_distance(real, generated)}
+    if clip is not None:
+        figures["CLIP score"] = clip.compute(group)
     return figures
 
 
+def _pixels(picture) -> torch.Tensor:
+    """A PIL image -> uint8 [3, H, W] (a copy: PIL's buffer is read-only)."""
+    import numpy as np
+    return torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
+
+
+def _file_name(item_id) -> str:
+    import re
+    return re.sub(r"[^\w.-]", "_", str(item_id))
+
+
 def evaluate(gen: Generator, task: str, settings: EvalSettings, shots_list: Sequence[int], rank: int = 0,
-             world: int = 1, progress_factory=None) -> Dict:
+             world: int = 1, progress_factory=None, group=None) -> Dict:
     """{"shots": {k: figures}, "answers": {k: {id: text}}} for one task (a registered name or
     an EvalTask). `settings` is EvalSettings (or one flat record of its fields, see
-    settings.as_eval_settings); never an argparse Namespace."""
+    settings.as_eval_settings); never an argparse Namespace. `rank` of `world` ranks share the
+    items; `group` is their process group (None: the default group when world > 1)."""
     task = get_task(task)
     refuse_namespace(settings, "EvalSettings")
     settings = as_eval_settings(settings, [o.name for o in task.options])
@@ -116,14 +159,15 @@ def evaluate(gen: Generator, task: str, settings: EvalSettings, shots_list: Sequ
     out: Dict = {"shots": {}, "answers": {}}
     if task.generates == "images":
         bar = progress_factory(len(items[rank::world]), f"{task.name}") if progress_factory else None
-        out["shots"][0] = text_to_image(gen, task, items, settings, rank, world, bar)
+        out["shots"][0] = text_to_image(gen, task, items, settings, rank, world, bar, group)
         return out
     pool = task.items(settings.files, "train") if max(shots_list) > 0 else []
     for shots in shots_list:
         if shots and not pool:
             raise ValueError(f"{task.name}: {shots}-shot prompts need the support split ({task.support or 'none'})")
         bar = progress_factory(len(items[rank::world]), f"{task.name} {shots}-shot") if progress_factory else None
-        answers = answer_items(gen, task, items, pool, shots, settings.seed, settings.batch_size, rank, world, bar)
+        answers = answer_items(gen, task, items, pool, shots, settings.seed, settings.batch_size, rank, world, bar,
+                               group)
         if bar is not None:
             bar.close()
         out["answers"][shots] = answers

@@ -15,7 +15,8 @@ Tasks and files (the TaskFiles fields each reads; tools/evaluate.py's flags of t
 - ``gqa``: GQA questions json (``{qid: {"imageId", "question", "answer"}}``); images
   ``image_root/{imageId}.jpg``. Results ``[{"questionId", "prediction"}]``. Exact match.
 - ``t2i``: captions of the Karpathy ``test`` split -> generated images; FID against the real
-  images (option ``fid_weights``) and CLIP score (option ``clip_score_model``).
+  images (option ``fid_weights``) and CLIP score (option ``clip_score_model``), from statistics
+  that stream (no image is kept; option ``generated_images_dir`` writes them to disk).
 
 Prompts, as the paper's: VQA-style ``<image>Question: {q} Short answer:`` and captions
 ``<image>Caption:``; a k-shot prompt puts k support examples first, each completed
@@ -226,6 +227,8 @@ class TextToImage(EvalTask):
         TaskOption("t2i_size", "t2i: generated image size (default: the UNet's)", int, None, minimum=1),
         TaskOption("fid_feature", "a feature extractor module for FID instead of Inception-v3 (tests)", object,
                    cli=False),
+        TaskOption("generated_images_dir", "t2i: also write each generated image to this directory as <item id>.png "
+                   "(an existing file of that name is replaced)"),
     )
 
     def read_items(self, files: TaskFiles, split: str) -> List[Item]:

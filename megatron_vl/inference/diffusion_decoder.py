@@ -12,7 +12,7 @@ from local directories; nothing is downloaded.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -74,8 +74,11 @@ class DiffusionDecoder:
 
     @torch.no_grad()
     def decode(self, visual_embeds: torch.Tensor, mode: str = "both", height: Optional[int] = None,
-               width: Optional[int] = None, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0) -> List:
-        """[b, N, d] (or [N, d]) visual embeddings -> b PIL images."""
+               width: Optional[int] = None, steps: int = 50, guidance_scale: float = 7.5,
+               seed: Union[int, Sequence[int]] = 0) -> List:
+        """[b, N, d] (or [N, d]) visual embeddings -> b PIL images. ``seed``: one seed for the
+        batch's noise, or one per image (an image then comes out the same whichever batch, and
+        whichever rank, draws it)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
         if visual_embeds.dim() == 2:
@@ -88,7 +91,12 @@ class DiffusionDecoder:
         image_embeds = z_v[:, None]          # [b, one image per prompt, tokens, width]
         if guidance_scale > 1:               # diffusers takes [negative; positive] along the batch
             image_embeds = torch.cat([self.negative_image.expand(b, -1, -1)[:, None], image_embeds])
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if isinstance(seed, int):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        else:
+            if len(seed) != b:
+                raise ValueError(f"{len(seed)} seeds for {b} images")
+            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
         out = self.pipe(prompt_embeds=z_t, negative_prompt_embeds=self.empty_prompt.expand(b, -1, -1),
                         ip_adapter_image_embeds=[image_embeds], height=height, width=width,
                         num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
