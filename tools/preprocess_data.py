@@ -80,7 +80,8 @@ def build_parser():
     p.add_argument("--prepend-bos", action="store_true",
                    help="start each document with the tokenizer's bos id, as LLaMA was trained (use it for LLaMA "
                         "data; off by default so jsonl-text output stays byte-identical to Megatron's)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (0 or 1: in this process)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (0 or 1: in this process); text "
+                   "is encoded on one thread per CPU each process gets (taskset limits them)")
     p.add_argument("--partitions", type=int, default=1,
                    help="process the inputs in this many groups (at most one per file), then merge")
     p.add_argument("--strict", action="store_true", help="any skipped record is an error")

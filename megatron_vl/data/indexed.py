@@ -77,7 +77,8 @@ class IndexedDatasetWriter:
         self.document_indices: List[int] = [0]
         self.fingerprint: Optional[str] = None   # set by finalize
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
+        """`data`: bytes, or a C-contiguous array (written and hashed from its buffer, uncopied)."""
         self._bin.write(data)
         self._hash.update(data)
 
@@ -94,7 +95,7 @@ class IndexedDatasetWriter:
             arr = raw.astype(self.dtype, copy=False)
         else:
             arr = np.asarray(values, dtype=self.dtype)
-        self._write(arr.tobytes(order="C"))
+        self._write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
         self.lengths.append(arr.size)
 
     def end_document(self) -> None:

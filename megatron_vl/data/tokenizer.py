@@ -42,8 +42,10 @@ class Tokenizer:
                 self.img_id, self.img_end_id, self.vocab_size = base, base + 1, base + 2
             self.eod_id = self._sp.eos_id()
             self.bos_id = self._sp.bos_id()
-            self._encode = lambda text: self._sp.encode_as_ids(text)
+            self._encode = self._sp.encode_as_ids   # a new list each call: returned as it is
             self._decode = lambda ids: self._sp.decode_ids([i for i in ids if i < base])
+            # SentencePiece's encode is const and releases the GIL: threads may share it (lanes.py).
+            self.thread_safe = True
         elif kind == "hf":
             from transformers import AutoTokenizer
             try:
@@ -56,13 +58,17 @@ class Tokenizer:
             self.bos_id = self._hf.bos_token_id
             self._encode = lambda text: self._hf(text, add_special_tokens=False)["input_ids"]
             self._decode = lambda ids: self._hf.decode(list(ids))
+            # A call sets the backend's truncation and padding state: concurrent calls can fail
+            # ("Already borrowed"), so one thread encodes.
+            self.thread_safe = False
         else:
             raise TokenizerError(f"unknown --tokenizer-type {kind!r} (sentencepiece or hf)")
         if self.eod_id is None or self.eod_id < 0:
             raise TokenizerError(f"{model}: tokenizer has no end-of-document (eos) token")
 
     def encode(self, text: str) -> List[int]:
-        return list(self._encode(text))
+        """The ids of `text`, a list of the caller's own (both backends build a new one)."""
+        return self._encode(text)
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])

@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import wait
-from typing import Callable, Dict, Iterable, Iterator, List, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from ..errors import UserError
 
@@ -59,6 +59,7 @@ def _serve(parent: int, conn, fn: Callable, initializer: Callable, initargs: Seq
     except BaseException as exc:   # e.g. a tokenizer that does not load: the parent raises it
         conn.send(("error", -1, exc))
         return
+    conn.send(("ready", -1, None))   # until then the parent encodes (EncodePool.imap)
     while True:
         try:
             message = conn.recv()
@@ -82,16 +83,19 @@ class _Worker:
         self.process, self.conn = process, conn
         self.in_flight: collections.deque = collections.deque()   # (seq, first task of the batch)
         self.ready = None   # (seq, batch) read from the input, sent when the worker is free
+        self.started = False   # it said "ready": its initializer ran
 
 
 class EncodePool:
     """`fn(batch) -> [result per task]` over `workers` spawned processes; `imap` yields the
     results of `tasks` in order, with two batches per worker at most (one encoding, one read
-    ahead): memory stays flat however large the input."""
+    ahead): memory stays flat however large the input. `local(task) -> result`, when given,
+    is the same work done in this process: it encodes while the workers start."""
 
-    def __init__(self, workers: int, fn: Callable, initializer: Callable, initargs: Sequence, batch: int = 64):
+    def __init__(self, workers: int, fn: Callable, initializer: Callable, initargs: Sequence, batch: int = 64,
+                 local: Optional[Callable] = None):
         ctx = mp.get_context("spawn")
-        self.batch = batch
+        self.batch, self.local = batch, local
         self.workers: List[_Worker] = []
         try:
             for _ in range(workers):
@@ -110,9 +114,16 @@ class EncodePool:
 
         One batch in each worker's pipe at a time: a worker then never writes a result while
         the parent is blocked writing it a task (both pipes full: a deadlock with large
-        records). The next batch of each worker is read from the input while it works."""
+        records). The next batch of each worker is read from the input while it works.
+
+        A worker gets its first batch once it says it is ready. Until all are (a spawned
+        interpreter imports for a few tenths of a second), the parent encodes with `local` the
+        first tasks of the earliest batch waiting, one task between two looks at the workers, so
+        a started worker waits one task at most; the rest of that batch goes to a worker. So
+        workers cost a short input nothing, and pay off from fewer documents."""
         tasks = iter(tasks)
         done: Dict[int, list] = {}
+        heads: Dict[int, list] = {}   # results of a batch's first tasks, encoded here
         next_seq = next_out = 0
         exhausted = False
         while True:
@@ -124,7 +135,7 @@ class EncodePool:
                         next_seq += 1
                     else:
                         exhausted = True
-                if not w.in_flight and w.ready is not None:
+                if w.started and not w.in_flight and w.ready is not None:
                     seq, chunk = w.ready
                     w.in_flight.append((seq, chunk[0]))
                     w.ready = None
@@ -135,13 +146,22 @@ class EncodePool:
             while next_out in done:
                 yield from done.pop(next_out)
                 next_out += 1
-            busy = [w for w in self.workers if w.in_flight]
-            if not busy:
-                if exhausted and not any(w.ready for w in self.workers) and not done:
-                    return
+            if exhausted and not done and not any(w.ready or w.in_flight for w in self.workers):
+                return
+            watched = [w for w in self.workers if w.in_flight or not w.started]
+            if not watched:
                 continue
-            ready = wait([w.process.sentinel for w in busy] + [w.conn for w in busy])
-            for w in busy:
+            waiting = [w for w in self.workers if w.ready is not None]
+            timeout = None
+            if self.local is not None and waiting and not all(w.started for w in self.workers):
+                w = min(waiting, key=lambda w: w.ready[0])
+                seq, chunk = w.ready
+                heads.setdefault(seq, []).append(self.local(chunk.pop(0)))
+                if not chunk:
+                    done[seq], w.ready = heads.pop(seq), None
+                timeout = 0
+            ready = wait([w.process.sentinel for w in watched] + [w.conn for w in watched], timeout)
+            for w in watched:
                 if w.conn in ready:
                     try:
                         status, seq, value = w.conn.recv()
@@ -149,8 +169,11 @@ class EncodePool:
                         raise self._died(w, source, prefix, where) from None
                     if status == "error":
                         raise value
+                    if status == "ready":
+                        w.started = True
+                        continue
                     w.in_flight.popleft()
-                    done[seq] = value
+                    done[seq] = heads.pop(seq, []) + value
                 elif w.process.sentinel in ready:
                     raise self._died(w, source, prefix, where)
 
@@ -166,7 +189,9 @@ class EncodePool:
                         return value
             except (EOFError, OSError, ValueError):
                 pass
-        at = f" (the batch from {where(w.in_flight[0][1])})" if w.in_flight else ""
+        # The batch it was encoding, or (it died starting) the one it was to get.
+        first = w.in_flight[0][1] if w.in_flight else w.ready[1][0] if w.ready else None
+        at = f" (the batch from {where(first)})" if first is not None else ""
         return WorkerDied(f"preprocessing stopped: worker process {w.process.pid} {describe_exit(w.process.exitcode)} "
                           f"while encoding {source}{at}; nothing was written to {prefix}; run again with fewer "
                           "--workers or more memory")
@@ -174,7 +199,9 @@ class EncodePool:
     def close(self) -> None:
         """Ends the workers now (finished or not): nothing of theirs is needed any more."""
         for w in self.workers:
-            if not w.in_flight:   # a busy one may not read: it is ended below instead
+            if not w.started:   # still starting (a short input was done without it): it holds nothing
+                w.process.terminate()
+            elif not w.in_flight:   # a busy one may not read: it is ended below instead
                 try:
                     w.conn.send(None)
                 except OSError:
