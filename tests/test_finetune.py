@@ -1,26 +1,44 @@
 """Stage 2 -> stage 3 on the tiny model: instruction data in the four formats (the sample
 corpus's), weights-only start from a stage-2 checkpoint with its LoRA merged (checked
 against the HF export's own merge at TP=2), the loss on answers falls, exact resume under
-the deepspeed launcher and torchrun, export, an answer from the export."""
+torchrun, export, an answer from the export. Stage 2 and stage 3's straight run share one set
+of two processes (tests/rank_jobs.py: one spawn's imports); the resume is torchrun's."""
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from data_helpers import run_tool
-from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, logged_losses, run_script, tiny_args
+from megatron_vl.testing.distributed import run_distributed
+from megatron_vl.testing.scripts import load_script
+from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, logged_losses, pretrain_rank, run_script, tiny_args
+from rank_jobs import printing
 
 FORMATS = {"llava": ("llava/llava_instruct.json", "llava/images"), "coco-captions": ("coco/dataset_coco.json", "coco"),
            "instructpix2pix": ("instructpix2pix/train-00000.parquet", None),
            "magicbrush": ("magicbrush/train-00000.parquet", None)}
 
 
+def _stages_rank(rank, world, stage2_argv, stage3_argv):
+    """Stage 2 (pretrain_vlgpt.py's job), then stage 3 (finetune_instruct.py's, as its `__main__`
+    runs it) in this rank: what each printed."""
+    from megatron_vl.training.pretrain import pretrain
+    script = load_script("finetune_instruct.py")
+
+    def stage3():
+        trainer = pretrain(script.DEFAULTS + stage3_argv, script.__doc__, script.STAGE, script.prepare)
+        assert trainer.exit_code == 0, f"exit code {trainer.exit_code}"
+    return [printing(lambda: pretrain_rank(rank, world, stage2_argv))[1], printing(stage3)[1]]
+
+
 @pytest.fixture(scope="module")
 def instruct(vl_data, tmp_path_factory):
-    """The four instruction datasets (with image features) beside the pretraining data, and
-    a stage-2 checkpoint trained with LoRA at TP=2."""
+    """The four instruction datasets (with image features) beside the pretraining data, a
+    stage-2 checkpoint trained with LoRA at TP=2, and stage 3 from it (16 steps, checkpoint at
+    8): its directory and what its two ranks printed."""
     root = os.path.dirname(os.path.dirname(vl_data))
     sample, out = os.path.join(root, "sample"), tmp_path_factory.mktemp("instruct")
     prefixes = []
@@ -32,15 +50,31 @@ def instruct(vl_data, tmp_path_factory):
     run_tool("tools/extract_image_features.py", "--init-from-clip", os.path.join(root, "clip"), "--num-image-tokens",
              str(NUM_IMAGE_TOKENS), "--embed-dim", str(EMBED_DIM), "--tokenizer-heads", "2", "--data-prefix",
              *prefixes, "--no-progress")
-    stage2 = out / "stage2"
-    run_script(["torchrun", "--nproc_per_node", "2", "--master_port", _port(), "pretrain_vlgpt.py",
-                *tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--lora-rank", 4, "--save", stage2, iters=3)])
-    return prefixes, stage2
+    stage2, stage3 = out / "stage2", out / "stage3"
+    stage2_argv = tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--lora-rank", 4, "--save", stage2, iters=3)
+    stage3_argv = ft_args(vl_data, prefixes, "--load", stage2, "--save", stage3, "--save-interval", 8, "--lr", "3e-3",
+                          iters=16)
+    ranks = run_distributed(_stages_rank, 2, [str(a) for a in stage2_argv], [str(a) for a in stage3_argv],
+                            timeout=400)
+    return SimpleNamespace(prefixes=prefixes, stage2=stage2, stage3=stage3,
+                           stage3_printed="".join(printed[1] for printed in ranks))
 
 
 def _port():
     from megatron_vl.testing.distributed import free_port
     return free_port()
+
+
+def finetune_in_process(argv, monkeypatch, capsys):
+    """finetune_instruct.py's job in this process, one rank, as its `__main__` runs it: (exit
+    code, everything printed). A process would cost seconds of imports."""
+    from megatron_vl.testing.distributed import one_rank_job
+    script = load_script("finetune_instruct.py")
+    capsys.readouterr()
+    code = one_rank_job(lambda: script.run(script.DEFAULTS + [str(a) for a in argv], script.__doc__, script.STAGE,
+                                           script.prepare), monkeypatch.setenv)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def blend(prefixes):
@@ -56,15 +90,14 @@ def ft_args(vl_data, prefixes, *extra, iters=6):
     return args[:i] + ["--data-path", *blend(prefixes)] + args[i + 2:]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)   # whichever test comes first runs the fixture's two stages
 def test_stage2_lora_merges_like_the_hf_export(instruct, tmp_path):
     from megatron_vl.config import load_config
     from megatron_vl.checkpoint.release import hf_to_shards
     from megatron_vl.convert.hf import load_hf_state_dict
     from megatron_vl.checkpoint.merged import merged_rank_weights
-    _, stage2 = instruct
-    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", stage2, "--save", tmp_path / "hf",
-                "--merge-lora"])
+    stage2 = instruct.stage2
+    run_tool("tools/convert_checkpoint.py", "export-hf", "--load", stage2, "--save", tmp_path / "hf", "--merge-lora")
     cfg, _ = load_config(["--config", str(stage2 / open(stage2 / "latest").read() / "config.yaml")])
     hf = load_hf_state_dict(str(tmp_path / "hf"))
     shards = hf_to_shards({k: v.float() for k, v in hf.items()}, cfg.model, 2, 1)
@@ -113,11 +146,7 @@ def test_stage2_lora_merges_like_the_hf_export(instruct, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_finetune_from_stage2_learns_resumes_exactly_and_the_export_answers(vl_data, instruct, tmp_path):
-    prefixes, stage2 = instruct
-    ckpt = tmp_path / "stage3"
-    args = ft_args(vl_data, prefixes, "--load", stage2, "--save", ckpt, "--save-interval", 8, "--lr", "3e-3", iters=16)
-    straight = run_script(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "finetune_instruct.py", *args],
-                          timeout=400)
+    prefixes, stage2, ckpt, straight = instruct.prefixes, instruct.stage2, instruct.stage3, instruct.stage3_printed
     assert f"--finetune: weights of {stage2} (adapters merged)" in straight
     assert "VL-GPT instruction tuning: world 2 = tp 2 x pp 1 x dp 1" in straight
     lines = logged_losses(straight)
@@ -133,7 +162,7 @@ def test_finetune_from_stage2_learns_resumes_exactly_and_the_export_answers(vl_d
     from megatron_vl.inference.modeling_vlgpt import VLGPTForCausalLM
     from megatron_vl.data.conversation import ASSISTANT, USER, Conversation, Turn, encode_pieces, get_template
     from transformers import AutoTokenizer
-    run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", tmp_path / "hf"])
+    run_tool("tools/convert_checkpoint.py", "export-hf", "--load", ckpt, "--save", tmp_path / "hf")
     model = VLGPTForCausalLM.from_pretrained(str(tmp_path / "hf")).float()
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     pieces = get_template("vicuna_v1").render(Conversation("q", [Turn(USER, "Name a color."), Turn(ASSISTANT, "")]))
@@ -143,19 +172,20 @@ def test_finetune_from_stage2_learns_resumes_exactly_and_the_export_answers(vl_d
     assert gen.tokens.shape[1] > len(prompt)
 
 
-def test_pretraining_data_and_crossed_conversations_are_refused(vl_data, instruct):
-    prefixes, _ = instruct
-    out = run_script([PY, "finetune_instruct.py", *tiny_args(vl_data)], expect=2)
-    assert f"{vl_data}: not instruction data (no loss mask; format 'mmc4')" in out
-    out = run_script([PY, "finetune_instruct.py", *ft_args(vl_data, prefixes, "--no-reset-attention-mask",
-                                                           "--tensor-model-parallel-size", 1)], expect=2)
-    assert "--no-reset-attention-mask: instruction tuning keeps each conversation to itself" in out
+def test_pretraining_data_and_crossed_conversations_are_refused(vl_data, instruct, monkeypatch, capsys):
+    prefixes = instruct.prefixes
+    code, out = finetune_in_process(tiny_args(vl_data), monkeypatch, capsys)
+    assert code == 2 and f"{vl_data}: not instruction data (no loss mask; format 'mmc4')" in out, out[-3000:]
+    code, out = finetune_in_process(ft_args(vl_data, prefixes, "--no-reset-attention-mask",
+                                            "--tensor-model-parallel-size", 1), monkeypatch, capsys)
+    assert code == 2 and "--no-reset-attention-mask: instruction tuning keeps each conversation to itself" in out, \
+        out[-3000:]
 
 
 def test_no_pack_puts_one_conversation_per_sample(instruct):
     from megatron_vl.data.dataset import PackedDataset
     from megatron_vl.data.packing import PackingConfig
-    prefixes, _ = instruct
+    prefixes = instruct.prefixes
     for pack in (True, False):
         cfg = PackingConfig(seq_length=512, num_image_tokens=NUM_IMAGE_TOKENS, max_images=5, reset_attention_mask=True,
                             pack_documents=pack, embed_dim=EMBED_DIM)

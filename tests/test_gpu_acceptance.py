@@ -61,9 +61,10 @@ def test_help_names_every_check_and_flag(script, capsys):
         assert name in out
 
 
-def test_dry_run_on_cpu_lists_the_checks_and_the_formulas_with_their_numbers():
-    done = run_script([sys.executable, SCRIPT, "--dry-run", "--tiny"], cwd=ROOT, env=env(), timeout=120, expect=0)
-    out = done.stdout
+def test_dry_run_on_cpu_lists_the_checks_and_the_formulas_with_their_numbers(script, capsys):
+    # in this process (the script runs as a process in the child-process tests below)
+    assert script.main(["--dry-run", "--tiny"]) == 0
+    out = capsys.readouterr().out
     listed = [line.split()[1] for line in out.splitlines() if line.startswith("- ")]
     assert listed == CHECKS
     assert out.count("    runs: ") == len(CHECKS)
@@ -305,10 +306,13 @@ def test_generations_may_part_only_at_a_bf16_tie():
 @pytest.mark.timeout(600)
 def test_every_check_runs_at_tiny_sizes_on_cpu(tmp_path):
     """The whole script with --tiny: every check's code path runs here; only the GPU tests, all
-    skipped without CUDA, fail (so the exit status is 1)."""
+    skipped without CUDA, fail (so the exit status is 1). Each check's child command runs in one
+    process (tests/gpu_acceptance_one_process.py: seven interpreters' imports saved); the child
+    process itself is test_a_check_failing_in_its_child_process_fails_the_run's."""
     report = tmp_path / "report.json"
-    done = run_script([sys.executable, SCRIPT, "--tiny", "--report", report], cwd=str(tmp_path), env=env(),
-                      timeout=500)
+    done = run_script([sys.executable, os.path.join(ROOT, "tests", "gpu_acceptance_one_process.py"), "--tiny",
+                       "--report", report], cwd=str(tmp_path), timeout=500,
+                      env=dict(env(), PYTHONPATH=os.pathsep.join([ROOT, os.path.dirname(SCRIPT)])))
     rows = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
     assert done.returncode == 1 and list(rows) == CHECKS, done.output[-3000:]
     assert rows["kernels"]["status"] == FAIL and "skipped" in rows["kernels"]["summary"]

@@ -110,7 +110,7 @@ def test_lambda_ablation_trains_only_the_other_head(s1, monkeypatch, off):
     assert all(r[off] > 0 for r in trainer.history)   # still measured, never trained
 
 
-def test_both_lambdas_zero_and_missing_directories_are_refused(s1, tmp_path):
+def test_both_lambdas_zero_and_missing_directories_are_refused(s1, tmp_path, monkeypatch, capsys):
     from megatron_vl.config import ConfigError, load_config
     from megatron_vl.stage1.config import TokenizerTrainConfig
     from megatron_vl.stage1.trainer import parser
@@ -118,18 +118,24 @@ def test_both_lambdas_zero_and_missing_directories_are_refused(s1, tmp_path):
                          config_cls=TokenizerTrainConfig)
     with pytest.raises(ConfigError, match="both 0: nothing to train"):
         cfg.validate(1)
-    out = run_script([PY, "train_tokenizer.py", *args(s1, "--sd-model", tmp_path / "nope")], expect=1)
-    assert f"error: --sd-model {tmp_path / 'nope'}: no such directory" in out
+    # train_tokenizer.py's run() in this process: its exit code and what it printed
+    from megatron_vl.stage1.trainer import run
+    from megatron_vl.testing.distributed import one_rank_job
+    capsys.readouterr()
+    code = one_rank_job(lambda: run([str(a) for a in args(s1, "--sd-model", tmp_path / "nope")]), monkeypatch.setenv)
+    out = "".join(capsys.readouterr())
+    assert code == 1 and f"error: --sd-model {tmp_path / 'nope'}: no such directory" in out, out[-3000:]
 
 
 @pytest.mark.timeout(400)
 def test_precomputed_targets_give_equal_losses(s1, monkeypatch, tmp_path):
-    out = run_script([PY, "tools/precompute_tokenizer_targets.py", "--train-shards", s1.shards, "--sd-model", s1.sd,
-                      "--ip-adapter", s1.ip, "--targets-dir", tmp_path / "t", "--batch-size", 3, "--no-progress"])
+    from data_helpers import run_tool   # in this process: the tool's imports are this one's
+    out = run_tool("tools/precompute_tokenizer_targets.py", "--train-shards", s1.shards, "--sd-model", s1.sd,
+                   "--ip-adapter", s1.ip, "--targets-dir", tmp_path / "t", "--batch-size", 3, "--no-progress")
     assert "wrote targets of 30 pairs from 4 shard(s)" in out      # 32 pairs less the two bad ones
     assert "skipped (image unreadable): 1" in out and "skipped (pair without caption or image): 1" in out
-    again = run_script([PY, "tools/precompute_tokenizer_targets.py", "--train-shards", s1.shards, "--sd-model", s1.sd,
-                        "--ip-adapter", s1.ip, "--targets-dir", tmp_path / "t", "--no-progress"])
+    again = run_tool("tools/precompute_tokenizer_targets.py", "--train-shards", s1.shards, "--sd-model", s1.sd,
+                     "--ip-adapter", s1.ip, "--targets-dir", tmp_path / "t", "--no-progress")
     assert "4 shard(s), 4 already done" in again
     on_the_fly = in_process(args(s1, iters=5), monkeypatch).history
     stored = in_process(args(s1, "--targets-dir", tmp_path / "t", iters=5), monkeypatch).history
@@ -164,9 +170,9 @@ def test_two_ranks_deepspeed_and_torchrun_resume_exactly_export_and_extract(s1, 
 
     # Export -> extract_image_features --image-tokenizer: the features are the tokenizer's own forward.
     export = tmp_path / "export"
-    run_script([PY, "tools/export_tokenizer.py", "--load", ckpt, "--save", export])
-    assert sorted(os.listdir(export)) == ["image_detokenizer", "image_tokenizer", "stage1_export.json"]
     from data_helpers import preprocess, run_tool
+    run_tool("tools/export_tokenizer.py", "--load", ckpt, "--save", export)
+    assert sorted(os.listdir(export)) == ["image_detokenizer", "image_tokenizer", "stage1_export.json"]
     from megatron_vl.data.indexed import FeatureStore
     from megatron_vl.data.preprocess import sidecar
     from megatron_vl.model.image_tokenizer import ImageTokenizer, load_image_processor
@@ -192,7 +198,7 @@ def test_two_ranks_deepspeed_and_torchrun_resume_exactly_export_and_extract(s1, 
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_saves_exits_zero_and_resume_continues(s1, tmp_path):
+def test_sigterm_saves_exits_zero_and_resume_continues(s1, tmp_path, monkeypatch, capsys):
     argv = [PY, "train_tokenizer.py", *args(s1, "--save", tmp_path, iters=500)]
     proc = processes.start_process(argv, cwd=ROOT, capture=True, merge_stderr=True, env=script_env())
     try:
@@ -211,6 +217,8 @@ def test_sigterm_saves_exits_zero_and_resume_continues(s1, tmp_path):
     stopped = int(open(tmp_path / "latest").read().split("_")[1])
     assert f"stopping at iteration {stopped} on a termination signal" in out
     assert os.path.isdir(tmp_path / f"iter_{stopped:07d}" / "image_detokenizer")
-    resumed = run_script([PY, "train_tokenizer.py", *args(s1, "--load", tmp_path, "--save", tmp_path,
-                                                          "--exit-interval", stopped + 2, iters=500)])
-    assert sorted(logged(resumed)) == [stopped + 1, stopped + 2]
+    # The resume in this process (a process's imports saved): it reads only the checkpoint.
+    capsys.readouterr()
+    in_process(args(s1, "--load", tmp_path, "--save", tmp_path, "--exit-interval", stopped + 2, iters=500), monkeypatch)
+    resumed = capsys.readouterr().out
+    assert sorted(logged(resumed)) == [stopped + 1, stopped + 2], resumed[-3000:]

@@ -12,8 +12,9 @@ import torch
 from megatron_vl.model.detokenizer_targets import ImageConditionEncoder, condition_shapes
 from megatron_vl.model.image_detokenizer import ImageDetokenizer, ImageDetokenizerConfig
 from megatron_vl.inference.diffusion_decoder import DiffusionDecoder, MODES
+from megatron_vl.testing.scripts import run_tool
 from megatron_vl.testing.tiny_models import save_tiny_ip_adapter, save_tiny_ip_image_encoder, save_tiny_sd
-from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, PY, run_script
+from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS
 
 LAYOUTS = ["ip-adapter-plus_sd15.bin", "ip-adapter-plus_sd15.safetensors"]
 
@@ -103,8 +104,9 @@ def test_generated_embeddings_of_an_export_decode_to_pngs(export, tmp_path):
     # A detokenizer of another visual width is refused.
     other = ImageDetokenizer(ImageDetokenizerConfig(EMBED_DIM * 2, 17, 48, 77, 24, width=32, num_layers=1, num_heads=2))
     other.save_pretrained(str(tmp_path / "other"))
-    out = run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", export.parent / "ckpt", "--save",
-                      tmp_path / "hf", "--image-detokenizer", tmp_path / "other"], expect=1)
+    # The tools in this process (run_tool): a process would import torch and diffusers again.
+    out = run_tool("tools/convert_checkpoint.py", "export-hf", "--load", export.parent / "ckpt", "--save",
+                   tmp_path / "hf", "--image-detokenizer", tmp_path / "other", expect=1)
     assert f"reads visual embeddings of width {EMBED_DIM * 2}, the model's are {EMBED_DIM}" in out
     assert json.load(open(export / "vlgpt_config.json"))["image_detokenizer"] == "image_detokenizer"
     model = VLGPTForCausalLM.from_pretrained(str(export)).float()
@@ -112,9 +114,9 @@ def test_generated_embeddings_of_an_export_decode_to_pngs(export, tmp_path):
     gen = model.generate(ids, max_new_tokens=NUM_IMAGE_TOKENS + 1, max_new_images=1)
     assert len(gen.images) == 1 and gen.images[0].shape == (NUM_IMAGE_TOKENS, EMBED_DIM)
     torch.save(gen.images, tmp_path / "gen_images.pt")
-    out = run_script([PY, "tools/reconstruct_images.py", "--image-detokenizer", export / "image_detokenizer",
-                      "--embeddings", tmp_path / "gen_images.pt", "--mode", "all", "--steps", 2,
-                      "--height", 40, "--width", 40, "--output", tmp_path / "png"])
+    out = run_tool("tools/reconstruct_images.py", "--image-detokenizer", export / "image_detokenizer",
+                   "--embeddings", tmp_path / "gen_images.pt", "--mode", "all", "--steps", 2,
+                   "--height", 40, "--width", 40, "--output", tmp_path / "png")
     from PIL import Image
     for mode in MODES:
         path = tmp_path / "png" / f"gen_images_0_{mode}.png"
@@ -167,9 +169,9 @@ def test_eval_reconstruction_tool_scores_each_mode_over_the_shards(decoding, tmp
     shutil.copytree(decoding / "image_detokenizer", export / "image_detokenizer")
     save_tiny_ip_image_encoder(str(tmp_path / "clip-score"), seed=7)
     _shard(tmp_path / "val.tar", "v", 8, 0, bad=[(0, "cutimage")])
-    out = run_script([PY, "tools/eval_reconstruction.py", "--export", export, "--shards", tmp_path / "val.tar",
-                      "--clip-score-model", tmp_path / "clip-score", "--modes", "both", "text", "--max-images", 5,
-                      "--batch-size", 2, "--steps", 2, "--output-json", tmp_path / "scores.json", "--no-progress"])
+    out = run_tool("tools/eval_reconstruction.py", "--export", export, "--shards", tmp_path / "val.tar",
+                   "--clip-score-model", tmp_path / "clip-score", "--modes", "both", "text", "--max-images", 5,
+                   "--batch-size", 2, "--steps", 2, "--output-json", tmp_path / "scores.json", "--no-progress")
     scores = json.load(open(tmp_path / "scores.json"))
     assert sorted(scores["scores"]) == ["both", "text"]
     assert all(s["images"] == 5 and -1 <= s["clip_similarity"] <= 1 for s in scores["scores"].values())
