@@ -29,30 +29,31 @@ _PERIOD_NOT_DECIMAL = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-# Contractions as the official evaluation restores them; each is also reached from its
-# forms with any one apostrophe dropped ("dont" -> "don't", "couldnt've" -> "couldn't've").
-_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
-haven't he'd he'd've he's how'd how'll how's i'd i'd've i'm i've isn't it'd it'd've it'll let's ma'am mightn't
-mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd she'd've she'll she's
-should've shouldn't shouldn't've somebody'd somebody'd've somebody'll somebody's someone'd someone'd've someone'll
-someone's something'd something'd've something'll that's there'd there'd've there're there's they'd they'd've
-they'll they're they've 'twas wasn't we'd we'd've we're we've weren't what'll what're what's what've when's
-where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't
-wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've""".split()
-
-
-def _contraction_map() -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    for word in _CONTRACTED:
-        out[word.replace("'", "")] = word
-        marks = [i for i, c in enumerate(word) if c == "'"]
-        if len(marks) > 1:
-            for i in marks:
-                out[word[:i] + word[i + 1:]] = word
-    return out
-
-
-_CONTRACTIONS = _contraction_map()
+# The official evaluation's contraction table (vqaEval.py), entry for entry: no forms derived
+# from it. Words it lacks stay as written: "shed", "shell", "id", "were" are answers in their own
+# right, and the human answers are never contraction-normalised, so restoring them in the
+# prediction alone would fail a right answer. Its capitalised keys ("Im", "Ive", "Id've", "I'dve")
+# never meet the lowercased words and are left out; its reversed "somebody'd=somebodyd" is kept.
+_CONTRACTIONS = dict(pair.split("=") for pair in """
+aint=ain't arent=aren't cant=can't couldve=could've couldnt=couldn't couldn'tve=couldn't've
+couldnt've=couldn't've didnt=didn't doesnt=doesn't dont=don't hadnt=hadn't hadnt've=hadn't've
+hadn'tve=hadn't've hasnt=hasn't havent=haven't hed=he'd hed've=he'd've he'dve=he'd've hes=he's howd=how'd
+howll=how'll hows=how's isnt=isn't itd=it'd itd've=it'd've it'dve=it'd've itll=it'll maam=ma'am
+mightnt=mightn't mightnt've=mightn't've mightn'tve=mightn't've mightve=might've mustnt=mustn't mustve=must've
+neednt=needn't notve=not've oclock=o'clock oughtnt=oughtn't ow's'at='ow's'at 'ows'at='ow's'at 'ow'sat='ow's'at
+shant=shan't shed've=she'd've she'dve=she'd've shouldve=should've shouldnt=shouldn't shouldnt've=shouldn't've
+shouldn'tve=shouldn't've somebody'd=somebodyd somebodyd've=somebody'd've somebody'dve=somebody'd've
+somebodyll=somebody'll somebodys=somebody's someoned=someone'd someoned've=someone'd've
+someone'dve=someone'd've someonell=someone'll someones=someone's somethingd=something'd
+somethingd've=something'd've something'dve=something'd've somethingll=something'll thats=that's thered=there'd
+thered've=there'd've there'dve=there'd've therere=there're theres=there's theyd=they'd theyd've=they'd've
+they'dve=they'd've theyll=they'll theyre=they're theyve=they've twas='twas wasnt=wasn't wed've=we'd've
+we'dve=we'd've weve=we've werent=weren't whatll=what'll whatre=what're whats=what's whatve=what've whens=when's
+whered=where'd wheres=where's whereve=where've whod=who'd whod've=who'd've who'dve=who'd've wholl=who'll
+whos=who's whove=who've whyll=why'll whyre=why're whys=why's wont=won't wouldve=would've wouldnt=wouldn't
+wouldnt've=wouldn't've wouldn'tve=wouldn't've yall=y'all yall'll=y'all'll y'allll=y'all'll yall'd've=y'all'd've
+y'alld've=y'all'd've y'all'dve=y'all'd've youd=you'd youd've=you'd've you'dve=you'd've youll=you'll
+youre=you're youve=you've""".split())
 
 
 def strip_punctuation(text: str) -> str:
@@ -63,7 +64,8 @@ def strip_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_NOT_DECIMAL.sub("", out)
+    # The official script passes re.UNICODE (32) where sub() takes its count: at most 32 periods go.
+    return _PERIOD_NOT_DECIMAL.sub("", out, count=32)
 
 
 def digits_and_articles(text: str) -> str:
@@ -81,7 +83,9 @@ def vqa_score(answer: str, human_answers: Sequence[str]) -> float:
     """One question's accuracy in [0, 1] against its (ten) human answers."""
     if not human_answers:
         raise ValueError("a question without human answers cannot be scored")
-    humans = [h.replace("\n", " ").replace("\t", " ").strip() for h in human_answers]
+    # The humans' answers as the official script takes them: no whitespace cleaning (only the
+    # prediction gets that), punctuation stripped only when the ten disagree.
+    humans = list(human_answers)
     if len(set(humans)) > 1:
         humans = [strip_punctuation(h) for h in humans]
     mine = normalize_answer(answer)
