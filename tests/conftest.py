@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -63,3 +64,36 @@ def export(vl_data, tmp_path_factory):
     run_script([PY, "tools/convert_checkpoint.py", "export-hf", "--load", d / "ckpt", "--save", d / "hf",
                 "--image-tokenizer", d / "image_tokenizer", "--image-detokenizer", d / "detok"])
     return d / "hf"
+
+
+@pytest.fixture(scope="session")
+def annotations(vl_data, tmp_path_factory):
+    """Tiny annotation files of every task, on the sample corpus's drawings."""
+    d = tmp_path_factory.mktemp("annotations")
+    root = os.path.join(os.path.dirname(os.path.dirname(vl_data)), "sample", "mmc4", "images")
+    names = sorted(os.listdir(root))[:6]
+    import shutil
+    (d / "val2014").mkdir()
+    for i, n in enumerate(names):
+        shutil.copy(os.path.join(root, n), d / "val2014" / f"COCO_val2014_{i:012d}.jpg")
+        shutil.copy(os.path.join(root, n), d / "val2014" / f"VizWiz_val_{i:08d}.jpg")
+        shutil.copy(os.path.join(root, n), d / "val2014" / f"n{i}.jpg")
+    karpathy = {"images": [{"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i,
+                            "split": "test" if i < 3 else "train",
+                            "sentences": [{"raw": f"a drawing number {i}"}, {"raw": f"shapes in picture {i}"}]}
+                           for i in range(6)]}
+    json.dump(karpathy, open(d / "dataset_coco.json", "w"))
+    questions = {"questions": [{"question_id": 100 + i, "image_id": i, "question": f"what is shape {i}?"}
+                               for i in range(6)]}
+    answers = {"annotations": [{"question_id": 100 + i, "image_id": i, "multiple_choice_answer": "circle",
+                                "question_type": "what", "answer_type": "other",
+                                "answers": [{"answer": "circle" if k < 4 else "square", "answer_confidence": "yes",
+                                             "answer_id": k + 1} for k in range(10)]} for i in range(6)]}
+    json.dump(questions, open(d / "q.json", "w"))
+    json.dump(answers, open(d / "a.json", "w"))
+    json.dump([{"image": f"VizWiz_val_{i:08d}.jpg", "question": "what is it?", "answerable": 1, "answer_type": "other",
+                "answers": [{"answer": "circle", "answer_confidence": "yes"}] * 10} for i in range(3)],
+              open(d / "vizwiz.json", "w"))
+    json.dump({f"q{i}": {"imageId": f"n{i}", "question": "is it red?", "answer": "yes"} for i in range(3)},
+              open(d / "gqa.json", "w"))
+    return d

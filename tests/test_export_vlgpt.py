@@ -167,6 +167,15 @@ def test_tp2_export_matches_training_model(vl_data, tmp_path, image_tokenizer):
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.convert_tokens_to_ids(["[IMG]", "[/IMG]"]) == [IMG_ID, IMG_END_ID]
     assert len(tok) == VOCAB
+    # The export's tokenizer as generation loads it gives the training tokenizer's ids, also for
+    # characters the tiny sentencepiece model lacks ("Q", ":", "?"): <unk>, never dropped.
+    import sentencepiece
+    from megatron_vl.inference.modeling_vlgpt import load_tokenizer
+    sp = sentencepiece.SentencePieceProcessor(
+        model_file=os.path.join(os.path.dirname(os.path.dirname(vl_data)), "sample", "tokenizer.model"))
+    text = "Question: what is it? Short answer:"
+    assert sp.encode(text).count(sp.unk_id()) == 4
+    assert load_tokenizer(str(out))(text, add_special_tokens=False).input_ids == sp.encode(text)
     meta = json.load(open(out / "vlgpt_config.json"))
     assert meta["lora"]["state"] == "none" and meta["source"]["tensor_model_parallel_size"] == 2
     assert not os.path.exists(out / "adapter")

@@ -177,14 +177,25 @@ class TrainingConfig(LoopConfig):
     visual_loss_weight: float = opt(1.0, "Weight of the visual MSE loss beside the text cross-entropy.", low=0)
     eval_tasks: List[str] = opt(
         help="Benchmarks run on the training model at each --eval-interval and logged beside the losses "
-        "(coco_caption vqav2 okvqa vizwiz gqa; tools/evaluate.py's tasks).", factory=list)
+        "(--eval-harness builtin: coco_caption vqav2 okvqa vizwiz gqa, tools/evaluate.py's tasks; "
+        "--eval-harness lmms: lmms-eval task names).", factory=list)
+    eval_harness: str = opt(
+        "builtin", "Which harness runs --eval-tasks: 'builtin' (ours: the paper's benchmarks with their official "
+        "metrics, files from --eval-tasks-config) or 'lmms' (lmms-eval tasks, from --eval-lmms-include-path or "
+        "lmms-eval's own tasks whose data is in the local Hugging Face cache; needs pip install -e .[lmms]).",
+        choices=["builtin", "lmms"])
+    eval_lmms_include_path: Optional[str] = opt(
+        None, "--eval-harness lmms: a directory of lmms-eval task YAMLs (lmms-eval's --include_path); lmms-eval's "
+        "built-in tasks are looked at only for names not found there.")
     eval_tasks_config: Optional[str] = opt(
         None, "JSON {task: {questions, annotations, train_questions, train_annotations, image_root, "
         "image_pattern}} naming each --eval-tasks task's local files.")
     eval_image_tokenizer: Optional[str] = opt(
         None, "The image tokenizer directory that made the data's features (it tokenizes the tasks' images).")
-    eval_max_items: int = opt(50, "Items per --eval-tasks task (the first ones of its file).", low=1)
-    eval_shots: List[int] = opt(help="Shot counts of the --eval-tasks prompts.", factory=lambda: [0], low=0)
+    eval_max_items: int = opt(50, "Items per --eval-tasks task (the first ones of its file; lmms-eval's limit).",
+                              low=1)
+    eval_shots: List[int] = opt(help="Shot counts of the --eval-tasks prompts (builtin harness; an lmms-eval task "
+                                "sets its own num_fewshot).", factory=lambda: [0], low=0)
 
 
 @dataclass

@@ -7,18 +7,22 @@ broadcast, so all ranks see the same sequence. Decoding is the inference decode 
 (inference/decode_loop.py) on the engine: greedy, text only, stopped at a newline or end of
 sequence, recomputing the whole prefix each step (no KV cache: eval sets here are small, a
 few dozen items). Every rank scores; rank 0 prints.
+
+EngineModel is the engine as both harnesses see it (prompts, image embeddings, lockstep
+generation, log-probabilities): TrainingEvaluator runs our tasks on it, and
+eval/lmms/training.py's EngineBackend hands it to lmms-eval (--eval-harness lmms).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..inference.decode_loop import DecodeStep, Prompt, decode_loop
+from ..inference.decode_loop import DecodeStep, Generation, Prompt, decode_loop
 from ..inference.generation import build_prompt
 from ..inference.sampling import Sampling
 from .runner import _image
@@ -54,9 +58,9 @@ class EngineStep(DecodeStep):
     every rank continues with are rank 0's, broadcast."""
 
     def __init__(self, engine, vocab_size: int, img: int, img_end: int, num_image_tokens: int, visual_dim: int,
-                 device, dtype):
+                 device, dtype, max_positions: float = float("inf")):
         super().__init__(img=img, img_end=img_end, num_image_tokens=num_image_tokens, visual_dim=visual_dim,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, max_positions=max_positions)
         self.engine, self.vocab_size = engine, vocab_size
         self.ids = self.visual = self.visual_mask = None   # the sequence so far
         self.outputs = None                                # (this rank's logits slice, visual predictions)
@@ -78,6 +82,10 @@ class EngineStep(DecodeStep):
     def logits(self) -> torch.Tensor:
         return self.engine.module.head.full_logits(self.outputs[0])[:, -1, :self.vocab_size].float()
 
+    def all_logits(self) -> torch.Tensor:
+        """[b, S, vocab]: the logits at every element of the latest forward, float32."""
+        return self.engine.module.head.full_logits(self.outputs[0])[..., :self.vocab_size].float()
+
     def regressed(self) -> torch.Tensor:
         return self.outputs[1][:, -1]
 
@@ -87,13 +95,16 @@ class EngineStep(DecodeStep):
         return tokens
 
 
-class TrainingEvaluator:
+class EngineModel:
+    """The training engine as an evaluation model: its tokenizer, the image tokenizer the data's
+    features came from (prompt images), prompts with BOS as the export's generator builds them,
+    and lockstep generation and scoring, one sequence at a time (EngineStep)."""
+
     def __init__(self, cfg, engine, device, tokenizer_meta: Dict, image_token_ids):
         from ..data.tokenizer import Tokenizer
         from ..model.image_tokenizer import ImageTokenizer, load_image_processor
         t = cfg.training
         self.cfg, self.engine, self.device = cfg, engine, device
-        self.tasks = read_task_files(t.eval_tasks_config, t.eval_tasks)
         self.tokenizer = Tokenizer(tokenizer_meta["type"], tokenizer_meta["model"])
         self.img, self.img_end = image_token_ids
         if not t.eval_image_tokenizer:
@@ -101,32 +112,72 @@ class TrainingEvaluator:
                              "came from)")
         self.image_tokenizer = ImageTokenizer.from_pretrained(t.eval_image_tokenizer).to(device).eval()
         self.processor = load_image_processor(t.eval_image_tokenizer)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
 
-    def _embeddings(self, images):
+    @property
+    def bos(self):
+        bos = self.tokenizer.bos_id
+        return bos if bos is not None and bos >= 0 else None
+
+    def embeddings(self, images) -> List[torch.Tensor]:
+        """PIL images -> [N, d] each, float32, by the image tokenizer."""
         if not images:
             return []
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
         with torch.no_grad():
             return list(self.image_tokenizer(pixels).float())
 
-    def _answer(self, p: Prompt, max_new: int, dtype) -> str:
-        eos = self.tokenizer.eod_id
+    def prompt(self, text: str, images: Sequence) -> Prompt:
+        """Text with one <image> tag per image -> a Prompt (BOS first when the tokenizer has one)."""
+        return build_prompt(text, self.tokenizer.encode, self.embeddings(list(images)), self.img, self.img_end,
+                            self.bos)
+
+    def decode(self, ids) -> str:
         # Special tokens are no part of an answer's text (an HF tokenizer's decode would spell
         # them out, "<s>" in a VQA answer scores 0); EOS ends it, as in generation.py.
-        special = {eos, self.tokenizer.bos_id, self.img, self.img_end}
+        special = {self.tokenizer.eod_id, self.tokenizer.bos_id, self.img, self.img_end}
+        return self.tokenizer.decode([t for t in ids if t not in special])
+
+    def step(self, dtype, max_positions: float = float("inf")) -> EngineStep:
         m = self.cfg.model
-        step = EngineStep(self.engine, m.vocab_size, self.img, self.img_end, self.cfg.data.num_image_tokens,
-                          m.visual_embed_dim, self.device, dtype)
-        out = decode_loop(step, [p], Sampling(max_new_tokens=max_new, stop=("\n",), text_only=True), eos,
-                          lambda ids: self.tokenizer.decode([t for t in ids if t not in special]))[0]
-        return out.text.strip()
+        return EngineStep(self.engine, m.vocab_size, self.img, self.img_end, self.cfg.data.num_image_tokens,
+                          m.visual_embed_dim, self.device, dtype, max_positions)
+
+    def generate(self, p: Prompt, sampling: Sampling, dtype, max_positions: float = float("inf")) -> Generation:
+        """One prompt through the decode loop on the engine (rank 0's tokens on every rank)."""
+        return decode_loop(self.step(dtype, max_positions), [p], sampling, self.tokenizer.eod_id, self.decode)[0]
+
+    @torch.no_grad()
+    def logits(self, p: Prompt, dtype) -> torch.Tensor:
+        """[len(p.tokens), vocab] float32: the next-token logits at every element of `p`, one
+        forward on every rank (TP slices gathered)."""
+        n = len(p.tokens)
+        visual = torch.zeros(1, n, self.cfg.model.visual_embed_dim, device=self.device, dtype=dtype)
+        mask = torch.zeros(1, n, dtype=torch.bool, device=self.device)
+        for j, v in enumerate(p.visual):
+            if v is not None:
+                visual[0, j] = v.to(self.device, dtype)
+                mask[0, j] = True
+        step = self.step(dtype)
+        positions = torch.arange(n, device=self.device)[None]
+        step.forward(torch.tensor([p.tokens], device=self.device), visual, mask, torch.ones_like(positions),
+                     positions)
+        return step.all_logits()[0]
+
+
+class TrainingEvaluator(EngineModel):
+    """Our tasks (--eval-tasks with --eval-tasks-config) on the engine."""
+
+    def __init__(self, cfg, engine, device, tokenizer_meta: Dict, image_token_ids):
+        self.tasks = read_task_files(cfg.training.eval_tasks_config, cfg.training.eval_tasks)
+        super().__init__(cfg, engine, device, tokenizer_meta, image_token_ids)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def _answer(self, p: Prompt, max_new: int, dtype) -> str:
+        return self.generate(p, Sampling(max_new_tokens=max_new, stop=("\n",), text_only=True), dtype).text.strip()
 
     @torch.no_grad()
     def run(self) -> Dict[str, Dict]:
         t = self.cfg.training
-        dtype = t.torch_dtype
-        bos = self.tokenizer.bos_id if self.tokenizer.bos_id is not None and self.tokenizer.bos_id >= 0 else None
         results = {}
         for name, files in self.tasks.items():
             task = get_task(name)
@@ -139,9 +190,7 @@ class TrainingEvaluator:
                     examples = support(item, pool, shots, t.seed)
                     text = task.prompt(item, examples)
                     images = [_image(e.image) for e in examples] + [_image(item.image)]
-                    p = build_prompt(text, self.tokenizer.encode, self._embeddings(images), self.img, self.img_end,
-                                     bos)
-                    answers[item.id] = self._answer(p, task.answer_tokens, dtype)
+                    answers[item.id] = self._answer(self.prompt(text, images), task.answer_tokens, t.torch_dtype)
                 # Every rank holds the same answers (rank 0's tokens): each scores, for its own sinks.
                 results[name][shots] = task.score(answers, items, use_java=True)
         return results
@@ -150,9 +199,16 @@ class TrainingEvaluator:
 def check_eval_tasks(cfg) -> List[str]:
     """What is wrong with the --eval-tasks settings (checked before the run starts)."""
     t = cfg.training
-    if not t.eval_tasks:
-        return []
+    if t.eval_harness == "lmms":
+        from .lmms.checks import check_lmms_tasks
+        return check_lmms_tasks(cfg)
+    if t.eval_harness != "builtin":   # (a YAML value: the flag's choices are argparse's)
+        return [f"--eval-harness {t.eval_harness!r}: expected builtin or lmms"]
     errors = []
+    if t.eval_lmms_include_path:
+        errors.append(f"--eval-lmms-include-path {t.eval_lmms_include_path}: only --eval-harness lmms reads it")
+    if not t.eval_tasks:
+        return errors
     if cfg.parallel.pipeline_model_parallel_size > 1:
         errors.append("--eval-tasks runs on the training model and does not support pipeline parallelism")
     if not t.eval_tasks_config:

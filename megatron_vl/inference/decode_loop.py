@@ -128,8 +128,10 @@ def _check_prompts(prompts: Sequence[Prompt], step: DecodeStep) -> None:
                                   f"model's {limit} positions (max_position_embeddings): shorten it")
 
 
-def _left_padded(prompts: Sequence[Prompt], step: DecodeStep, pad_id: int):
-    """The prompts as [b, width] ids / attention mask, [b, width, d] visual embeddings and mask."""
+def left_padded(prompts: Sequence[Prompt], step: DecodeStep, pad_id: int):
+    """The prompts as [b, width] ids / attention mask, [b, width, d] visual embeddings and mask,
+    and [b, width] positions counted from each prompt's first real element: how every batch of
+    prompts meets the model (the decode loop's first forward, eval/lmms's scoring forward)."""
     b, width, dev = len(prompts), max(len(p.tokens) for p in prompts), step.device
     ids = torch.full((b, width), pad_id, dtype=torch.long, device=dev)
     vis = torch.zeros(b, width, step.visual_dim, device=dev, dtype=step.dtype)
@@ -143,7 +145,7 @@ def _left_padded(prompts: Sequence[Prompt], step: DecodeStep, pad_id: int):
             if v is not None:
                 vis[r, off + j] = v.to(dev, step.dtype)
                 vmask[r, off + j] = True
-    return ids, vis, vmask, attn
+    return ids, vis, vmask, attn, (attn.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -171,8 +173,7 @@ def decode_loop(step: DecodeStep, prompts: Sequence[Prompt], sampling: Sampling,
             row.remaining = n_visual - trailing
             row.close_next = row.remaining == 0
             row.current = [v.float().to(step.device) for v in p.visual[len(p.visual) - trailing:]]
-    ids, vis, vmask, attn = _left_padded(prompts, step, pad_id)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    ids, vis, vmask, attn, positions = left_padded(prompts, step, pad_id)
     step.forward(ids, vis, vmask, attn, positions)
     next_pos = positions[:, -1:] + 1
     b, dev = len(rows), step.device

@@ -70,7 +70,14 @@ def load_tokenizer(path: str):
     """The export's transformers tokenizer, read from `path` only."""
     from transformers import AutoTokenizer
     check_model_dir(path)
-    return _load("tokenizer", path, AutoTokenizer.from_pretrained)
+    tok = _load("tokenizer", path, AutoTokenizer.from_pretrained)
+    # transformers 5 rebuilds a LLaMA tokenizer as BPE with byte fallback and no unknown token:
+    # a sentencepiece model without byte pieces then drops the characters it lacks, where
+    # sentencepiece (what tokenized the training data) gives <unk>. Same ids as in training.
+    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+    if model is not None and hasattr(model, "unk_token") and model.unk_token is None and tok.unk_token is not None:
+        model.unk_token = tok.unk_token
+    return tok
 
 
 def read_export_config(path: str) -> dict:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,6 +24,21 @@ from .engine import Trainer, exit_code, run_training, start_process
 from .data import build_data, loader, model_batch
 from .metrics import StepStats, format_line, throughput
 from .preflight import guarded_save
+
+
+@contextlib.contextmanager
+def random_state_kept(device: torch.device):
+    """The training's random streams (torch's on the CPU and the device, Python's, NumPy's) as
+    they were before the block: an evaluation draws from them (its image tokenizer is initialised
+    randomly before its weights load; lmms-eval's internals), and the next steps' dropout must
+    not see it."""
+    state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
 
 
 class VLGPTTrainer(Trainer):
@@ -79,20 +97,29 @@ class VLGPTTrainer(Trainer):
 
     @torch.no_grad()
     def _eval_tasks(self) -> None:
-        from ..eval.in_training import TrainingEvaluator
-        if self.evaluator is None:
-            self.evaluator = TrainingEvaluator(self.cfg, self.engine, self.device, self.data.tokenizer,
-                                               self.data.image_token_ids)
-        self.engine.eval()
-        results = self.evaluator.run()
-        self.engine.train()
-        scalars, parts = {}, []
-        for task, by_shots in results.items():
-            for shots, figures in by_shots.items():
-                for metric, value in figures.items():
-                    if isinstance(value, (int, float)) and metric != "count":
-                        scalars[f"eval/{task}/{metric}_{shots}shot"] = value
-                        parts.append(f"{task} {shots}-shot {metric}: {value:.2f}")
+        lmms = self.cfg.training.eval_harness == "lmms"
+        with random_state_kept(self.device):
+            if self.evaluator is None:
+                if lmms:
+                    from ..eval.lmms.training import LmmsEvaluator as Evaluator
+                else:
+                    from ..eval.in_training import TrainingEvaluator as Evaluator
+                self.evaluator = Evaluator(self.cfg, self.engine, self.device, self.data.tokenizer,
+                                           self.data.image_token_ids)
+            self.engine.eval()
+            results = self.evaluator.run()
+            self.engine.train()
+        if lmms:
+            from ..eval.lmms.training import logged_figures
+            scalars, parts = logged_figures(results)
+        else:
+            scalars, parts = {}, []
+            for task, by_shots in results.items():
+                for shots, figures in by_shots.items():
+                    for metric, value in figures.items():
+                        if isinstance(value, (int, float)) and metric != "count":
+                            scalars[f"eval/{task}/{metric}_{shots}shot"] = value
+                            parts.append(f"{task} {shots}-shot {metric}: {value:.2f}")
         self.log(f"evaluation at iteration {self.iteration} | " + " | ".join(parts))
         self.sinks.scalars(scalars, self.iteration)
 

@@ -1,0 +1,90 @@
+"""lmms-eval found, imported and its task names resolved: the pre-run checks of --eval-harness
+lmms (eval/in_training.check_eval_tasks calls check_lmms_tasks), and the imports and
+TaskManager the in-training driver (training.py) reuses. Nothing here imports torch or the
+training model: the checks run before any of it is built.
+
+lmms_eval is imported only when --eval-harness lmms is asked for (about 10 s); its utils module
+runs warnings.filterwarnings("ignore") at import, undone here (the import runs inside
+warnings.catch_warnings).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+NOT_INSTALLED = "--eval-harness lmms needs lmms-eval: pip install -e .[lmms]"
+
+
+def lmms_installed() -> bool:
+    try:
+        return importlib.util.find_spec("lmms_eval") is not None
+    except (ImportError, ValueError):   # ValueError: sys.modules holds None for it
+        return False
+
+
+def import_lmms():
+    """(lmms_eval.evaluator, lmms_eval.tasks.TaskManager, model.VLGPTLmms). lmms-eval's utils
+    runs warnings.filterwarnings("ignore") at import: the filters are put back after it."""
+    with warnings.catch_warnings():
+        from lmms_eval import evaluator
+        from lmms_eval.tasks import TaskManager
+        from .model import VLGPTLmms
+    return evaluator, TaskManager, VLGPTLmms
+
+
+_MANAGERS: Dict[Tuple[Optional[str], bool], object] = {}
+
+
+def _task_manager(include_path: Optional[str], include_defaults: bool):
+    """One TaskManager per (include path, built-ins or not) in a process: indexing lmms-eval's
+    ~2,000 built-in tasks takes seconds, the include path alone a few milliseconds."""
+    key = (include_path, include_defaults)
+    if key not in _MANAGERS:
+        _, TaskManager, _ = import_lmms()
+        _MANAGERS[key] = TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
+    return _MANAGERS[key]
+
+
+def resolve_tasks(include_path: Optional[str], names: Sequence[str]):
+    """(the TaskManager that knows `names`, the names it does not know): the include path's
+    tasks first; lmms-eval's built-in ones are indexed only when a name is not among those."""
+    if include_path:
+        manager = _task_manager(include_path, False)
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if not unknown:
+            return manager, []
+    manager = _task_manager(include_path, True)
+    return manager, [n for n in names if n not in manager.all_tasks]
+
+
+def check_lmms_tasks(cfg) -> List[str]:
+    """What is wrong with --eval-harness lmms's settings (before the run starts; one line each)."""
+    t = cfg.training
+    if not t.eval_tasks:
+        return []
+    errors = []
+    if cfg.parallel.pipeline_model_parallel_size > 1:
+        errors.append("--eval-harness lmms runs on the training model and does not support pipeline parallelism")
+    if t.eval_tasks_config:
+        errors.append(f"--eval-tasks-config {t.eval_tasks_config}: only --eval-harness builtin reads it (lmms-eval "
+                      "tasks name their own data; see --eval-lmms-include-path)")
+    if list(t.eval_shots) != [0]:
+        errors.append(f"--eval-shots {' '.join(map(str, t.eval_shots))}: only --eval-harness builtin reads it "
+                      "(an lmms-eval task sets its own num_fewshot)")
+    if not t.eval_image_tokenizer:
+        errors.append("--eval-tasks needs --eval-image-tokenizer (the image tokenizer of the data's features)")
+    path = t.eval_lmms_include_path
+    if path and not os.path.isdir(path):
+        errors.append(f"--eval-lmms-include-path {path}: no such directory")
+        path = None
+    if not lmms_installed():
+        return errors + [NOT_INSTALLED]
+    if path or not t.eval_lmms_include_path:
+        _, unknown = resolve_tasks(path, t.eval_tasks)
+        if unknown:
+            where = f"{path} or lmms-eval's built-in tasks" if path else "lmms-eval's built-in tasks"
+            errors.append(f"--eval-tasks {' '.join(unknown)}: no such lmms-eval task (looked in {where})")
+    return errors
