@@ -52,8 +52,10 @@ setup(
         # torchvision 0.28.0 (the one matching torch 2.13) is a CUDA build: beside a CPU torch
         # `import torchvision` fails and takes transformers' CLIP models with it, so on a CPU-only
         # machine uninstall torchvision after this extra (tests/run.sh does; lmms-eval's core and
-        # our model never import it).
-        "lmms": ["lmms-eval==0.7.3", "filelock<4", "sentencepiece<0.2.3"],
+        # our model never import it). torchvision<0.29: left free, pip satisfies lmms-eval's
+        # torchvision with the newest, which upgrades torch (2.14.1, a CUDA build); each
+        # torchvision release pins its torch, so this keeps torch 2.13 (or an older one) in place.
+        "lmms": ["lmms-eval==0.7.3", "filelock<4", "sentencepiece<0.2.3", "torchvision<0.29"],
     },
     # lmms-eval finds `--model vlgpt` here (a light manifest; the class loads on demand).
     entry_points={"lmms_eval.models": ["vlgpt = megatron_vl.eval.lmms.manifest:MANIFEST"]},

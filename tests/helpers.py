@@ -36,3 +36,14 @@ def shifted_labels(ids, ignore_every=5):
 def hf_loss_same_targets(hf_out_logits, labels):
     return torch.nn.functional.cross_entropy(hf_out_logits.reshape(-1, hf_out_logits.shape[-1]).float(),
                                              labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def require_lmms_eval(reason: str) -> None:
+    """Skips the calling test module when lmms-eval is not installed (pip install -e .[lmms];
+    tests/run.sh installs it). An lmms-eval that is installed but fails to import (a broken
+    protobuf, sentencepiece or torchvision beside it) is an error, never a skip."""
+    import importlib.util
+    import pytest
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip(reason, allow_module_level=True)
+    import lmms_eval  # noqa: F401

@@ -13,7 +13,9 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e .[lmms]; tests/run.sh installs it)")
+from helpers import require_lmms_eval  # noqa: E402
+
+require_lmms_eval("lmms-eval is not installed (pip install -e .[lmms]; tests/run.sh installs it)")
 
 from megatron_vl.testing.lmms_tasks import task_names, write_vqa_tasks  # noqa: E402
 from pretrain_helpers import PY, run_script  # noqa: E402
@@ -71,6 +73,7 @@ def test_answers_equal_tools_evaluate_item_by_item(run):
     answers = ours["answers"]["0"]
     got = {str(docs[d]["question_id"]): s["filtered_resps"] for d, s in samples[VQA].items()}
     assert got == answers
+    assert any(a.strip() for a in answers.values())   # not all empty: a real comparison
     assert samples[VQA][0]["input"] == "<image>Question: what is shape 0? Short answer:"
     # The task's vqa_accuracy is our metric on each answer: the mean is tools/evaluate.py's figure.
     assert results["results"][VQA]["vqa_accuracy,none"] == pytest.approx(ours["shots"]["0"]["accuracy"])
@@ -186,11 +189,17 @@ def test_bad_settings_fail_in_one_line_naming_them(lm, export, tmp_path):
         (lambda: lm.generate_until_multi_round([]),
          "the vlgpt model does not run generate_until_multi_round tasks (multi-round chat): use generate_until, "
          "loglikelihood or multiple_choice tasks"),
+        (lambda: lm.chat_template,
+         "--apply_chat_template: the vlgpt model has no chat template (VL-GPT prompts are plain text); run without it"),
     ]
     for call, message in cases:
         with pytest.raises(UsageError) as caught:
             call()
         assert str(caught.value) == message
+    # model_args batch_size and device over the CLI's (lmms-eval passes --batch_size always).
+    model = VLGPTLmms.create_from_arg_string(f"pretrained={export},batch_size=3,device=cpu",
+                                             {"batch_size": "1", "max_batch_size": None, "device": None})
+    assert model.batch_size == 3 and str(model.device) == "cpu"
 
 
 def test_untagged_prompts_get_their_images_in_front_and_clean_keeps_the_model(lm, export):
@@ -258,3 +267,37 @@ def test_gen_kwargs_and_image_outputs(tmp_path):
     assert backend.seeds == [[3]]   # one noise seed per doc: the same picture in any batch, on any rank
     lm.generate_until([request("generate_until", ("x", dict(kw, do_sample=False), lambda doc: []), task="t2i")])
     assert backend.samplings[1].temperature == 0.0   # do_sample false: greedy whatever the temperature
+    # pope's, mathverse's, mmsearch's gen_kwargs: greedy, with top_p 0 (ignored, as transformers does).
+    pope = {"max_new_tokens": 128, "temperature": 0, "top_p": 0, "num_beams": 1, "do_sample": False}
+    lm.generate_until([request("generate_until", ("x", pope, lambda doc: []), task="t2i")])
+    s = backend.samplings[2]
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k) == (128, 0.0, 1.0, 0)
+    # do_sample without a temperature samples at 1, as transformers does.
+    lm.generate_until([request("generate_until", ("x", {"do_sample": True, "top_p": 0.5}, lambda doc: []),
+                               task="t2i")])
+    assert (backend.samplings[3].temperature, backend.samplings[3].top_p) == (1.0, 0.5)
+
+
+def test_tasks_the_model_cannot_run_are_found_from_their_yaml(tmp_path):
+    """--eval-harness lmms checks each task's YAML before training starts (groups expanded):
+    its output type and its generation_kwargs, one line each."""
+    from megatron_vl.eval.lmms.checks import resolve_tasks, task_problems
+    common = ("dataset_path: json\ndataset_kwargs: {data_files: {test: /nowhere.jsonl}}\ntest_split: test\n"
+              "doc_to_text: question\ndoc_to_target: answer\n")
+    tasks = {
+        "chk_ok": "output_type: generate_until\ngeneration_kwargs: {max_new_tokens: 8, temperature: 0, top_p: 0, "
+                  "num_beams: 1, do_sample: false}\n",
+        "chk_beams": "output_type: generate_until\ngeneration_kwargs: {max_new_tokens: 8, num_beams: 3}\n",
+        "chk_rounds": "output_type: generate_until_multi_round\n",
+        "chk_mc": "output_type: multiple_choice\ndoc_to_choice: choices\n",
+    }
+    for name, body in tasks.items():
+        (tmp_path / f"{name}.yaml").write_text(f"task: {name}\n{common}{body}")
+    (tmp_path / "chk_group.yaml").write_text("group: chk_group\ntask: [chk_ok, chk_beams]\n")
+    manager, unknown = resolve_tasks(str(tmp_path), ["chk_group", "chk_rounds", "chk_mc", "chk_ok"])
+    assert unknown == []
+    assert task_problems(manager, ["chk_group", "chk_rounds", "chk_mc", "chk_ok"]) == [
+        "--eval-tasks chk_group (its task chk_beams): gen_kwargs num_beams=3: the vlgpt model has no beam search "
+        "(greedy or sampling only); use num_beams=1",
+        "--eval-tasks chk_rounds: output_type generate_until_multi_round; the vlgpt model runs generate_until, "
+        "loglikelihood, multiple_choice tasks"]

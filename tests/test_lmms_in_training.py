@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("lmms_eval", reason="--eval-harness lmms needs lmms-eval (pip install -e .[lmms])")
+from helpers import require_lmms_eval  # noqa: E402
+
+require_lmms_eval("--eval-harness lmms needs lmms-eval (pip install -e .[lmms])")
 
 from megatron_vl.testing.distributed import run_distributed  # noqa: E402
 from pretrain_helpers import EMBED_DIM, NUM_IMAGE_TOKENS, logged_losses, tiny_args  # noqa: E402
@@ -55,9 +57,10 @@ def _exit(argv, hide_lmms=False):
     return code, err.getvalue()
 
 
-def _rank(rank, world, hf_home, with_eval, without_eval, save, export_dir, itok, include, bad):
-    """Both runs; then lmms-eval on the export of the first run's last checkpoint (every rank:
-    simple_evaluate's barrier is collective); rank 0 also the configurations that must fail."""
+def _rank(rank, world, hf_home, with_eval, without_eval, tp_eval, save, export_dir, itok, include, bad):
+    """Both runs; the first run's last checkpoint loaded at TP=2 and evaluated (nothing left to
+    train: the run's closing evaluation); then lmms-eval on the export of that checkpoint (every
+    rank: simple_evaluate's barrier is collective); rank 0 also the configurations that must fail."""
     os.environ.update(HF_HOME=hf_home, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     import torch.distributed as dist
     from megatron_vl.eval.lmms import training as lmms_training
@@ -65,6 +68,7 @@ def _rank(rank, world, hf_home, with_eval, without_eval, save, export_dir, itok,
     trainer, printed = printing(lambda: _train(with_eval))
     trained = _samples(trainer.evaluator.last)
     plain, plain_printed = printing(lambda: _train(without_eval))
+    tp, tp_printed = printing(lambda: _train(tp_eval))
     if rank == 0:
         from megatron_vl.convert.vlgpt_export import export_vlgpt
         export_vlgpt(save, export_dir, image_tokenizer=itok, log=lambda *_: None)
@@ -79,6 +83,8 @@ def _rank(rank, world, hf_home, with_eval, without_eval, save, export_dir, itok,
                 plain_history=[(h["iteration"], h["lm"], h["visual"]) for h in plain.history],
                 printed=printed, plain_printed=plain_printed, trained=trained,
                 figures=lmms_training.figures(trainer.evaluator.last), reference=_samples(reference),
+                tp=_samples(tp.evaluator.last), tp_figures=lmms_training.figures(tp.evaluator.last),
+                tp_printed=tp_printed,
                 reference_figures=lmms_training.figures(reference), errors=errors)
 
 
@@ -98,11 +104,13 @@ def runs(vl_data, annotations, tmp_path_factory):
     with_eval = tiny_args(vl_data, *common, *lmms, "--eval-tasks", *TASKS, "--save", d / "ckpt",
                           "--tensorboard-dir", d / "tb", iters=2)
     without_eval = tiny_args(vl_data, *common, iters=2)
+    tp_eval = tiny_args(vl_data, "--tensor-model-parallel-size", 2, "--hidden-dropout", 0.1, *lmms, "--eval-tasks",
+                        *TASKS, "--load", d / "ckpt", iters=2)
     bad = [(tiny_args(vl_data, "--eval-harness", "lmms", "--eval-tasks", TASKS[0], "--eval-tasks-config",
                       d / "tasks.json", "--pipeline-model-parallel-size", 2), True),
            (tiny_args(vl_data, *lmms, "--eval-tasks", TASKS[0], "no_such_task"), False)]
     ranks = run_distributed(_rank, 2, str(d / "hf_home"), [str(a) for a in with_eval],
-                            [str(a) for a in without_eval], str(d / "ckpt"), str(d / "export"), itok, include,
+                            [str(a) for a in without_eval], [str(a) for a in tp_eval], str(d / "ckpt"), str(d / "export"), itok, include,
                             [([str(a) for a in argv], hide) for argv, hide in bad], timeout=400)
     return ranks, d, include
 
@@ -151,6 +159,24 @@ def test_the_answers_and_figures_are_lmms_evals_on_the_export_of_that_checkpoint
     assert ours.keys() == theirs.keys()
     for task in ours:
         assert ours[task] == pytest.approx(theirs[task], rel=1e-5), task
+
+
+def test_tensor_parallel_ranks_evaluate_as_zero3_did(runs):
+    """The same weights at TP=2 (the ZeRO-3 checkpoint loaded; vocabulary-parallel logits
+    gathered, both TP ranks running every forward): the same answers, the same likelihoods up to
+    the reduction order, the same figures on both ranks."""
+    ranks, _, _ = runs
+    first, last = ranks
+    assert "evaluation at iteration 2 |" in first["tp_printed"]
+    assert first["tp"][f"{PREFIX}_vqa"] == first["trained"][f"{PREFIX}_vqa"]
+    for task in (f"{PREFIX}_mc", f"{PREFIX}_ll"):
+        for (doc, ours), (ref_doc, theirs) in zip(first["tp"][task], first["trained"][task]):
+            assert doc == ref_doc and len(ours) == len(theirs) > 0
+            for (nll, greedy), (ref_nll, ref_greedy) in zip(ours, theirs):
+                assert greedy == ref_greedy and nll == pytest.approx(ref_nll, rel=1e-5)
+    assert last["tp_figures"] == first["tp_figures"]
+    for task, values in first["tp_figures"].items():
+        assert values == pytest.approx(first["figures"][task], rel=1e-5), task
 
 
 def test_the_evaluation_moves_no_weight_and_no_random_stream(runs):

@@ -28,9 +28,11 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra (pip install -e .[lmms]); without it "
-                                        "there is nothing to compare our scoring with")
-yaml = pytest.importorskip("yaml")
+import yaml  # noqa: E402
+from helpers import require_lmms_eval  # noqa: E402
+
+require_lmms_eval("lmms-eval is an optional extra (pip install -e .[lmms]); without it there is nothing to compare "
+                  "our scoring with")
 
 from megatron_vl.eval import metrics  # noqa: E402
 from megatron_vl.eval.tasks import Item, get_task  # noqa: E402

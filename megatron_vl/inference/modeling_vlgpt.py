@@ -73,7 +73,10 @@ def load_tokenizer(path: str):
     tok = _load("tokenizer", path, AutoTokenizer.from_pretrained)
     # transformers 5 rebuilds a LLaMA tokenizer as BPE with byte fallback and no unknown token:
     # a sentencepiece model without byte pieces then drops the characters it lacks, where
-    # sentencepiece (what tokenized the training data) gives <unk>. Same ids as in training.
+    # sentencepiece (what tokenized the training data) gives <unk>. Not carried over: a
+    # sentencepiece model's own normalisation rules (nmt_nfkc, remove_extra_whitespaces, as the
+    # tests' tiny model has; LLaMA's is the identity), so with such a model "\n" and runs of
+    # spaces still tokenize differently in the export.
     model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
     if model is not None and hasattr(model, "unk_token") and model.unk_token is None and tok.unk_token is not None:
         model.unk_token = tok.unk_token

@@ -27,6 +27,8 @@ class Backend:
     """Where the model's tensors live (lmms-eval's torchrun path gathers request counts there)."""
     can_generate_images: bool = False
     """True when image_decoder() can turn generated visual embeddings into pictures."""
+    max_positions: float = float("inf")
+    """The model's position table: no prompt scored or generated from may be longer."""
 
     def prompt(self, text: str, images: Sequence) -> Prompt:
         """`text` holding exactly one ``<image>`` per image (PIL images), in order -> a Prompt:
@@ -122,6 +124,7 @@ class ExportBackend(Backend):
             self.gen.model.image_tokenizer = ImageTokenizer.from_pretrained(str(image_tokenizer)).to(p.device).eval()
             self.gen.processor = load_image_processor(str(image_tokenizer))
         self.can_generate_images = self.gen.detokenizer_dir is not None
+        self.max_positions = self.gen.max_positions
 
     def prompt(self, text: str, images: Sequence) -> Prompt:
         return self.gen.prompt(text, images)

@@ -60,6 +60,60 @@ def resolve_tasks(include_path: Optional[str], names: Sequence[str]):
     return manager, [n for n in names if n not in manager.all_tasks]
 
 
+RUNNABLE_OUTPUT_TYPES = ("generate_until", "loglikelihood", "multiple_choice")
+
+
+def _task_configs(manager, name: str, seen=None):
+    """(task name, its YAML config) for `name` and, for a group or tag, every task under it.
+    A name the manager does not index yields (name, None); a Python-class task yields {}."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return
+    seen.add(name)
+    if name not in manager.task_index:
+        yield name, None
+        return
+    kind = manager.task_index[name]["type"]
+    if kind in ("task", "python_task"):
+        yield name, manager._get_config(name)
+        return
+    members = manager._get_tasklist(name)
+    if members == -1:   # a group with a YAML of its own: its "task" list
+        members = manager._get_config(name).get("task", [])
+    for member in members if isinstance(members, list) else [members]:
+        if isinstance(member, str):
+            yield from _task_configs(manager, member, seen)
+        elif isinstance(member, dict) and isinstance(member.get("task"), str):
+            base = manager._get_config(member["task"]) if member["task"] in manager.task_index else {}
+            yield member["task"], {**base, **member}
+
+
+def task_problems(manager, names: Sequence[str]) -> List[str]:
+    """What the vlgpt model cannot run among `names` (groups and tags expanded), one line each:
+    a task lmms-eval does not index, an output type other than generate_until / loglikelihood /
+    multiple_choice, generation_kwargs the model refuses (beam search, out-of-range values).
+    Found here, before training starts, not at the first --eval-interval hours in."""
+    from ...errors import UsageError
+    from .model import sampling_from_gen_kwargs
+    problems = []
+    for name in names:
+        for task, config in _task_configs(manager, name):
+            where = f"--eval-tasks {name}" + (f" (its task {task})" if task != name else "")
+            if config is None:
+                problems.append(f"{where}: no such lmms-eval task")
+                continue
+            kind = config.get("output_type", "generate_until")
+            if kind not in RUNNABLE_OUTPUT_TYPES:
+                problems.append(f"{where}: output_type {kind}; the vlgpt model runs {', '.join(RUNNABLE_OUTPUT_TYPES)} "
+                                "tasks")
+            elif kind == "generate_until":
+                try:
+                    sampling_from_gen_kwargs(config.get("generation_kwargs") or {}, where, text_only=True)
+                except UsageError as exc:   # GenerationError included
+                    problems.append(str(exc))
+    return problems
+
+
 def check_lmms_tasks(cfg) -> List[str]:
     """What is wrong with --eval-harness lmms's settings (before the run starts; one line each)."""
     t = cfg.training
@@ -83,8 +137,9 @@ def check_lmms_tasks(cfg) -> List[str]:
     if not lmms_installed():
         return errors + [NOT_INSTALLED]
     if path or not t.eval_lmms_include_path:
-        _, unknown = resolve_tasks(path, t.eval_tasks)
+        manager, unknown = resolve_tasks(path, t.eval_tasks)
         if unknown:
             where = f"{path} or lmms-eval's built-in tasks" if path else "lmms-eval's built-in tasks"
             errors.append(f"--eval-tasks {' '.join(unknown)}: no such lmms-eval task (looked in {where})")
+        errors += task_problems(manager, [n for n in t.eval_tasks if n not in unknown])
     return errors

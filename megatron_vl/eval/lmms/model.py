@@ -37,7 +37,7 @@ from lmms_eval.utils import Collator
 
 from ...data.instruct_formats import IMAGE_TAG
 from ...errors import UsageError
-from ...inference.decode_loop import Generation, Prompt
+from ...inference.decode_loop import Generation, Prompt, check_positions
 from ...inference.sampling import GenerationError, Sampling
 from .backend import Backend
 
@@ -53,7 +53,8 @@ MODEL_ARGS = ("pretrained", "image_tokenizer", "device", "batch_size", "dtype", 
 class VLGPTLmms(lmms):
     """``--model vlgpt``. From the CLI: ``pretrained`` (an export-hf directory; an ExportBackend
     is built), ``image_tokenizer`` (a directory used instead of the export's), ``device``
-    (default cuda:LOCAL_RANK, else cpu), ``batch_size``, ``dtype`` (auto, float32, bfloat16,
+    (default cuda:LOCAL_RANK, else cpu), ``batch_size`` (both also from --device / --batch_size;
+    model_args win), ``dtype`` (auto, float32, bfloat16,
     float16), ``image_outputs`` (a directory: answers may hold images, drawn with
     ``diffusion_steps`` / ``guidance_scale`` / ``image_size``). In training: ``backend`` (any
     Backend) and ``batch_size`` only."""
@@ -84,6 +85,16 @@ class VLGPTLmms(lmms):
         self.guidance_scale = float(guidance_scale)
         self.image_size = None if image_size is None else _whole_number("image_size", image_size)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """--model_args over the CLI's --batch_size / --device: lmms-eval always passes
+        --batch_size (default 1), and its own merge would give batch_size twice (a TypeError)
+        when model_args names it too."""
+        from lmms_eval import utils
+        args = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args.update(utils.simple_parse_args_string(arg_string))
+        return cls(**args)
+
     # --- what lmms-eval's evaluator reads ---------------------------------------------------
 
     @property
@@ -93,6 +104,14 @@ class VLGPTLmms(lmms):
     @property
     def batch_size(self) -> int:
         return self._batch_size
+
+    @property
+    def chat_template(self):
+        """lmms-eval reads it only under --apply_chat_template."""
+        raise UsageError("--apply_chat_template: the vlgpt model has no chat template (VL-GPT prompts are plain text); "
+                         "run without it")
+
+    apply_chat_template = chat_template
 
     def clean(self):
         """Nothing: the model outlives the run (lmms-eval's deletes every nn.Module attribute)."""
@@ -183,25 +202,15 @@ class VLGPTLmms(lmms):
             return whole, len(whole.tokens) - len(ctx)
         extra = self.backend.encode(continuation)
         p = self._prompt(context, images, where)
-        return Prompt(p.tokens + extra, p.visual + [None] * len(extra)), len(extra)
+        p = Prompt(p.tokens + extra, p.visual + [None] * len(extra))
+        try:
+            check_positions(p, self.backend.max_positions, "the context with its continuation")
+        except GenerationError as exc:
+            raise GenerationError(f"{where}: {exc}") from None
+        return p, len(extra)
 
     def _sampling(self, gen_kwargs, where: str) -> Sampling:
-        g = dict(gen_kwargs or {})
-        beams = g.get("num_beams") or 1
-        if beams != 1:
-            raise UsageError(f"{where}: gen_kwargs num_beams={beams}: the vlgpt model has no beam search (greedy or "
-                             "sampling only); use num_beams=1")
-        until = g.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        temperature = float(g.get("temperature") or 0.0)
-        greedy = temperature == 0 or g.get("do_sample") is False
-        try:
-            return Sampling(max_new_tokens=int(g.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                            temperature=0.0 if greedy else temperature, top_k=int(g.get("top_k") or 0),
-                            top_p=1.0 if g.get("top_p") is None else float(g["top_p"]),
-                            stop=tuple(s for s in until if s), text_only=self.image_outputs is None)
-        except GenerationError as exc:
-            raise GenerationError(f"{where}: gen_kwargs {exc}") from None
+        return sampling_from_gen_kwargs(gen_kwargs, where, text_only=self.image_outputs is None)
 
     def _answer(self, out: Generation, args) -> str:
         if self.image_outputs is None:
@@ -219,6 +228,35 @@ class VLGPTLmms(lmms):
                 paths.append(os.path.abspath(os.path.join(self.image_outputs, f"{stem}_{k}.png")))
                 picture.save(paths[-1])
         return json.dumps({"text": out.text.replace(IMAGE_TAG, "").strip(), "images": paths})
+
+
+def sampling_from_gen_kwargs(gen_kwargs, where: str, text_only: bool = True) -> Sampling:
+    """An lmms-eval task's generation_kwargs as our Sampling (one line naming `where` and the
+    setting when the model cannot run them). Also the pre-run check of --eval-harness lmms."""
+    g = dict(gen_kwargs or {})
+    beams = g.get("num_beams") or 1
+    if beams != 1:
+        raise UsageError(f"{where}: gen_kwargs num_beams={beams}: the vlgpt model has no beam search (greedy or "
+                         "sampling only); use num_beams=1")
+    until = g.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    # As lmms-eval's own wrappers read them (llava: sampling when temperature > 0), do_sample:
+    # false forcing greedy; do_sample: true without a temperature samples at 1 (transformers'
+    # default). Greedy ignores temperature, top_p and top_k (pope, mathverse, mmsearch set
+    # top_p: 0 beside do_sample: false).
+    temperature = g.get("temperature")
+    do_sample = g.get("do_sample")
+    greedy = do_sample is False or (do_sample is None and not temperature) or temperature == 0
+    try:
+        if greedy:
+            return Sampling(max_new_tokens=int(g.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+                            stop=tuple(s for s in until if s), text_only=text_only)
+        return Sampling(max_new_tokens=int(g.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+                        temperature=1.0 if temperature is None else float(temperature),
+                        top_k=int(g.get("top_k") or 0), top_p=1.0 if g.get("top_p") is None else float(g["top_p"]),
+                        stop=tuple(s for s in until if s), text_only=text_only)
+    except GenerationError as exc:
+        raise GenerationError(f"{where}: gen_kwargs {exc}") from None
 
 
 def with_image_tags(context: str, n_images: int, where: str) -> str:

@@ -9,7 +9,10 @@
   Every rank calls it with RANK/WORLD_SIZE/LOCAL_RANK set to 0/1/0, so lmms-eval neither
   shards the documents nor gathers results (its data parallelism would split ranks that must
   run the same forwards); its one collective, a barrier on the default group, every rank
-  reaches. Seeds None (simple_evaluate would reseed the global generators), no bootstrap.
+  reaches. lmms-eval's own seeds (0 / 1234 / 1234, as its CLI: a task's random fallback, e.g.
+  MMMU's pick when no option parses, draws the same as in a CLI run); they reseed the global
+  generators, so the trainer keeps its random streams around the whole evaluation
+  (training/pretrain.random_state_kept). No bootstrap.
   The pre-run checks and the task resolution are checks.py's.
 
 Global side effects that remain (lmms-eval's, for the rest of the process): ``lmms_eval.models``
@@ -129,8 +132,7 @@ def run_lmms_tasks(lm, task_manager, tasks: Sequence[str], limit: Optional[int],
     with one_process_view(rank):
         return evaluator.simple_evaluate(
             model=lm, tasks=list(tasks), task_manager=task_manager, limit=limit, log_samples=log_samples,
-            bootstrap_iters=0, random_seed=None, numpy_random_seed=None, torch_random_seed=None,
-            distributed_executor_backend="torchrun", verbosity="WARNING", process_docs_parallel=1)
+            bootstrap_iters=0, distributed_executor_backend="torchrun", verbosity="WARNING", process_docs_parallel=1)
 
 
 def figures(results: Dict) -> Dict[str, Dict[str, float]]:
