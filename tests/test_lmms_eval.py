@@ -290,14 +290,19 @@ def test_tasks_the_model_cannot_run_are_found_from_their_yaml(tmp_path):
         "chk_beams": "output_type: generate_until\ngeneration_kwargs: {max_new_tokens: 8, num_beams: 3}\n",
         "chk_rounds": "output_type: generate_until_multi_round\n",
         "chk_mc": "output_type: multiple_choice\ndoc_to_choice: choices\n",
+        "chk_ll": "output_type: loglikelihood\n",
     }
     for name, body in tasks.items():
         (tmp_path / f"{name}.yaml").write_text(f"task: {name}\n{common}{body}")
     (tmp_path / "chk_group.yaml").write_text("group: chk_group\ntask: [chk_ok, chk_beams]\n")
-    manager, unknown = resolve_tasks(str(tmp_path), ["chk_group", "chk_rounds", "chk_mc", "chk_ok"])
+    names = ["chk_group", "chk_rounds", "chk_mc", "chk_ok", "chk_ll"]
+    manager, unknown = resolve_tasks(str(tmp_path), names)
     assert unknown == []
-    assert task_problems(manager, ["chk_group", "chk_rounds", "chk_mc", "chk_ok"]) == [
+    assert task_problems(manager, names) == [
         "--eval-tasks chk_group (its task chk_beams): gen_kwargs num_beams=3: the vlgpt model has no beam search "
         "(greedy or sampling only); use num_beams=1",
         "--eval-tasks chk_rounds: output_type generate_until_multi_round; the vlgpt model runs generate_until, "
-        "loglikelihood, multiple_choice tasks"]
+        "loglikelihood, multiple_choice tasks",
+        "--eval-tasks chk_ll: a loglikelihood task needs its own process_results (lmms-eval 0.7.3's default "
+        "unpacks the one-element results list as a pair and fails for any model: `ll, greedy = results[0]`, see "
+        "megatron_vl/testing/lmms_tasks.py)"]

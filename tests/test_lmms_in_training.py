@@ -10,7 +10,9 @@ import contextlib
 import io
 import math
 import os
+import re
 import sys
+import time
 
 import pytest
 
@@ -25,6 +27,7 @@ from rank_jobs import printing  # noqa: E402
 PREFIX = "lmms_train"
 TASKS = [f"{PREFIX}_vqa", f"{PREFIX}_mc", f"{PREFIX}_ll"]
 ITEMS = 2
+PAUSE = 1.5   # seconds added to the first evaluation
 
 
 def _train(argv):
@@ -65,7 +68,18 @@ def _rank(rank, world, hf_home, with_eval, without_eval, tp_eval, save, export_d
     import torch.distributed as dist
     from megatron_vl.eval.lmms import training as lmms_training
     lmms_training.LmmsEvaluator.log_samples = True   # keep the answers for the comparison
-    trainer, printed = printing(lambda: _train(with_eval))
+    from megatron_vl.training.pretrain import VLGPTTrainer
+    evaluate = VLGPTTrainer.evaluate
+
+    def slow_first_evaluation(self):   # the step after it must not be charged for it
+        evaluate(self)
+        if self.iteration == 1:
+            time.sleep(PAUSE)
+    VLGPTTrainer.evaluate = slow_first_evaluation
+    try:
+        trainer, printed = printing(lambda: _train(with_eval))
+    finally:
+        VLGPTTrainer.evaluate = evaluate
     trained = _samples(trainer.evaluator.last)
     plain, plain_printed = printing(lambda: _train(without_eval))
     tp, tp_printed = printing(lambda: _train(tp_eval))
@@ -181,9 +195,20 @@ def test_tensor_parallel_ranks_evaluate_as_zero3_did(runs):
 
 def test_the_evaluation_moves_no_weight_and_no_random_stream(runs):
     ranks, _, _ = runs
-    first, last = ranks
+    _, last = ranks
     assert last["history"] == last["plain_history"] and [h[0] for h in last["history"]] == [1, 2]
-    assert logged_losses(first["printed"]) == logged_losses(first["plain_printed"])
+    # The console lines as printed (the last rank prints them, as in Megatron), to 9 digits.
+    assert sorted(logged_losses(last["printed"])) == [1, 2]
+    assert logged_losses(last["printed"]) == logged_losses(last["plain_printed"])
+
+
+def test_the_step_after_an_evaluation_is_not_charged_for_it(runs):
+    """The step time of iteration 2 leaves out the evaluation after iteration 1 (its lmms-eval
+    setup, its documents and a 1.5 s pause added to it), as Megatron's interval timer does."""
+    last = runs[0][-1]   # the rank that prints the iteration lines
+    step_ms = {int(m[0]): float(m[1]) for m in
+               re.findall(r"iteration\s+(\d+)/.*?step time: ([\d.]+) ms", last["printed"])}
+    assert sorted(step_ms) == [1, 2] and step_ms[2] < PAUSE * 1000, step_ms
 
 
 def test_lmms_settings_that_cannot_run_stop_before_training(runs):

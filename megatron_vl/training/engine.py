@@ -293,6 +293,9 @@ class Trainer:
                 self._settle()
                 self._log_window(time.perf_counter() - window_start)
                 window_start = time.perf_counter()
+            # Evaluations and checkpoints are no part of a step's time (Megatron's interval timer
+            # stops around both): the window's clock moves past them.
+            paused = time.perf_counter()
             if t.eval_interval and self.iteration % t.eval_interval == 0 and self.iteration < t.train_iters:
                 self.evaluate()
             saved = False
@@ -300,6 +303,7 @@ class Trainer:
                     self.iteration % cfg.checkpoint.save_interval == 0:
                 self.save()
                 saved = True
+            window_start += time.perf_counter() - paused
             exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
             if stop.agreed(self.device) or exiting:
                 self._settle()

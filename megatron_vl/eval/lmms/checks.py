@@ -91,7 +91,8 @@ def _task_configs(manager, name: str, seen=None):
 def task_problems(manager, names: Sequence[str]) -> List[str]:
     """What the vlgpt model cannot run among `names` (groups and tags expanded), one line each:
     a task lmms-eval does not index, an output type other than generate_until / loglikelihood /
-    multiple_choice, generation_kwargs the model refuses (beam search, out-of-range values).
+    multiple_choice, generation_kwargs the model refuses (beam search, out-of-range values), a
+    loglikelihood task left to lmms-eval's default scoring (which fails whatever the model).
     Found here, before training starts, not at the first --eval-interval hours in."""
     from ...errors import UsageError
     from .model import sampling_from_gen_kwargs
@@ -106,6 +107,10 @@ def task_problems(manager, names: Sequence[str]) -> List[str]:
             if kind not in RUNNABLE_OUTPUT_TYPES:
                 problems.append(f"{where}: output_type {kind}; the vlgpt model runs {', '.join(RUNNABLE_OUTPUT_TYPES)} "
                                 "tasks")
+            elif kind == "loglikelihood" and not config.get("process_results"):
+                problems.append(f"{where}: a loglikelihood task needs its own process_results (lmms-eval 0.7.3's "
+                                "default unpacks the one-element results list as a pair and fails for any model: "
+                                "`ll, greedy = results[0]`, see megatron_vl/testing/lmms_tasks.py)")
             elif kind == "generate_until":
                 try:
                     sampling_from_gen_kwargs(config.get("generation_kwargs") or {}, where, text_only=True)
