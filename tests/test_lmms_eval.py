@@ -170,7 +170,7 @@ def test_bad_settings_fail_in_one_line_naming_them(lm, export, tmp_path):
          "output)"),
         (lambda: VLGPTLmms(pretrained=str(export), beams=2),
          "model_args beams: unknown to the vlgpt model; it takes pretrained, image_tokenizer, device, batch_size, "
-         "dtype, image_outputs, diffusion_steps, guidance_scale, image_size"),
+         "dtype, image_outputs, text_to_image, diffusion_steps, guidance_scale, image_size"),
         (lambda: VLGPTLmms(pretrained=str(export), image_tokenizer=str(tmp_path / "none")),
          f"model_args image_tokenizer={tmp_path / 'none'}: no such directory"),
         (lambda: VLGPTLmms(pretrained=str(export), dtype="float8"),
@@ -276,6 +276,16 @@ def test_gen_kwargs_and_image_outputs(tmp_path):
     lm.generate_until([request("generate_until", ("x", {"do_sample": True, "top_p": 0.5}, lambda doc: []),
                                task="t2i")])
     assert (backend.samplings[3].temperature, backend.samplings[3].top_p) == (1.0, 0.5)
+    # text_to_image=true: every answer must open an image right after the prompt (text-to-image tasks).
+    t2i = VLGPTLmms(backend=backend, image_outputs=str(tmp_path / "img"), text_to_image=True)
+    t2i.task_dict = lm.task_dict
+    t2i.generate_until([request("generate_until", ("a red circle", {"max_new_tokens": 40}, lambda doc: []),
+                                task="t2i")])
+    assert (backend.samplings[4].text_to_image, backend.samplings[4].text_only) == (True, False)
+    from megatron_vl.errors import UsageError
+    with pytest.raises(UsageError, match=r"^model_args text_to_image=true needs image_outputs=DIR \(where the images "
+                                         r"go\)$"):
+        VLGPTLmms(backend=backend, text_to_image=True)
 
 
 def test_tasks_the_model_cannot_run_are_found_from_their_yaml(tmp_path):

@@ -3,10 +3,11 @@
 Requests (lmms-eval hands over every request of one type in one call):
 - generate_until: grouped by their gen_kwargs and batched (lmms-eval's Collator, longest
   prompt first), one Backend.generate per batch. gen_kwargs: until -> stop strings,
-  max_new_tokens (default 256), greedy when temperature is 0 or do_sample is false (else
-  temperature / top_p / top_k sampling), num_beams > 1 refused; other keys are ignored (tasks
+  max_new_tokens (default 256), greedy when do_sample is false or the temperature 0 or missing
+  (else temperature / top_p / top_k sampling; see sampling_from_gen_kwargs), num_beams > 1 refused; other keys are ignored (tasks
   carry other models' settings). The answer is the generated text, stripped; text only, unless
-  model_args image_outputs=DIR: then the model may open images, each is drawn by the export's
+  model_args image_outputs=DIR: then the model may open images (text_to_image=true: must open one
+  right after the prompt, and stops after it: text-to-image tasks), each is drawn by the export's
   image detokenizer into DIR and the answer is lmms-eval's ``{"text": ..., "images": [paths]}``.
 - loglikelihood (and multiple_choice, one request per choice): (mean NLL of the continuation's
   tokens, every continuation token the greedy one), as lmms-eval's own wrappers return it
@@ -46,7 +47,8 @@ __all__ = ["VLGPTLmms", "DEFAULT_MAX_NEW_TOKENS"]
 DEFAULT_MAX_NEW_TOKENS = 256
 """generate_until's answer length when a task's gen_kwargs name none."""
 
-MODEL_ARGS = ("pretrained", "image_tokenizer", "device", "batch_size", "dtype", "image_outputs", "diffusion_steps",
+MODEL_ARGS = ("pretrained", "image_tokenizer", "device", "batch_size", "dtype", "image_outputs", "text_to_image",
+              "diffusion_steps",
               "guidance_scale", "image_size")
 
 
@@ -62,7 +64,7 @@ class VLGPTLmms(lmms):
     def __init__(self, pretrained: Optional[str] = None, image_tokenizer: Optional[str] = None, device=None,
                  batch_size=1, dtype=None, image_outputs: Optional[str] = None, diffusion_steps: int = 50,
                  guidance_scale: float = 7.5, image_size: Optional[int] = None, backend: Optional[Backend] = None,
-                 max_batch_size=None, **unknown):
+                 max_batch_size=None, text_to_image: bool = False, **unknown):
         super().__init__()
         if unknown:   # a typo must not silently fall back to a default
             raise UsageError(f"model_args {', '.join(sorted(unknown))}: unknown to the vlgpt model; it takes "
@@ -81,6 +83,11 @@ class VLGPTLmms(lmms):
         if self.image_outputs is not None and not backend.can_generate_images:
             raise UsageError(f"model_args image_outputs={image_outputs}: this model cannot draw images (an export "
                              "needs an image detokenizer: export-hf --image-detokenizer)")
+        if not isinstance(text_to_image, bool):
+            raise UsageError(f"model_args text_to_image={text_to_image}: expected true or false")
+        if text_to_image and self.image_outputs is None:
+            raise UsageError("model_args text_to_image=true needs image_outputs=DIR (where the images go)")
+        self.text_to_image = text_to_image
         self.diffusion_steps = _whole_number("diffusion_steps", diffusion_steps)
         self.guidance_scale = float(guidance_scale)
         self.image_size = None if image_size is None else _whole_number("image_size", image_size)
@@ -210,7 +217,8 @@ class VLGPTLmms(lmms):
         return p, len(extra)
 
     def _sampling(self, gen_kwargs, where: str) -> Sampling:
-        return sampling_from_gen_kwargs(gen_kwargs, where, text_only=self.image_outputs is None)
+        return sampling_from_gen_kwargs(gen_kwargs, where, text_only=self.image_outputs is None,
+                                        text_to_image=self.text_to_image)
 
     def _answer(self, out: Generation, args) -> str:
         if self.image_outputs is None:
@@ -230,7 +238,7 @@ class VLGPTLmms(lmms):
         return json.dumps({"text": out.text.replace(IMAGE_TAG, "").strip(), "images": paths})
 
 
-def sampling_from_gen_kwargs(gen_kwargs, where: str, text_only: bool = True) -> Sampling:
+def sampling_from_gen_kwargs(gen_kwargs, where: str, text_only: bool = True, text_to_image: bool = False) -> Sampling:
     """An lmms-eval task's generation_kwargs as our Sampling (one line naming `where` and the
     setting when the model cannot run them). Also the pre-run check of --eval-harness lmms."""
     g = dict(gen_kwargs or {})
@@ -250,11 +258,11 @@ def sampling_from_gen_kwargs(gen_kwargs, where: str, text_only: bool = True) -> 
     try:
         if greedy:
             return Sampling(max_new_tokens=int(g.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                            stop=tuple(s for s in until if s), text_only=text_only)
+                            stop=tuple(s for s in until if s), text_only=text_only, text_to_image=text_to_image)
         return Sampling(max_new_tokens=int(g.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
                         temperature=1.0 if temperature is None else float(temperature),
                         top_k=int(g.get("top_k") or 0), top_p=1.0 if g.get("top_p") is None else float(g["top_p"]),
-                        stop=tuple(s for s in until if s), text_only=text_only)
+                        stop=tuple(s for s in until if s), text_only=text_only, text_to_image=text_to_image)
     except GenerationError as exc:
         raise GenerationError(f"{where}: gen_kwargs {exc}") from None
 
