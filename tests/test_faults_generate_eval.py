@@ -173,7 +173,7 @@ def test_answers_that_end_at_eos_carry_no_eos_text(gen, monkeypatch):
             if self.calls >= 3:
                 logits[..., eos] = 1e4
             return logits
-    monkeypatch.setattr(lm, "lm_head", EosOnThirdStep(lm.lm_head))
+    monkeypatch.setitem(lm._modules, "lm_head", EosOnThirdStep(lm.lm_head))
     out = gen.generate([gen.prompt("The picture shows a")], Sampling(max_new_tokens=10, text_only=True))[0]
     assert out.stopped_by == "eos" and out.tokens[-1] == eos and len(out.tokens) == 3
     assert "</s>" not in out.text and out.text == gen.decode(out.tokens[:-1])

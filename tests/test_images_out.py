@@ -33,6 +33,9 @@ def generate_tool():
     return module
 
 
+# A submodule is swapped through the module's _modules (monkeypatch.setitem), not setattr:
+# pytest 9.2's setattr restores an attribute missing from the instance __dict__ by deleting it,
+# and nn.Module keeps submodules in _modules, so the model would lose its lm_head for good.
 class AlwaysImage(torch.nn.Module):
     """An lm_head that makes [IMG] the argmax: the model opens an image at every text step."""
 
@@ -84,7 +87,7 @@ def test_the_library_never_returns_a_partial_image(gen, monkeypatch):
     out = generate(gen.model, [inside], Sampling(max_new_tokens=1))[0]
     assert whole(out.images) and torch.equal(out.images[0][:3], torch.stack(given))
     # A model that opens an image at every text step: each one whole, however small the budget.
-    monkeypatch.setattr(gen.model.causal_lm, "lm_head", AlwaysImage(gen.model.causal_lm.lm_head, ids["[IMG]"]))
+    monkeypatch.setitem(gen.model.causal_lm._modules, "lm_head", AlwaysImage(gen.model.causal_lm.lm_head, ids["[IMG]"]))
     for budget in (1, 2, 3):
         out = generate(gen.model, [prompt], Sampling(max_new_tokens=budget), decode=gen.decode)[0]
         assert out.stopped_by == "max tokens" and len(out.images) == budget and whole(out.images)
@@ -109,7 +112,7 @@ def test_an_image_that_would_not_fit_the_position_table_is_never_opened(gen, mon
     assert short[0].stopped_by == "position limit" and short[0].image_not_opened and short[0].images == []
     assert short[0].tokens == [] and short[1].stopped_by == "image" and whole(short[1].images)
     # Sampled images: the last one that fits is whole, the next is not opened.
-    monkeypatch.setattr(gen.model.causal_lm, "lm_head", AlwaysImage(gen.model.causal_lm.lm_head, ids["[IMG]"]))
+    monkeypatch.setitem(gen.model.causal_lm._modules, "lm_head", AlwaysImage(gen.model.causal_lm.lm_head, ids["[IMG]"]))
     start = limit - 3 * (N + 2) + 1        # room for two whole images and N + 1 more positions
     out = generate(gen.model, [prompt(start)], Sampling(max_new_tokens=limit))[0]
     assert out.stopped_by == "position limit" and out.image_not_opened
@@ -122,7 +125,7 @@ def test_vlgpt_generate_follows_the_same_rule(gen, monkeypatch):
     x = torch.tensor([p.tokens])
     # The issue's case: images [(N, d), (partial, d)] from max_new_tokens; now whole, and the
     # same elements as the library's decode loop.
-    monkeypatch.setattr(model.causal_lm, "lm_head", AlwaysImage(model.causal_lm.lm_head, ids["[IMG]"]))
+    monkeypatch.setitem(model.causal_lm._modules, "lm_head", AlwaysImage(model.causal_lm.lm_head, ids["[IMG]"]))
     for budget in (1, 2):
         out = model.generate(x, max_new_tokens=budget)
         lib = generate(model, [p], Sampling(max_new_tokens=budget))[0]
