@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..inference.decode_loop import DecodeStep, Generation, Prompt, decode_loop
+from ..inference.decode_loop import DecodeStep, Generation, Prompt, decode_loop, left_padded
 from ..inference.generation import build_prompt
 from ..inference.sampling import Sampling
 from .runner import _image
@@ -150,17 +150,8 @@ class EngineModel:
     def logits(self, p: Prompt, dtype) -> torch.Tensor:
         """[len(p.tokens), vocab] float32: the next-token logits at every element of `p`, one
         forward on every rank (TP slices gathered)."""
-        n = len(p.tokens)
-        visual = torch.zeros(1, n, self.cfg.model.visual_embed_dim, device=self.device, dtype=dtype)
-        mask = torch.zeros(1, n, dtype=torch.bool, device=self.device)
-        for j, v in enumerate(p.visual):
-            if v is not None:
-                visual[0, j] = v.to(self.device, dtype)
-                mask[0, j] = True
         step = self.step(dtype)
-        positions = torch.arange(n, device=self.device)[None]
-        step.forward(torch.tensor([p.tokens], device=self.device), visual, mask, torch.ones_like(positions),
-                     positions)
+        step.forward(*left_padded([p], step, pad_id=0))   # one prompt: nothing padded
         return step.all_logits()[0]
 
 
@@ -171,6 +162,18 @@ class TrainingEvaluator(EngineModel):
         self.tasks = read_task_files(cfg.training.eval_tasks_config, cfg.training.eval_tasks)
         super().__init__(cfg, engine, device, tokenizer_meta, image_token_ids)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    @staticmethod
+    def logged(results: Dict[str, Dict]) -> Tuple[Dict[str, float], List[str]]:
+        """run()'s figures as (scalars eval/<task>/<metric>_<k>shot, the console line's parts)."""
+        scalars, parts = {}, []
+        for task, by_shots in results.items():
+            for shots, figures in by_shots.items():
+                for metric, value in figures.items():
+                    if isinstance(value, (int, float)) and metric != "count":
+                        scalars[f"eval/{task}/{metric}_{shots}shot"] = value
+                        parts.append(f"{task} {shots}-shot {metric}: {value:.2f}")
+        return scalars, parts
 
     def _answer(self, p: Prompt, max_new: int, dtype) -> str:
         return self.generate(p, Sampling(max_new_tokens=max_new, stop=("\n",), text_only=True), dtype).text.strip()
@@ -197,25 +200,27 @@ class TrainingEvaluator(EngineModel):
 
 
 def check_eval_tasks(cfg) -> List[str]:
-    """What is wrong with the --eval-tasks settings (checked before the run starts)."""
+    """What is wrong with the --eval-tasks settings (checked before the run starts): what both
+    harnesses need here, each harness's own (lmms: eval/lmms/checks.py)."""
     t = cfg.training
-    if t.eval_harness == "lmms":
-        from .lmms.checks import check_lmms_tasks
-        return check_lmms_tasks(cfg)
-    if t.eval_harness != "builtin":   # (a YAML value: the flag's choices are argparse's)
+    if t.eval_harness not in ("builtin", "lmms"):   # (a YAML value: the flag's choices are argparse's)
         return [f"--eval-harness {t.eval_harness!r}: expected builtin or lmms"]
+    lmms = t.eval_harness == "lmms"
     errors = []
-    if t.eval_lmms_include_path:
+    if t.eval_lmms_include_path and not lmms:
         errors.append(f"--eval-lmms-include-path {t.eval_lmms_include_path}: only --eval-harness lmms reads it")
     if not t.eval_tasks:
         return errors
     if cfg.parallel.pipeline_model_parallel_size > 1:
-        errors.append("--eval-tasks runs on the training model and does not support pipeline parallelism")
+        errors.append(f"{'--eval-harness lmms' if lmms else '--eval-tasks'} runs on the training model and does not "
+                      "support pipeline parallelism")
+    if not t.eval_image_tokenizer:
+        errors.append("--eval-tasks needs --eval-image-tokenizer (the image tokenizer of the data's features)")
+    if lmms:
+        from .lmms.checks import check_lmms_tasks
+        return errors + check_lmms_tasks(cfg)
     if not t.eval_tasks_config:
         errors.append("--eval-tasks needs --eval-tasks-config (a JSON file naming each task's annotation files)")
     elif not os.path.isfile(t.eval_tasks_config):
         errors.append(f"--eval-tasks-config {t.eval_tasks_config}: no such file")
-    if not t.eval_image_tokenizer:
-        errors.append("--eval-tasks needs --eval-image-tokenizer (the image tokenizer of the data's features)")
     return errors
-

@@ -97,10 +97,9 @@ class VLGPTTrainer(Trainer):
 
     @torch.no_grad()
     def _eval_tasks(self) -> None:
-        lmms = self.cfg.training.eval_harness == "lmms"
         with random_state_kept(self.device):
             if self.evaluator is None:
-                if lmms:
+                if self.cfg.training.eval_harness == "lmms":
                     from ..eval.lmms.training import LmmsEvaluator as Evaluator
                 else:
                     from ..eval.in_training import TrainingEvaluator as Evaluator
@@ -109,17 +108,7 @@ class VLGPTTrainer(Trainer):
             self.engine.eval()
             results = self.evaluator.run()
             self.engine.train()
-        if lmms:
-            from ..eval.lmms.training import logged_figures
-            scalars, parts = logged_figures(results)
-        else:
-            scalars, parts = {}, []
-            for task, by_shots in results.items():
-                for shots, figures in by_shots.items():
-                    for metric, value in figures.items():
-                        if isinstance(value, (int, float)) and metric != "count":
-                            scalars[f"eval/{task}/{metric}_{shots}shot"] = value
-                            parts.append(f"{task} {shots}-shot {metric}: {value:.2f}")
+        scalars, parts = self.evaluator.logged(results)
         self.log(f"evaluation at iteration {self.iteration} | " + " | ".join(parts))
         self.sinks.scalars(scalars, self.iteration)
 

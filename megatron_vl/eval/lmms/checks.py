@@ -120,21 +120,19 @@ def task_problems(manager, names: Sequence[str]) -> List[str]:
 
 
 def check_lmms_tasks(cfg) -> List[str]:
-    """What is wrong with --eval-harness lmms's settings (before the run starts; one line each)."""
+    """What is wrong with --eval-harness lmms's own settings (before the run starts; one line
+    each). What both harnesses need (tasks named, no pipeline, an image tokenizer) is
+    eval/in_training.check_eval_tasks's, which calls this."""
     t = cfg.training
     if not t.eval_tasks:
         return []
     errors = []
-    if cfg.parallel.pipeline_model_parallel_size > 1:
-        errors.append("--eval-harness lmms runs on the training model and does not support pipeline parallelism")
     if t.eval_tasks_config:
         errors.append(f"--eval-tasks-config {t.eval_tasks_config}: only --eval-harness builtin reads it (lmms-eval "
                       "tasks name their own data; see --eval-lmms-include-path)")
     if list(t.eval_shots) != [0]:
         errors.append(f"--eval-shots {' '.join(map(str, t.eval_shots))}: only --eval-harness builtin reads it "
                       "(an lmms-eval task sets its own num_fewshot)")
-    if not t.eval_image_tokenizer:
-        errors.append("--eval-tasks needs --eval-image-tokenizer (the image tokenizer of the data's features)")
     path = t.eval_lmms_include_path
     if path and not os.path.isdir(path):
         errors.append(f"--eval-lmms-include-path {path}: no such directory")

@@ -146,10 +146,13 @@ class VLGPTLmms(lmms):
         # Longest (in characters) first: a batch pads little.
         collator = Collator([r.args for r in requests],
                             lambda a: -len(a[0]) - (len(a[1]) if isinstance(a[1], str) else 0))
-        context_tokens: Dict[tuple, List[int]] = {}   # a multiple_choice context is tokenized once
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
-            built = [self._scored_prompt(args, context_tokens) for args in chunk]
+            # A context (its images embedded) is built once per batch: the choices of one
+            # multiple_choice document, of like lengths, mostly share a batch; kept no longer,
+            # so memory stays one batch's whatever the task's size.
+            contexts: Dict[tuple, tuple] = {}
+            built = [self._scored_prompt(args, contexts) for args in chunk]
             rows = [k for k, (_, n) in enumerate(built) if n > 0]
             scores = self.backend.score([built[k][0] for k in rows], [built[k][1] for k in rows])
             out = [(0.0, True)] * len(built)   # an empty continuation: nothing to predict
@@ -187,8 +190,9 @@ class VLGPTLmms(lmms):
         except GenerationError as exc:
             raise GenerationError(f"{where}: {exc}") from None
 
-    def _scored_prompt(self, args, context_tokens: Dict) -> Tuple[Prompt, int]:
-        """(the whole prompt, how many of its last tokens are the continuation)."""
+    def _scored_prompt(self, args, contexts: Dict) -> Tuple[Prompt, int]:
+        """(the whole prompt, how many of its last tokens are the continuation). `contexts`
+        holds the context prompts already built (images embedded), by document and context."""
         context, continuation = args[0], args[1]
         if callable(continuation):   # output_type loglikelihood passes doc_to_target
             continuation = continuation(self.task_dict[args[-2]][args[-1]][args[-3]])
@@ -198,18 +202,19 @@ class VLGPTLmms(lmms):
                              "(doc_to_target must give a string)")
         if IMAGE_TAG in continuation:
             raise UsageError(f"{where}: the continuation holds {IMAGE_TAG}; only text is scored")
-        images = self._visuals(args)
-        context = with_image_tags(context, len(images), where)
         key = (args[-3:] if len(args) >= 6 else None, context)
-        if key not in context_tokens:
-            context_tokens[key] = self._prompt(context, images, where).tokens
-        ctx = context_tokens[key]
-        whole = self._prompt(context + continuation, images, where)
-        if len(whole.tokens) >= len(ctx) and whole.tokens[:len(ctx)] == ctx:
-            return whole, len(whole.tokens) - len(ctx)
-        extra = self.backend.encode(continuation)
-        p = self._prompt(context, images, where)
-        p = Prompt(p.tokens + extra, p.visual + [None] * len(extra))
+        if key not in contexts:
+            images = self._visuals(args)
+            context = with_image_tags(context, len(images), where)
+            last = context.split(IMAGE_TAG)[-1]   # the text after the last image: a prompt's tokens end with it
+            contexts[key] = (self._prompt(context, images, where), last, self.backend.encode(last) if last else [])
+        ctx, last, last_ids = contexts[key]
+        # The context's last text and the continuation tokenized as one text (what the whole
+        # prompt would hold: a word split across the boundary is one word) when that keeps the
+        # context's own tokens in front; else the continuation encoded alone.
+        joint = self.backend.encode(last + continuation)
+        extra = joint[len(last_ids):] if joint[:len(last_ids)] == last_ids else self.backend.encode(continuation)
+        p = Prompt(ctx.tokens + extra, ctx.visual + [None] * len(extra))
         try:
             check_positions(p, self.backend.max_positions, "the context with its continuation")
         except GenerationError as exc:

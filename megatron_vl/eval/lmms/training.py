@@ -185,6 +185,9 @@ class LmmsEvaluator:
         self.lm = VLGPTLmms(backend=self.backend, batch_size=1)
         self.last: Optional[Dict] = None   # simple_evaluate's latest results
 
+    logged = staticmethod(logged_figures)
+    """run()'s figures as (scalars, the console line's parts): see logged_figures."""
+
     @torch.no_grad()
     def run(self) -> Dict[str, Dict[str, float]]:
         t = self.cfg.training
